@@ -1,0 +1,140 @@
+"""Collect mean residual-stream activations without storing per-token activations.
+
+One batched forward pass records every requested (layer, site) as float64
+running sums over counted positions, then stops after the deepest requested
+block: later blocks and the LM head never run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from bake.architectures import Family, Site
+from bake.data import Example
+
+
+@dataclass
+class Moments:
+    """Running sums over counted positions: enough for a mean and a mean norm."""
+
+    total: torch.Tensor
+    count: int = 0
+    norm_total: float = 0.0
+
+    @classmethod
+    def zeros(cls, hidden: int) -> "Moments":
+        return cls(torch.zeros(hidden, dtype=torch.float64))
+
+    def add(self, acts: torch.Tensor) -> None:
+        """Add a [n, hidden] block of activations (any dtype; summed in float64)."""
+        acts = acts.to(torch.float64)
+        self.total += acts.sum(0)
+        self.count += acts.shape[0]
+        self.norm_total += float(acts.norm(dim=-1).sum())
+
+    def merge(self, other: "Moments") -> None:
+        self.total += other.total
+        self.count += other.count
+        self.norm_total += other.norm_total
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("mean of zero positions")
+        return self.total / self.count
+
+    @property
+    def mean_norm(self) -> float:
+        return self.norm_total / self.count if self.count else 0.0
+
+
+class _Stop(Exception):
+    """Raised by the last hook to end the forward pass after the deepest block needed."""
+
+
+def module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+def hook_module(model: torch.nn.Module, family: Family, layer: int, site: Site) -> torch.nn.Module:
+    """The module whose output (first element) joins the residual at (layer, site)."""
+    block = module_at(model, family.blocks)[layer]
+    return module_at(block, family.slot(site).hook)
+
+
+def first_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
+    """Group examples, sorted by length to cut padding, into batches of at most ``batch_tokens``
+    padded tokens (a single longer example forms its own batch)."""
+    order = sorted(examples, key=lambda e: len(e.input_ids))
+    groups: list[list[Example]] = []
+    current: list[Example] = []
+    for ex in order:
+        width = max([len(ex.input_ids)] + [len(e.input_ids) for e in current])
+        if current and width * (len(current) + 1) > batch_tokens:
+            groups.append(current)
+            current = []
+        current.append(ex)
+    if current:
+        groups.append(current)
+    return groups
+
+
+@torch.inference_mode()
+def collect(
+    model: torch.nn.Module,
+    family: Family,
+    examples: list[Example],
+    points: list[tuple[int, Site]],
+    batch_tokens: int = 4096,
+    pad_id: int = 0,
+    desc: str = "collecting",
+) -> dict[tuple[int, Site], Moments]:
+    """Mean activations at each (layer, site) over the counted positions of ``examples``.
+
+    Right padding with an attention mask; padded and uncounted positions are
+    dropped before summing. The pass stops after the deepest requested block.
+    """
+    hidden = model.config.get_text_config().hidden_size
+    moments = {p: Moments.zeros(hidden) for p in points}
+    deepest = max(layer for layer, _ in points)
+    last_block = module_at(model, family.blocks)[deepest]
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def recorder(point):
+        def hook(_module, _inputs, output):
+            acts = first_tensor(output)
+            moments[point].add(acts[mask_holder["mask"]])
+        return hook
+
+    def stopper(_module, _inputs, _output):
+        raise _Stop
+
+    handles = [hook_module(model, family, layer, site).register_forward_hook(recorder((layer, site))) for layer, site in points]
+    handles.append(last_block.register_forward_hook(stopper))
+    try:
+        for group in tqdm(batches(examples, batch_tokens), desc=desc, unit="batch", leave=False):
+            width = max(len(e.input_ids) for e in group)
+            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(group), width), dtype=torch.long)
+            counted = torch.zeros((len(group), width), dtype=torch.bool)
+            for row, ex in enumerate(group):
+                n = len(ex.input_ids)
+                ids[row, :n] = torch.tensor(ex.input_ids)
+                attention[row, :n] = 1
+                counted[row, :n] = torch.tensor(ex.counted)
+            mask_holder["mask"] = counted
+            try:
+                model(input_ids=ids, attention_mask=attention, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return moments

@@ -1,0 +1,252 @@
+"""The library API the CLI is a thin layer over: compute vectors, fold them, verify, run a recipe."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bake import card
+from bake.activations import Moments, collect
+from bake.architectures import Site, family_for
+from bake.checkpoint import staged_output
+from bake.data import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
+from bake.errors import BakeError
+from bake.fold import fold_checkpoint
+from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype
+from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec
+from bake.vectorfile import VectorSet, tensor_name
+from bake.vectors import ROLES, steering_vector
+from bake.verify import compare, describe
+
+VECTORS_IN_OUTPUT = "bake/vectors.safetensors"
+MANIFEST = "bake.json"
+
+
+@dataclass
+class _TextSet:
+    """One role's examples for one steering entry, with what the manifest records about them."""
+
+    examples: list[Example]
+    info: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.info["sha256"]
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("bake", "torch", "transformers", "safetensors", "huggingface_hub"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _role_sets(recipe: Recipe, entry: Steering, index: int, model, tokenizer, source: ModelSource) -> dict[str, _TextSet]:
+    """Tokenized examples for every role the entry's method measures."""
+    where = f"steering.{index} ({entry.name})"
+    sets: dict[str, _TextSet] = {}
+    for role in ROLES[entry.method]:
+        if role == "background":
+            bg = recipe.background_for(entry)
+            if bg.sample is not None:
+                sequences, key = sample_background(model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir())
+                examples = sequences_to_examples(sequences, tokenizer)
+                info = {"kind": "model-sample", **bg.sample.model_dump(), "seed": recipe.seed, "texts": len(sequences)}
+                info["sha256"] = digest([json.dumps(s) for s in sequences])
+            else:
+                texts = load_texts(bg.corpus, recipe, f"{where}.background")
+                examples = tokenize(tokenizer, texts, recipe.max_tokens)
+                info = {"kind": "corpus", "texts": len(texts), "sha256": digest(texts)}
+        else:
+            if entry.method == "actadd":
+                texts = [getattr(entry, f"{role}_prompt")]
+            else:
+                texts = load_texts(getattr(entry, role), recipe, f"{where}.{role}")
+            examples = tokenize(tokenizer, texts, recipe.max_tokens, entry.chat, entry.chat_prompt)
+            info = {"kind": "texts", "texts": len(texts), "sha256": digest(texts), "chat": entry.chat}
+        info["tokens"] = sum(e.n_counted for e in examples)
+        if info["tokens"] == 0:
+            raise BakeError(
+                f"{where}.{role}: no tokens to average ({info['texts']} texts, nothing left after dropping the first "
+                "position and special tokens): give longer or more texts"
+            )
+        sets[role] = _TextSet(examples, info)
+    return sets
+
+
+def compute_vectors(recipe: Recipe) -> VectorSet:
+    """Measure every steering entry of ``recipe`` on its base model and return the vectors.
+
+    Entries sharing a (layer, site) add up. Each distinct text set is run through
+    the model once, for all the points that need it, stopping after the deepest block.
+    """
+    source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
+    model = load_model(source.path, dtype=torch.float32)
+    tokenizer = load_tokenizer(source.path)
+    family = family_for(model.config.model_type)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    for i, entry in enumerate(recipe.steering):
+        if not 0 <= entry.layer < n_layers:
+            raise BakeError(f"steering.{i}.layer: {entry.layer} is outside the model's blocks 0..{n_layers - 1}: pick a layer in range")
+        try:
+            family.slot(entry.site)
+        except BakeError as e:
+            raise BakeError(f"steering.{i}.site: {e}") from None
+
+    role_sets = [_role_sets(recipe, entry, i, model, tokenizer, source) for i, entry in enumerate(recipe.steering)]
+    needed: dict[str, tuple[_TextSet, set[tuple[int, Site]]]] = {}
+    for entry, sets in zip(recipe.steering, role_sets):
+        for s in sets.values():
+            needed.setdefault(s.key, (s, set()))[1].add((entry.layer, entry.site))
+    measured: dict[str, dict[tuple[int, Site], Moments]] = {
+        key: collect(model, family, s.examples, sorted(points), recipe.batch_tokens, tokenizer.pad_token_id, desc=f"collecting {s.info['kind']}")
+        for key, (s, points) in needed.items()
+    }
+
+    vectors: dict[tuple[int, Site], torch.Tensor] = {}
+    entries = []
+    for entry, sets in zip(recipe.steering, role_sets):
+        point = (entry.layer, entry.site)
+        moments = {role: measured[s.key][point] for role, s in sets.items()}
+        v = steering_vector(entry.method, moments, entry.coefficient)
+        vectors[point] = vectors.get(point, torch.zeros_like(v)) + v
+        reference = moments.get("background") or next(iter(moments.values()))
+        entries.append(
+            {
+                "name": entry.name,
+                "layer": entry.layer,
+                "site": entry.site,
+                "tensor": tensor_name(*point),
+                "method": entry.method,
+                "coefficient": entry.coefficient,
+                "norm": float(v.norm()),
+                "unscaled_norm": float(steering_vector(entry.method, moments, 1.0).norm()),
+                "mean_residual_norm": reference.mean_norm,
+                "relative_norm": float(v.norm()) / reference.mean_norm if reference.mean_norm else 0.0,
+                "counts": {role: {"texts": s.info["texts"], "tokens": s.info["tokens"]} for role, s in sets.items()},
+                "data": {role: s.info for role, s in sets.items()},
+            }
+        )
+    meta = {
+        "format": "bake-vectors/1",
+        "model": {"spec": source.spec, "identity": source.identity, "model_type": model.config.model_type},
+        "hidden_size": model.config.get_text_config().hidden_size,
+        "entries": entries,
+        "versions": _versions(),
+    }
+    return VectorSet(vectors, meta)
+
+
+@dataclass
+class BakeResult:
+    """What a fold produced: where, the manifest, and (for ``run``) base vs steered samples."""
+
+    path: Path
+    manifest: dict[str, Any]
+    preview: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def verification(self) -> dict[str, Any]:
+        return self.manifest["verification"]
+
+
+def _out_dtype(name: str, source: ModelSource) -> torch.dtype | None:
+    """None means 'keep the source dtype' (no tensor is cast)."""
+    if name == "auto":
+        return None
+    dtype = DTYPES[name]
+    return None if dtype == source_dtype(source.config) else dtype
+
+
+def fold(
+    model: str,
+    vectors: VectorSet,
+    out: str | Path,
+    *,
+    dtype: str = "auto",
+    force: bool = False,
+    verify: VerifySpec | None = None,
+    preview: PreviewSpec | None = None,
+    base_model_id: str | None = None,
+    revision: str | None = None,
+    recipe: Recipe | None = None,
+) -> BakeResult:
+    """Bake ``vectors`` into ``model`` and write a verified standalone checkpoint to ``out``.
+
+    Output is staged beside ``out`` and renamed into place only after the baked
+    model, reloaded from disk, matched the hook-steered base; otherwise nothing is
+    written and ``BakeError`` says why. The source model is never modified.
+    """
+    verify = verify or VerifySpec()
+    source = resolve_model(model, revision, recipe.base_dir if recipe else None)
+    out = Path(out)
+    out_dtype = _out_dtype(dtype, source)
+    with staged_output(out, force) as stage:
+        fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype)
+        baked = load_model(stage)
+        base = load_model(source.path, dtype=next(baked.parameters()).dtype)
+        tokenizer = load_tokenizer(stage)
+        report = compare(base, baked, tokenizer, vectors, verify.prompts, verify.tokens, verify.atol)
+        if not report["passed"]:
+            raise BakeError(describe(report) + ": nothing was written")
+        samples = []
+        if preview is not None and preview.prompts:
+            before = generate(base, tokenizer, preview.prompts, preview.tokens, preview.chat)
+            after = generate(baked, tokenizer, preview.prompts, preview.tokens, preview.chat)
+            samples = list(zip(preview.prompts, before, after))
+        vectors.save(stage / VECTORS_IN_OUTPUT)
+        manifest = {
+            "format": "bake-manifest/1",
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "base": {"spec": source.spec, "identity": source.identity, "base_model_id": base_model_id},
+            "recipe": {"text": recipe.text, "parsed": recipe.model_dump(mode="json")} if recipe else None,
+            "vectors": vectors.meta,
+            "vector_file": VECTORS_IN_OUTPUT,
+            "fold": fold_record,
+            "verification": report,
+            "preview": [{"prompt": p, "base": b, "steered": s} for p, b, s in samples],
+        }
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (stage / "README.md").write_text(card.render(manifest))
+    return BakeResult(out, manifest, samples)
+
+
+def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | None = None) -> dict[str, Any]:
+    """Re-run the baked-vs-hooked comparison on an existing output folder."""
+    from bake.verify import verify as verify_paths
+
+    spec = spec or VerifySpec()
+    source = resolve_model(base)
+    return verify_paths(source.path, Path(baked), vectors, spec.prompts, spec.tokens, spec.atol)
+
+
+def run(recipe: Recipe, out: str | Path | None = None, force: bool = False) -> BakeResult:
+    """The whole recipe: compute the vectors, fold, verify, write, with base vs steered samples."""
+    target = out or (recipe.resolve(recipe.output) if recipe.output else None)
+    if target is None:
+        raise BakeError("no output folder: pass -o OUT or set 'output' in the recipe")
+    if Path(target).exists() and not force:
+        raise BakeError(f"output {str(target)!r} already exists: choose another path or pass --force to replace it")
+    vectors = compute_vectors(recipe)
+    return fold(
+        recipe.model,
+        vectors,
+        target,
+        dtype=recipe.dtype,
+        force=force,
+        verify=recipe.verify,
+        preview=recipe.preview,
+        base_model_id=recipe.base_model_id,
+        revision=recipe.revision,
+        recipe=recipe,
+    )

