@@ -59,36 +59,65 @@ def _greedy(model, ids: list[list[int]], tokens: int, pad_id: int) -> list[list[
     return out
 
 
+@torch.inference_mode()
+def _divergences(hooked, ids: list[list[int]], ref: list[list[int]], other: list[list[int]], margin: float) -> tuple[int, int]:
+    """(divergent continuations, of which near-ties): where two greedy runs first differ, is the
+    reference's preference for its own token within ``margin`` logits, i.e. a rounding-level tie?"""
+    divergent = ties = 0
+    for prompt, a, b in zip(ids, ref, other):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is None:
+            continue
+        divergent += 1
+        logits = hooked(input_ids=torch.tensor([prompt + a[:k]])).logits[0, -1].float()
+        ties += float(logits[a[k]] - logits[b[k]]) <= margin
+    return divergent, ties
+
+
 def compare(base, baked, tokenizer, vectors: VectorSet, prompts: list[str], tokens: int = 16, atol: float | None = None) -> dict[str, Any]:
-    """Compare ``baked`` with ``base`` steered by hooks; returns the figures and ``passed``."""
+    """Compare ``baked`` with ``base`` steered by hooks; returns the figures and ``passed``.
+
+    Greedy continuations must be identical; in low precision a divergence is
+    tolerated only at a near-tie (the steered base prefers its token by at most
+    twice the logit tolerance), where rounding alone can flip the choice.
+    """
     family = family_for(base.config.model_type)
     dtype = next(baked.parameters()).dtype
     atol = atol if atol is not None else DEFAULT_ATOL.get(dtype, 1e-3)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
     baked_logits = _logits(baked, ids)
     plain_logits = _logits(base, ids)
+    baked_greedy = _greedy(baked, ids, tokens, tokenizer.pad_token_id)
     with steered(base, family, vectors):
         hooked_logits = _logits(base, ids)
         hooked_greedy = _greedy(base, ids, tokens, tokenizer.pad_token_id)
-    baked_greedy = _greedy(baked, ids, tokens, tokenizer.pad_token_id)
+        divergent, ties = _divergences(base, ids, hooked_greedy, baked_greedy, 2 * atol)
     diff = max(float((a - b).abs().max()) for a, b in zip(baked_logits, hooked_logits))
     effect = max(float((a - b).abs().max()) for a, b in zip(baked_logits, plain_logits))
-    scale = max(float(a.abs().max()) for a in hooked_logits)
-    identical = hooked_greedy == baked_greedy
     has_steering = any(float(v.abs().max()) > 0 for v in vectors.vectors.values())
     present = effect > atol or not has_steering
+    greedy_ok = divergent == 0 or (dtype != torch.float32 and ties == divergent)
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "prompts": len(prompts),
         "max_abs_logit_diff": diff,
-        "max_abs_logit": scale,
+        "max_abs_logit": max(float(a.abs().max()) for a in hooked_logits),
         "atol": atol,
         "greedy_tokens": tokens,
-        "greedy_identical": identical,
+        "greedy_identical": divergent == 0,
+        "greedy_divergent": divergent,
+        "greedy_near_ties": ties,
+        "greedy_ok": greedy_ok,
         "steering_effect": effect,
         "steering_present": present,
-        "passed": diff <= atol and identical and present,
+        "passed": diff <= atol and greedy_ok and present,
     }
+
+
+def _greedy_words(report: dict[str, Any]) -> str:
+    if report["greedy_identical"]:
+        return "identical"
+    return f"{report['greedy_divergent']} of {report['prompts']} diverge ({report['greedy_near_ties']} at near-ties)"
 
 
 def describe(report: dict[str, Any]) -> str:
@@ -97,7 +126,7 @@ def describe(report: dict[str, Any]) -> str:
     reasons = []
     if report["max_abs_logit_diff"] > report["atol"]:
         reasons.append("logits differ beyond tolerance")
-    if not report["greedy_identical"]:
+    if not report["greedy_ok"]:
         reasons.append("greedy continuations differ")
     if not report["steering_present"]:
         reasons.append("the baked model behaves like the unsteered base: the steering was dropped on load")
@@ -105,7 +134,7 @@ def describe(report: dict[str, Any]) -> str:
     return (
         f"verification {verdict}{why}: max |Δlogit| {report['max_abs_logit_diff']:.2e} (tolerance {report['atol']:.0e}, "
         f"{report['dtype']}) over {report['prompts']} prompts; greedy {report['greedy_tokens']} tokens "
-        f"{'identical' if report['greedy_identical'] else 'DIFFERENT'}; steering effect {report['steering_effect']:.3g}"
+        f"{_greedy_words(report)}; steering effect {report['steering_effect']:.3g}"
     )
 
 

