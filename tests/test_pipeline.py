@@ -1,0 +1,82 @@
+"""compute_vectors: each method wired to the right text sets, shared layers adding, background caching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import bake
+from bake.activations import collect
+from bake.architectures import family_for
+from bake.data import tokenize
+from bake.models import cache_dir, load_model, load_tokenizer
+from bake.recipe import parse_recipe
+
+TARGET = ["the happy dog is here today", "a wonderful bright day", "i love the sun and the tea"]
+CORPUS = ["the cat was in the castle", "a ship and a star", "it is a day of rain", "the team and the ball"]
+
+
+def _recipe(model: Path, tmp_path: Path, steering: str, background: str = "background: {corpus: {texts: " + json.dumps(CORPUS) + "}}"):
+    text = f"model: {model}\n{background}\nsteering:\n{steering}"
+    return parse_recipe(text, tmp_path)
+
+
+def _mean(model_dir: Path, texts: list[str], layer: int) -> torch.Tensor:
+    """Independent of the pipeline: tokenize and collect directly."""
+    model = load_model(model_dir, dtype=torch.float32)
+    tok = load_tokenizer(model_dir)
+    return collect(model, family_for(model.config.model_type), tokenize(tok, texts, 256), [(layer, "resid_post")])[(layer, "resid_post")].mean
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_mean_centred_is_target_mean_minus_background_mean(tiny_models, tmp_path, model_type):
+    src = tiny_models[model_type]
+    recipe = _recipe(src, tmp_path, f"  - {{name: joy, layer: 2, coefficient: 3.0, target: {{texts: {json.dumps(TARGET)}}}}}")
+    vs = bake.compute_vectors(recipe)
+    expected = 3.0 * (_mean(src, TARGET, 2) - _mean(src, CORPUS, 2))
+    torch.testing.assert_close(vs.vectors[(2, "resid_post")], expected.float(), rtol=1e-6, atol=1e-6)
+    (entry,) = vs.meta["entries"]
+    # One token per word; the <bos> each text starts with is not counted.
+    words = lambda texts: sum(len(t.split()) for t in texts)  # noqa: E731
+    assert entry["counts"] == {"target": {"texts": 3, "tokens": words(TARGET)}, "background": {"texts": 4, "tokens": words(CORPUS)}}
+    assert entry["norm"] == pytest.approx(float(expected.norm()), rel=1e-6)
+    assert entry["relative_norm"] == pytest.approx(entry["norm"] / entry["mean_residual_norm"])
+
+
+def test_entries_sharing_a_layer_add_up(tiny_models, tmp_path):
+    src = tiny_models["llama"]
+    a = "  - {name: a, layer: 1, method: mean, coefficient: 0.5, target: {texts: [\"the happy dog\"]}}\n"
+    b = "  - {name: b, layer: 1, method: contrast, positive: {texts: [\"i love tea\"]}, negative: {texts: [\"i hate rain\"]}}\n"
+    c = "  - {name: c, layer: 3, method: actadd, positive_prompt: \"love love\", negative_prompt: \"hate hate\"}\n"
+    both = bake.compute_vectors(_recipe(src, tmp_path, a + b + c)).vectors
+    only_a = bake.compute_vectors(_recipe(src, tmp_path, a)).vectors[(1, "resid_post")]
+    only_b = bake.compute_vectors(_recipe(src, tmp_path, b)).vectors[(1, "resid_post")]
+    torch.testing.assert_close(both[(1, "resid_post")], only_a + only_b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(only_a, 0.5 * _mean(src, ["the happy dog"], 1).float(), rtol=1e-6, atol=1e-6)
+    expected_c = _mean(src, ["love love"], 3) - _mean(src, ["hate hate"], 3)
+    torch.testing.assert_close(both[(3, "resid_post")], expected_c.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_model_sampled_background_is_seeded_and_cached(tiny_models, tmp_path):
+    src = tiny_models["gpt2"]
+    steering = f"  - {{name: joy, layer: 1, target: {{texts: {json.dumps(TARGET)}}}}}"
+    sample = "background: {sample: {sequences: 6, tokens: 10}}"
+    first = bake.compute_vectors(_recipe(src, tmp_path, steering, sample))
+    files = list((cache_dir() / "background").glob("*.json"))
+    cached = [f for f in files if json.loads(f.read_text())["settings"]["sequences"] == 6]
+    assert len(cached) == 1
+    sequences = json.loads(cached[0].read_text())["sequences"]
+    assert len(sequences) == 6 and all(s[0] == load_tokenizer(src).bos_token_id for s in sequences)
+    assert all(2 <= len(s) <= 10 for s in sequences)
+    cached[0].write_text(json.dumps({"settings": {}, "sequences": [s[:2] for s in sequences]}))
+    second = bake.compute_vectors(_recipe(src, tmp_path, steering, sample))
+    assert not torch.equal(first.vectors[(1, "resid_post")], second.vectors[(1, "resid_post")]), "cache was not read"
+    cached[0].unlink()
+    third = bake.compute_vectors(_recipe(src, tmp_path, steering, sample))
+    assert torch.equal(first.vectors[(1, "resid_post")], third.vectors[(1, "resid_post")]), "sampling is not deterministic"
+    other_seed = bake.compute_vectors(_recipe(src, tmp_path, steering, sample + "\nseed: 7"))
+    assert not torch.equal(first.vectors[(1, "resid_post")], other_seed.vectors[(1, "resid_post")])
+    assert first.meta["entries"][0]["data"]["background"]["kind"] == "model-sample"
