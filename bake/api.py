@@ -227,6 +227,10 @@ def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | 
 
     spec = spec or VerifySpec()
     source = resolve_model(base)
+    from bake.fold import text_config
+
+    cfg = text_config(source.path)
+    vectors.check_model(cfg.hidden_size, cfg.num_hidden_layers)
     return verify_paths(source.path, Path(baked), vectors, spec.prompts, spec.tokens, spec.atol)
 
 

@@ -142,7 +142,7 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
 @click.argument("base")
 @click.argument("baked", type=click.Path(exists=True, file_okay=False))
 @click.argument("vectors", type=click.Path(dir_okay=False))
-@click.option("--atol", type=float, help="Max |Δlogit| allowed (default depends on dtype).")
+@click.option("--atol", type=click.FloatRange(min=0, min_open=True), help="Max |Δlogit| allowed (default depends on dtype).")
 def verify(base: str, baked: str, vectors: str, atol: float | None) -> None:
     """Check that BAKED behaves like BASE steered by hooks with VECTORS; exit 1 if not.
 
@@ -181,21 +181,24 @@ def inspect(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
-    base = manifest["base"]
-    click.echo(f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)")
-    click.echo(_vector_table(manifest["vectors"]["entries"]))
-    for b in manifest["fold"]["biases"]:
-        click.echo(f"  {b['vector']} -> {b['tensor']}")
     from bake.verify import describe
 
-    click.echo(describe(manifest["verification"]))
+    try:
+        base = manifest["base"]
+        lines = [f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)"]
+        lines.append(_vector_table(manifest["vectors"].get("entries", [])))  # a bare vector file has no entries
+        lines += [f"  {b['vector']} -> {b['tensor']}" for b in manifest["fold"]["biases"]]
+        lines.append(describe(manifest["verification"]))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise BakeError(f"{str(manifest_path)!r} is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json to see it") from None
+    click.echo("\n".join(lines))
 
 
 @main.command()
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--compare", "compare_with", help="A second model (e.g. the base) to show side by side.")
-@click.option("--tokens", default=40, show_default=True, help="New tokens to generate (greedy).")
+@click.option("--tokens", default=40, type=click.IntRange(min=1), show_default=True, help="New tokens to generate (greedy).")
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the chat template.")
 def generate(model: str, prompt: str, compare_with: str | None, tokens: int, chat: bool) -> None:
     """Greedy continuation of PROMPT by MODEL, optionally beside another model's.

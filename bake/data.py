@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -48,7 +49,7 @@ def load_texts(source: TextSource, recipe: Recipe | None = None, what: str = "te
 
 def _read_file(path: Path, source: TextSource, what: str) -> list[str]:
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # tolerate the BOM Excel writes
     except FileNotFoundError:
         raise BakeError(f"{what}: file {str(path)!r} not found: check the path (relative paths start at the recipe's folder)") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -57,12 +58,12 @@ def _read_file(path: Path, source: TextSource, what: str) -> list[str]:
     if suffix == ".txt":
         return raw.splitlines()
     if suffix == ".csv":
-        reader = csv.DictReader(raw.splitlines())
+        reader = csv.DictReader(io.StringIO(raw, newline=""))  # keeps line breaks inside quoted fields
         if source.column not in (reader.fieldnames or []):
             raise BakeError(f"{what}: {str(path)!r} has no column {source.column!r}: columns are {reader.fieldnames}")
         return [row[source.column] for row in reader]
     texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
+    for n, line in enumerate(raw.split("\n"), 1):  # JSON strings may hold U+2028, which splitlines() breaks on
         if not line.strip():
             continue
         try:

@@ -205,11 +205,24 @@ class Recipe(_Strict):
         return entry.background or self.background
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a repeated key instead of silently keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def describe_validation_error(err: ValidationError, where: str) -> str:
     """One line per problem, each naming the field (``steering.0.method``) and the fix."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "recipe"
+        loc = ".".join(p if isinstance(p, str) and p.isprintable() else repr(p) if isinstance(p, str) else str(p) for p in e["loc"]) or "recipe"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field: check its spelling or remove it"
@@ -221,11 +234,12 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
 
 def parse_recipe(text: str, base_dir: Path, where: str = "recipe") -> Recipe:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise BakeError(f"{where}: not valid YAML{at}: fix the syntax") from None
+        problem = f" ({e.problem})" if getattr(e, "problem", None) else ""
+        raise BakeError(f"{where}: not valid YAML{at}{problem}: fix the syntax") from None
     if not isinstance(data, dict):
         raise BakeError(f"{where}: a recipe is a YAML mapping with at least 'model' and 'steering'")
     try:
