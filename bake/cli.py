@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import textwrap
 from pathlib import Path
@@ -20,6 +21,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except BakeError as e:
             raise click.ClickException(str(e)) from None
+
+
+def _positive(param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value} is not a positive finite number", param=param)
+    return value
 
 
 def _quiet_transformers() -> None:
@@ -142,7 +149,7 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
 @click.argument("base")
 @click.argument("baked", type=click.Path(exists=True, file_okay=False))
 @click.argument("vectors", type=click.Path(dir_okay=False))
-@click.option("--atol", type=click.FloatRange(min=0, min_open=True), help="Max |Δlogit| allowed (default depends on dtype).")
+@click.option("--atol", type=float, callback=lambda ctx, param, v: _positive(param, v), help="Max |Δlogit| allowed (default depends on dtype).")
 def verify(base: str, baked: str, vectors: str, atol: float | None) -> None:
     """Check that BAKED behaves like BASE steered by hooks with VECTORS; exit 1 if not.
 
