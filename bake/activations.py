@@ -59,14 +59,27 @@ def module_at(root: torch.nn.Module, path: str) -> torch.nn.Module:
     return root.get_submodule(path) if path else root
 
 
+def block(model: torch.nn.Module, family: Family, layer: int) -> torch.nn.Module:
+    return module_at(model, family.blocks)[layer]
+
+
 def hook_module(model: torch.nn.Module, family: Family, layer: int, site: Site) -> torch.nn.Module:
-    """The module whose output (first element) joins the residual at (layer, site)."""
-    block = module_at(model, family.blocks)[layer]
-    return module_at(block, family.slot(site).hook)
+    """The module whose output (first element) joins the residual at (layer, site): steering adds here."""
+    return module_at(block(model, family, layer), family.slot(site, model.config).hook)
 
 
 def first_tensor(output):
     return output[0] if isinstance(output, tuple) else output
+
+
+def watch_residual(model: torch.nn.Module, family: Family, layer: int, site: Site, fn) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn(residual)`` with the residual stream at (layer, site) on every forward pass."""
+    slot = family.slot(site, model.config)
+    if slot.read:
+        def pre_hook(_module, args, kwargs):
+            fn(args[0] if args else next(iter(kwargs.values())))
+        return module_at(block(model, family, layer), slot.read).register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return hook_module(model, family, layer, site).register_forward_hook(lambda _m, _i, out: fn(first_tensor(out)))
 
 
 def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
@@ -104,20 +117,16 @@ def collect(
     hidden = model.config.get_text_config().hidden_size
     moments = {p: Moments.zeros(hidden) for p in points}
     deepest = max(layer for layer, _ in points)
-    last_block = module_at(model, family.blocks)[deepest]
     mask_holder: dict[str, torch.Tensor] = {}
 
     def recorder(point):
-        def hook(_module, _inputs, output):
-            acts = first_tensor(output)
-            moments[point].add(acts[mask_holder["mask"]])
-        return hook
+        return lambda acts: moments[point].add(acts[mask_holder["mask"]])
 
     def stopper(_module, _inputs, _output):
         raise _Stop
 
-    handles = [hook_module(model, family, layer, site).register_forward_hook(recorder((layer, site))) for layer, site in points]
-    handles.append(last_block.register_forward_hook(stopper))
+    handles = [watch_residual(model, family, layer, site, recorder((layer, site))) for layer, site in points]
+    handles.append(block(model, family, deepest).register_forward_hook(stopper))
     try:
         for group in tqdm(batches(examples, batch_tokens), desc=desc, unit="batch", leave=False):
             width = max(len(e.input_ids) for e in group)

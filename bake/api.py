@@ -92,13 +92,13 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
     model = load_model(source.path, dtype=torch.float32)
     tokenizer = load_tokenizer(source.path)
-    family = family_for(model.config.model_type)
+    family = family_for(model.config)
     n_layers = model.config.get_text_config().num_hidden_layers
     for i, entry in enumerate(recipe.steering):
         if not 0 <= entry.layer < n_layers:
             raise BakeError(f"steering.{i}.layer: {entry.layer} is outside the model's blocks 0..{n_layers - 1}: pick a layer in range")
         try:
-            family.slot(entry.site)
+            family.slot(entry.site, model.config)
         except BakeError as e:
             raise BakeError(f"steering.{i}.site: {e}") from None
 
@@ -234,6 +234,20 @@ def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | 
     return verify_paths(source.path, Path(baked), vectors, spec.prompts, spec.tokens, spec.atol)
 
 
+def _check_foldable(recipe: Recipe) -> None:
+    """Refuse a recipe whose vectors could not be baked, before spending time computing them."""
+    from bake.fold import text_config
+
+    source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
+    cfg = text_config(source.path)
+    family = family_for(cfg)
+    for i, entry in enumerate(recipe.steering):
+        try:
+            family.bias_slot(entry.site, cfg)
+        except BakeError as e:
+            raise BakeError(f"steering.{i}.site: {e}") from None
+
+
 def run(recipe: Recipe, out: str | Path | None = None, force: bool = False) -> BakeResult:
     """The whole recipe: compute the vectors, fold, verify, write, with base vs steered samples."""
     target = out or (recipe.resolve(recipe.output) if recipe.output else None)
@@ -241,6 +255,7 @@ def run(recipe: Recipe, out: str | Path | None = None, force: bool = False) -> B
         raise BakeError("no output folder: pass -o OUT or set 'output' in the recipe")
     if Path(target).exists() and not force:
         raise BakeError(f"output {str(target)!r} already exists: choose another path or pass --force to replace it")
+    _check_foldable(recipe)
     vectors = compute_vectors(recipe)
     return fold(
         recipe.model,

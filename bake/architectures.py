@@ -1,9 +1,10 @@
 """Where each model family lets a constant join the residual stream, kept as data.
 
 A steering vector added to the residual stream at a *site* equals a bias on the
-linear layer whose output is added to the residual there with nothing in
-between. This module is the only place that knows those layers: adding a
-family is one `Family` entry (plus its test), never an if-chain elsewhere.
+module whose output is added to the residual there with nothing in between.
+This module is the only place that knows those modules: adding a family is one
+`Family` entry (plus its test), never an if-chain elsewhere. Facts were read
+from transformers 5.24 and checked on tiny models (tests/test_architectures.py).
 
 Sites:
 - ``resid_post``: after block L (the default; vector-file tensor ``layer.<L>``).
@@ -14,28 +15,53 @@ Sites:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from bake.errors import BakeError
 
 Site = Literal["resid_post", "resid_mid"]
 SITES: tuple[Site, ...] = ("resid_post", "resid_mid")
+Config = Any  # a transformers PretrainedConfig (its defaults filled in)
 
 
 @dataclass(frozen=True)
 class Slot:
-    """The bias that realises a site, and what a stock loader needs to keep it."""
+    """How to read, steer and bake one site of one family. Paths are relative to a block."""
 
-    linear: str
-    """Module path, relative to a block, of the linear whose bias carries the vector."""
-    hook: str
-    """Module path, relative to a block, whose output (first element) is what joins the
-    residual at this site; "" means the block itself. Verification steers here."""
+    bias: str | None
+    """Module whose bias carries the vector; None when no stock module can (post-norm families)."""
+    hook: str = ""
+    """Module whose output (first element) joins the residual here; "" is the block itself.
+    Steering hooks add the vector to this output."""
+    read: str = ""
+    """Module whose *input* is the residual stream here; "" means the output of ``hook`` is."""
     flags: Mapping[str, Any] = field(default_factory=dict)
     """Config entries that make stock loaders create (and so load) the bias."""
     zero_biases: tuple[str, ...] = ()
-    """Linears, relative to every block, whose bias the flags also switch on. Missing
-    ones are written as explicit zeros: loaders elsewhere allocate them uninitialised."""
+    """Modules whose bias the flags also switch on. Missing ones are written as explicit
+    zeros: loaders elsewhere allocate them uninitialised."""
+    scale: str | None = None
+    """Config key by which the sublayer output is multiplied before the residual add
+    (Granite's residual_multiplier): the bias is then vector / scale."""
+    when: Mapping[str, Any] = field(default_factory=dict)
+    """Config values under which this slot is exact; otherwise the site is unavailable."""
+
+
+@dataclass(frozen=True)
+class Relabel:
+    """Stock code of another family computes exactly the same function: write the checkpoint as that."""
+
+    to: str
+    architecture: str
+    why: str
+    refuse: Callable[[Config], str | None]
+    """Returns why the relabel would not be exact for this config, or None."""
+    drop_keys: tuple[str, ...] = ()
+    set_keys: Mapping[str, Any] = field(default_factory=dict)
+    zero_biases: tuple[str, ...] = ()
+    """Biases the new flags switch on that must exist even where no vector goes."""
+    splits: Mapping[str, tuple[tuple[str, ...], Callable[[Config], list[int]]]] = field(default_factory=dict)
+    """Fused module (relative to a block) → (its parts, their output sizes from the config)."""
 
 
 @dataclass(frozen=True)
@@ -45,20 +71,95 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     blocks: str
-    """Attribute path of the block ModuleList from the *ForCausalLM model."""
+    """Attribute path of the block ModuleList from the *ForCausalLM model (also the tensor prefix)."""
     sites: Mapping[Site, Slot]
     notes: str = ""
+    when: Mapping[str, Any] = field(default_factory=dict)
+    """Config values this entry describes (e.g. OPT's pre-LN vs post-LN layout)."""
+    relabel: Relabel | None = None
+    tested: str = "transformers"
+    """Which stock stacks a test loads the baked checkpoint in."""
 
-    def slot(self, site: Site) -> Slot:
-        if site not in self.sites:
-            other = [s for s in self.sites if s != site]
-            alt = f"use site {other[0]!r} instead" if other else "no other site is available"
-            raise BakeError(f"{self.name} has no exact bias slot for site {site!r}: {alt}.")
-        return self.sites[site]
+    def slot(self, site: Site, config: Config | None = None) -> Slot:
+        """The slot for ``site``; refuses with the alternatives when there is none."""
+        slot = self.sites.get(site)
+        if slot is not None and config is not None:
+            unmet = {k: v for k, v in slot.when.items() if getattr(config, k, None) != v}
+            if unmet:
+                slot = None
+        if slot is None:
+            other = [s for s in self.sites if s != site and (config is None or self._available(s, config))]
+            alt = f"use site {other[0]!r} instead" if other else "it has no exact site at all"
+            raise BakeError(f"{self.name} has no exact place for a constant at site {site!r} in this configuration: {alt}.")
+        return slot
 
+    def _available(self, site: Site, config: Config) -> bool:
+        slot = self.sites[site]
+        return all(getattr(config, k, None) == v for k, v in slot.when.items())
+
+    def bias_slot(self, site: Site, config: Config | None = None) -> Slot:
+        """The slot, refusing when no stock module can carry the bias."""
+        slot = self.slot(site, config)
+        if slot.bias is None:
+            others = [s for s in self.sites if s != site and self.sites[s].bias is not None
+                      and (config is None or self._available(s, config))]
+            alt = f"use site {others[0]!r}, or " if others else ""
+            raise BakeError(
+                f"{self.name} has no exact bias slot for site {site!r}: {self.notes} To bake it anyway, {alt}pass "
+                "--allow-remote-code (a constant-bias module that loads with trust_remote_code=True in transformers only)."
+            )
+        return slot
+
+
+# --- shared pieces -----------------------------------------------------------
 
 _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-_LLAMA_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+
+
+def _llama_like(flag_mlp: bool = True, scale: str | None = None) -> dict[Site, Slot]:
+    """Sequential pre-norm blocks named like Llama's (post_attention_layernorm reads the mid residual)."""
+    sites: dict[Site, Slot] = {
+        "resid_mid": Slot(bias="self_attn.o_proj", hook="self_attn", read="post_attention_layernorm",
+                          flags={"attention_bias": True}, zero_biases=_QKVO, scale=scale),
+    }
+    if flag_mlp:
+        sites["resid_post"] = Slot(bias="mlp.down_proj", flags={"mlp_bias": True}, zero_biases=_LLAMA_MLP, scale=scale)
+    else:
+        sites["resid_post"] = Slot(bias=None)
+    return sites
+
+
+def _post_norm(mid_reader: str) -> dict[Site, Slot]:
+    """Sandwich/post-norm blocks: readable and hookable at both sites, but no stock bias slot."""
+    return {
+        "resid_post": Slot(bias=None),
+        "resid_mid": Slot(bias=None, hook="post_attention_layernorm", read=mid_reader),
+    }
+
+
+def _sliding_window_reason(config: Config) -> str | None:
+    window = getattr(config, "sliding_window", None)
+    use = getattr(config, "use_sliding_window", True)
+    layer_types = getattr(config, "layer_types", None) or []
+    if "sliding_attention" in layer_types and use:
+        return "some layers use sliding-window attention, which Llama lacks"
+    if use and window is not None and window < config.max_position_embeddings:
+        return (f"sliding_window {window} is shorter than the context ({config.max_position_embeddings}); "
+                "Llama attends to the whole context")
+    return None
+
+
+def _phi3_reason(config: Config) -> str | None:
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
+    if factor != 1.0:
+        return f"partial_rotary_factor {factor} rotates only part of each head; Llama's RoPE rotates all of it"
+    return _sliding_window_reason(config)
+
+
+_SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
+_TO_LLAMA = "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -66,42 +167,196 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("gpt2",),
         blocks="transformer.h",
         sites={
-            "resid_post": Slot(linear="mlp.c_proj", hook=""),
-            "resid_mid": Slot(linear="attn.c_proj", hook="attn"),
+            "resid_post": Slot(bias="mlp.c_proj"),
+            "resid_mid": Slot(bias="attn.c_proj", hook="attn", read="ln_2"),
         },
         notes="Every linear already has a bias; the vector is added to the existing one.",
+    ),
+    Family(
+        name="GPT-NeoX / Pythia",
+        model_types=("gpt_neox",),
+        blocks="gpt_neox.layers",
+        sites={
+            "resid_post": Slot(bias="mlp.dense_4h_to_h"),
+            "resid_mid": Slot(bias="attention.dense", hook="attention", read="post_attention_layernorm",
+                              flags={"attention_bias": True}, zero_biases=("attention.query_key_value", "attention.dense"),
+                              when={"use_parallel_residual": False}),
+        },
+        notes="Parallel or sequential residual: after-block is exact in both; the mid site exists only when sequential.",
+    ),
+    Family(
+        name="GPT-J",
+        model_types=("gptj",),
+        blocks="transformer.h",
+        sites={"resid_post": Slot(bias="mlp.fc_out")},
+        notes="Parallel attention and MLP: there is no mid-block residual.",
+    ),
+    Family(
+        name="OPT (pre-LN)",
+        model_types=("opt",),
+        blocks="model.decoder.layers",
+        when={"do_layer_norm_before": True},
+        sites={
+            "resid_post": Slot(bias="fc2", flags={"enable_bias": True},
+                               zero_biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
+            "resid_mid": Slot(bias="self_attn.out_proj", hook="self_attn", read="final_layer_norm", flags={"enable_bias": True},
+                              zero_biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
+        },
+    ),
+    Family(
+        name="OPT (post-LN)",
+        model_types=("opt",),
+        blocks="model.decoder.layers",
+        when={"do_layer_norm_before": False},
+        sites={
+            "resid_post": Slot(bias="final_layer_norm", when={"layer_norm_elementwise_affine": True}),
+            "resid_mid": Slot(bias="self_attn_layer_norm", hook="self_attn_layer_norm", when={"layer_norm_elementwise_affine": True}),
+        },
+        notes="The residual add comes before each LayerNorm, so the LayerNorm biases are the exact slots (fc2.bias is not).",
+    ),
+    Family(
+        name="Phi (1, 1.5, 2)",
+        model_types=("phi",),
+        blocks="model.layers",
+        sites={"resid_post": Slot(bias="mlp.fc2")},
+        notes="Parallel attention and MLP: there is no mid-block residual.",
+    ),
+    Family(
+        name="Falcon",
+        model_types=("falcon",),
+        blocks="transformer.h",
+        sites={
+            "resid_post": Slot(bias="mlp.dense_4h_to_h", flags={"bias": True},
+                               zero_biases=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
+            "resid_mid": Slot(bias="self_attention.dense", hook="self_attention", read="post_attention_layernorm", flags={"bias": True},
+                              zero_biases=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+                              when={"parallel_attn": False, "new_decoder_architecture": False}),
+        },
+        notes="`bias: true` switches on every linear bias: the others are written as zeros.",
+    ),
+    Family(
+        name="BLOOM",
+        model_types=("bloom",),
+        blocks="transformer.h",
+        sites={
+            # The residual add happens inside the attention and MLP modules, so their outputs are the residual.
+            "resid_post": Slot(bias="mlp.dense_4h_to_h", when={"slow_but_exact": False}),
+            "resid_mid": Slot(bias="self_attention.dense", hook="self_attention", when={"slow_but_exact": False}),
+        },
+        notes="With slow_but_exact and pretraining_tp > 1 BLOOM ignores these biases, so that mode is refused.",
+    ),
+    Family(
+        name="StarCoder2",
+        model_types=("starcoder2",),
+        blocks="model.layers",
+        sites={
+            "resid_post": Slot(bias="mlp.c_proj", flags={"use_bias": True}, zero_biases=_QKVO + ("mlp.c_fc", "mlp.c_proj")),
+            "resid_mid": Slot(bias="self_attn.o_proj", hook="self_attn", read="post_attention_layernorm", flags={"use_bias": True},
+                              zero_biases=_QKVO + ("mlp.c_fc", "mlp.c_proj")),
+        },
     ),
     Family(
         name="Llama",
         model_types=("llama",),
         blocks="model.layers",
+        sites=_llama_like(),
+        notes="Llama, SmolLM2/3 and other `llama` checkpoints: `mlp_bias` also creates gate/up biases, written as zeros.",
+    ),
+    Family(
+        name="Granite",
+        model_types=("granite",),
+        blocks="model.layers",
+        sites=_llama_like(scale="residual_multiplier"),
+        notes="Sublayer outputs are multiplied by residual_multiplier before the add: the bias is vector / multiplier.",
+    ),
+    Family(
+        name="Mistral",
+        model_types=("mistral",),
+        blocks="model.layers",
+        sites=_llama_like(),
+        relabel=Relabel(to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA, refuse=_sliding_window_reason,
+                        drop_keys=_SLIDING_KEYS),
+        notes="Written as LlamaForCausalLM (same tensor names and computation).",
+    ),
+    Family(
+        name="Qwen2 / Qwen2.5",
+        model_types=("qwen2",),
+        blocks="model.layers",
+        sites=_llama_like(),
+        relabel=Relabel(to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA, refuse=_sliding_window_reason,
+                        drop_keys=_SLIDING_KEYS, set_keys={"attention_bias": True}, zero_biases=("self_attn.o_proj",)),
+        notes="Written as LlamaForCausalLM with attention_bias (keeps the q/k/v biases; o_proj gets zeros).",
+    ),
+    Family(
+        name="Phi-3",
+        model_types=("phi3",),
+        blocks="model.layers",
         sites={
-            "resid_post": Slot(
-                linear="mlp.down_proj", hook="", flags={"mlp_bias": True}, zero_biases=_LLAMA_MLP
-            ),
-            "resid_mid": Slot(
-                linear="self_attn.o_proj",
-                hook="self_attn",
-                flags={"attention_bias": True},
-                zero_biases=_LLAMA_ATTN,
-            ),
+            "resid_post": Slot(bias="mlp.down_proj", flags={"mlp_bias": True}, zero_biases=_LLAMA_MLP),
+            "resid_mid": Slot(bias="self_attn.o_proj", hook="self_attn", read="post_attention_layernorm",
+                              flags={"attention_bias": True}, zero_biases=_QKVO),
         },
-        notes="Llama, SmolLM2 and other `llama` checkpoints: `mlp_bias` also creates gate/up "
-        "biases, written as zeros.",
+        relabel=Relabel(
+            to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA + " once the fused projections are split",
+            refuse=_phi3_reason, drop_keys=_SLIDING_KEYS,
+            splits={
+                "self_attn.qkv_proj": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                       lambda c: [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2),
+                "mlp.gate_up_proj": (("mlp.gate_proj", "mlp.up_proj"), lambda c: [c.intermediate_size] * 2),
+            },
+        ),
+        notes="Written as LlamaForCausalLM after splitting qkv_proj and gate_up_proj.",
+    ),
+    Family(
+        name="Qwen3",
+        model_types=("qwen3",),
+        blocks="model.layers",
+        sites=_llama_like(flag_mlp=False),
+        notes="Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias.",
+    ),
+    Family(
+        name="Gemma",
+        model_types=("gemma",),
+        blocks="model.layers",
+        sites=_llama_like(flag_mlp=False),
+        notes="Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias.",
+    ),
+    Family(
+        name="Gemma 2",
+        model_types=("gemma2",),
+        blocks="model.layers",
+        sites=_post_norm("pre_feedforward_layernorm"),
+        notes="A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it.",
+    ),
+    Family(
+        name="Gemma 3",
+        model_types=("gemma3_text",),
+        blocks="model.layers",
+        sites=_post_norm("pre_feedforward_layernorm"),
+        notes="A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it.",
+    ),
+    Family(
+        name="OLMo 2",
+        model_types=("olmo2",),
+        blocks="model.layers",
+        sites=_post_norm("mlp"),
+        notes="A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it.",
     ),
 )
 
 
 def supported_model_types() -> list[str]:
-    return sorted(t for f in FAMILIES for t in f.model_types)
+    return sorted({t for f in FAMILIES for t in f.model_types})
 
 
-def family_for(model_type: str) -> Family:
-    """The family of a config's ``model_type``, or a refusal naming what is supported."""
-    for family in FAMILIES:
-        if model_type in family.model_types:
+def family_for(config: Config) -> Family:
+    """The family entry describing a config (model_type plus layout flags), or a refusal."""
+    model_type = getattr(config, "model_type", None) or ""
+    candidates = [f for f in FAMILIES if model_type in f.model_types]
+    for family in candidates:
+        if all(getattr(config, k, None) == v for k, v in family.when.items()):
             return family
     raise BakeError(
-        f"model_type {model_type!r} has no supported bias slot in bake: supported model types "
-        f"are {', '.join(supported_model_types())}."
+        f"model_type {model_type!r} is not supported by bake: supported model types are "
+        f"{', '.join(supported_model_types())}."
     )

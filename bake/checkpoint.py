@@ -168,15 +168,16 @@ def write_checkpoint(
     added: dict[str, torch.Tensor],
     config: dict,
     cast: torch.dtype | None = None,
+    removed: set[str] = frozenset(),
 ) -> list[str]:
-    """Write ``src`` into the (empty) folder ``dst`` with tensors replaced and added.
+    """Write ``src`` into the (empty) folder ``dst`` with tensors replaced, added and removed.
 
-    Shards with no replaced tensor (and no ``cast``) are copied byte for byte;
+    Shards with no replaced or removed tensor (and no ``cast``) are copied byte for byte;
     new tensors go to an extra shard so no original shard has to change. With
     ``cast``, floating tensors are converted one at a time. Returns the names of
     the shards that were rewritten.
     """
-    unknown = sorted(set(changed) - set(src.names()))
+    unknown = sorted((set(changed) | set(removed)) - set(src.names()))
     if unknown:
         raise ValueError(f"replacing tensors that do not exist: {unknown[:3]}")
     weight_map: dict[str, str] = {}
@@ -185,12 +186,14 @@ def write_checkpoint(
     for shard, infos in src.shards.items():
         out_name = RENAMED_SINGLE if (added and not src.indexed) else shard
         needs_cast = cast is not None and any(i.torch_dtype.is_floating_point and i.torch_dtype != cast for i in infos.values())
-        if not needs_cast and not changed.keys() & infos.keys():
+        if not needs_cast and not (changed.keys() | removed) & infos.keys():
             shutil.copyfile(src.path / shard, dst / out_name)
             total += sum(i.end - i.start for i in infos.values())
         else:
             items = []
             for name, info in infos.items():
+                if name in removed:
+                    continue
                 if name in changed:
                     items.append((name, changed[name]))
                 elif needs_cast and info.torch_dtype.is_floating_point and info.torch_dtype != cast:
@@ -199,7 +202,7 @@ def write_checkpoint(
                     items.append((name, info))
             total += write_shard(dst / out_name, items, src.metadata[shard])
             rewritten.append(out_name)
-        weight_map.update({name: out_name for name in infos})
+        weight_map.update({name: out_name for name in infos if name not in removed})
     if added:
         clash = sorted(set(added) & weight_map.keys())
         if clash:

@@ -1,9 +1,10 @@
 """Fold steering vectors into bias tensors of a checkpoint (the tensor edits only).
 
-A constant added to the residual stream at a site equals a bias on the linear
+A constant added to the residual stream at a site equals a bias on the module
 that feeds the residual there (``architectures``). Arithmetic is done in
 float32 and cast back to the checkpoint's dtype (as peft's merge does), and a
-non-finite result is refused.
+non-finite result is refused. Families without a stock slot but with an exact
+stock equivalent (Mistral, Qwen2, Phi-3 → Llama) are relabelled first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bake.architectures import Family, Site, family_for
+from bake.architectures import Config, Family, family_for
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
 from bake.models import DTYPES
@@ -23,13 +24,36 @@ from bake.vectorfile import VectorSet, tensor_name
 
 @dataclass
 class FoldPlan:
+    """Every change to make: tensors replaced, added and removed, and the new config."""
+
+    ckpt: Checkpoint
+    out_dtype: torch.dtype | None
+    config: dict[str, Any]
     changed: dict[str, torch.Tensor] = field(default_factory=dict)
     added: dict[str, torch.Tensor] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
+    removed: set[str] = field(default_factory=set)
     records: list[dict[str, Any]] = field(default_factory=list)
+    relabel: dict[str, str] | None = None
+
+    def has(self, name: str) -> bool:
+        return name in self.added or (name not in self.removed and self.ckpt.find(name) is not None)
+
+    def weight(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype a tensor will have in the output (after splits and casts)."""
+        if name in self.added:
+            return tuple(self.added[name].shape), self.added[name].dtype
+        info = self.ckpt.find(name)
+        if info is None:
+            raise BakeError(f"{str(self.ckpt.path)!r} has no tensor {name}: is the checkpoint complete?")
+        return info.shape, self.out_dtype or info.torch_dtype
+
+    def add_zero_bias(self, module: str) -> None:
+        if not self.has(f"{module}.bias"):
+            shape, dtype = self.weight(f"{module}.weight")
+            self.added[f"{module}.bias"] = torch.zeros(shape[0], dtype=dtype)
 
 
-def text_config(path: Path):
+def text_config(path: Path) -> Config:
     """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
     from transformers import AutoConfig
 
@@ -39,35 +63,61 @@ def text_config(path: Path):
         raise BakeError(f"{str(path)!r}: transformers cannot read its config.json ({e}): upgrade transformers or fix the file") from None
 
 
-def block_prefix(ckpt: Checkpoint, family: Family, module: str) -> str:
+def block_prefix(ckpt: Checkpoint, family: Family) -> str:
     """How the checkpoint names the blocks (``model.layers`` or, in older files, ``layers``)."""
     parts = family.blocks.split(".")
+    names = list(ckpt.names())
     for i in range(len(parts)):
-        prefix = ".".join(parts[i:])
-        if ckpt.find(f"{prefix}.0.{module}.weight") is not None:
-            return prefix
-    raise BakeError(f"{str(ckpt.path)!r}: no tensor {family.blocks}.0.{module}.weight: is this really a {family.name} checkpoint?")
+        prefix = ".".join(parts[i:]) + ".0."
+        if any(n.startswith(prefix) for n in names):
+            return prefix[:-3]
+    raise BakeError(f"{str(ckpt.path)!r}: no tensor named {family.blocks}.0.*: is this really a {family.name} checkpoint?")
+
+
+def _relabel(plan: FoldPlan, family: Family, cfg: Config, prefix: str) -> None:
+    """Rewrite config and tensors as the stock family that computes the same function."""
+    relabel = family.relabel
+    reason = relabel.refuse(cfg)
+    if reason:
+        raise BakeError(f"{family.name} has no bias slot and cannot be relabelled exactly as {relabel.architecture}: {reason}.")
+    for key in relabel.drop_keys + ("auto_map",):
+        plan.config.pop(key, None)
+    plan.config.update(relabel.set_keys)
+    plan.config.update(model_type=relabel.to, architectures=[relabel.architecture],
+                       rope_parameters=cfg.rope_parameters, head_dim=cfg.head_dim)
+    for layer in range(cfg.num_hidden_layers):
+        for fused, (parts, sizes) in relabel.splits.items():
+            name = f"{prefix}.{layer}.{fused}.weight"
+            info = plan.ckpt.find(name)
+            pieces = info.read().split(sizes(cfg), dim=0)
+            for part, piece in zip(parts, pieces):
+                plan.added[f"{prefix}.{layer}.{part}.weight"] = piece.to(plan.out_dtype or piece.dtype).clone()
+            plan.removed.add(name)
+        for module in relabel.zero_biases:
+            plan.add_zero_bias(f"{prefix}.{layer}.{module}")
+    plan.relabel = {"from": family.model_types[0], "to": relabel.to, "architecture": relabel.architecture, "why": relabel.why}
 
 
 def plan_fold(ckpt: Checkpoint, vectors: VectorSet, out_dtype: torch.dtype | None = None) -> FoldPlan:
     """Work out every tensor and config change that bakes ``vectors`` into ``ckpt``."""
-    config = ckpt.config
-    family = family_for(config.get("model_type", ""))
     cfg = text_config(ckpt.path)
+    family = family_for(cfg)
     vectors.check_model(cfg.hidden_size, cfg.num_hidden_layers)
-    plan = FoldPlan(config=dict(config))
-    sites: set[Site] = {site for _, site in vectors.vectors}
+    slots = {site: family.bias_slot(site, cfg) for _, site in vectors.vectors}
+    plan = FoldPlan(ckpt, out_dtype, dict(ckpt.config))
+    prefix = block_prefix(ckpt, family)
+    if family.relabel:
+        _relabel(plan, family, cfg, prefix)
     for (layer, site), v in sorted(vectors.vectors.items()):
-        slot = family.slot(site)
-        prefix = block_prefix(ckpt, family, slot.linear)
-        weight = ckpt.find(f"{prefix}.{layer}.{slot.linear}.weight")
-        name = f"{prefix}.{layer}.{slot.linear}.bias"
+        slot = slots[site]
+        name = f"{prefix}.{layer}.{slot.bias}.bias"
+        shape, dtype = plan.weight(f"{prefix}.{layer}.{slot.bias}.weight")
         info = ckpt.find(name)
-        dtype = out_dtype or weight.torch_dtype
         before = info.read().to(torch.float32) if info is not None else torch.zeros_like(v)
         if before.shape != v.shape:
             raise BakeError(f"{name} has shape {tuple(before.shape)} but the vector has {tuple(v.shape)}: wrong model?")
-        exact = before + v
+        delta = v / getattr(cfg, slot.scale) if slot.scale else v
+        exact = before + delta
         stored = exact.to(dtype)
         if not torch.isfinite(stored).all():
             raise BakeError(f"folding {tensor_name(layer, site)} into {name} overflows {dtype}: lower the coefficient or use float32")
@@ -79,20 +129,16 @@ def plan_fold(ckpt: Checkpoint, vectors: VectorSet, out_dtype: torch.dtype | Non
                 "site": site,
                 "tensor": name,
                 "had_bias": info is not None,
+                "scale": getattr(cfg, slot.scale) if slot.scale else 1.0,
                 "norm": float(v.norm()),
                 "rounding_error": float((stored.to(torch.float32) - exact).abs().max()),
             }
         )
-    for site in sorted(sites):
-        slot = family.slot(site)
+    for slot in slots.values():
         plan.config.update(slot.flags)
-        prefix = block_prefix(ckpt, family, slot.linear)
         for layer in range(cfg.num_hidden_layers):
-            for linear in slot.zero_biases:
-                name = f"{prefix}.{layer}.{linear}.bias"
-                if ckpt.find(name) is None and name not in plan.added:
-                    weight = ckpt.find(f"{prefix}.{layer}.{linear}.weight")
-                    plan.added[name] = torch.zeros(weight.shape[0], dtype=out_dtype or weight.torch_dtype)
+            for module in slot.zero_biases:
+                plan.add_zero_bias(f"{prefix}.{layer}.{module}")
     if out_dtype is not None:
         name = next(k for k, v in DTYPES.items() if v == out_dtype)
         plan.config["dtype"] = name
@@ -108,13 +154,17 @@ def fold_checkpoint(source: Path, vectors: VectorSet, out: Path, out_dtype: torc
     """
     ckpt = Checkpoint.open(source)
     plan = plan_fold(ckpt, vectors, out_dtype)
-    rewritten = write_checkpoint(ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype)
+    rewritten = write_checkpoint(ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed)
     copied = copy_side_files(source, out, skip={"config.json", "README.md", "bake.json"})
+    new_biases = sum(not r["had_bias"] for r in plan.records)
     return {
-        "family": family_for(plan.config["model_type"]).name,
+        "family": family_for(text_config(source)).name,
+        "relabel": plan.relabel,
         "biases": plan.records,
-        "zero_biases_added": len(plan.added) - sum(not r["had_bias"] for r in plan.records),
+        "zero_biases_added": sum(k.endswith(".bias") for k in plan.added) - new_biases,
+        "tensors_split": sorted(plan.removed),
         "config_changes": {k: v for k, v in plan.config.items() if ckpt.config.get(k) != v},
+        "config_removed": sorted(k for k in ckpt.config if k not in plan.config),
         "shards_rewritten": rewritten,
         "files_copied": copied,
     }

@@ -27,7 +27,7 @@ DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
 
 @contextlib.contextmanager
 def steered(model: torch.nn.Module, family: Family, vectors: VectorSet) -> Iterator[torch.nn.Module]:
-    """The model with every vector added by a forward hook at its (layer, site)."""
+    """The model with every vector added to the residual stream by a forward hook at its (layer, site)."""
 
     def adder(v: torch.Tensor):
         def hook(_module, _inputs, output):
@@ -36,7 +36,12 @@ def steered(model: torch.nn.Module, family: Family, vectors: VectorSet) -> Itera
             return output + v.to(output.dtype)
         return hook
 
-    handles = [hook_module(model, family, layer, site).register_forward_hook(adder(v)) for (layer, site), v in vectors.vectors.items()]
+    handles = []
+    for (layer, site), v in vectors.vectors.items():
+        slot = family.slot(site, model.config)
+        if slot.scale and slot.hook:  # a sublayer output is scaled before it joins the residual
+            v = v / getattr(model.config, slot.scale)
+        handles.append(hook_module(model, family, layer, site).register_forward_hook(adder(v)))
     try:
         yield model
     finally:
@@ -81,7 +86,7 @@ def compare(base, baked, tokenizer, vectors: VectorSet, prompts: list[str], toke
     tolerated only at a near-tie (the steered base prefers its token by at most
     twice the logit tolerance), where rounding alone can flip the choice.
     """
-    family = family_for(base.config.model_type)
+    family = family_for(base.config)
     dtype = next(baked.parameters()).dtype
     atol = atol if atol is not None else DEFAULT_ATOL.get(dtype, 1e-3)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]

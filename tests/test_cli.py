@@ -96,8 +96,19 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
+def bigcode_model(tmp_path_factory) -> Path:
+    """A tiny model of a family bake does not know at all."""
+    from transformers import GPTBigCodeConfig
+
+    tok = make_tokenizer()
+    config = GPTBigCodeConfig(vocab_size=len(tok), n_embd=32, n_layer=4, n_head=4, n_positions=128,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return save_tiny(tmp_path_factory.mktemp("bigcode") / "bigcode", config)
+
+
+@pytest.fixture(scope="module")
 def gemma2_model(tmp_path_factory) -> Path:
-    """A tiny model of a family bake has no bias slot for."""
+    """A tiny model of a family with no stock bias slot (post-norms around every sublayer)."""
     from transformers import Gemma2Config
 
     tok = make_tokenizer()
@@ -314,7 +325,7 @@ def _recipe_case(case: str, tmp_path: Path, models: dict[str, Path]) -> tuple[Pa
     if case == "negative layer":
         return write_recipe(tmp_path, llama, layer=-1), llama, ["steering.0.layer"]
     if case == "unsupported architecture":
-        return write_recipe(tmp_path, models["gemma2"]), models["gemma2"], ["gemma2", "gpt2", "llama"]
+        return write_recipe(tmp_path, models["bigcode"]), models["bigcode"], ["gpt_bigcode", "gpt2", "llama"]
     raise ValueError(case)
 
 
@@ -327,8 +338,8 @@ RECIPE_CASES = [
 
 @pytest.mark.parametrize("command", ["run", "vector"])
 @pytest.mark.parametrize("case", RECIPE_CASES)
-def test_bad_recipe_is_refused(tiny_models, gemma2_model, no_bos_model, tmp_path, case, command):
-    models = {**tiny_models, "gemma2": gemma2_model, "nobos": no_bos_model}
+def test_bad_recipe_is_refused(tiny_models, bigcode_model, no_bos_model, tmp_path, case, command):
+    models = {**tiny_models, "bigcode": bigcode_model, "nobos": no_bos_model}
     recipe, model, words = _recipe_case(case, tmp_path, models)
     before = tree_digest(model)
     out = tmp_path / "outs" / ("baked" if command == "run" else "v.safetensors")
@@ -424,14 +435,27 @@ def test_fold_bad_vector_file_is_refused(tiny_models, tmp_path, case, model_type
     assert tree_digest(src) == before
 
 
-def test_fold_into_unsupported_architecture_is_refused(gemma2_model, tmp_path):
-    before = tree_digest(gemma2_model)
+@pytest.mark.parametrize("model,words", [("bigcode", ["'gpt_bigcode'", "gpt2", "llama"]),
+                                         ("gemma2", ["Gemma 2", "no exact bias slot", "--allow-remote-code"])])
+def test_fold_into_unsupported_architecture_is_refused(bigcode_model, gemma2_model, tmp_path, model, words):
+    src = {"bigcode": bigcode_model, "gemma2": gemma2_model}[model]
+    before = tree_digest(src)
     vec = VectorSet({(1, "resid_post"): torch.ones(32)}).save(tmp_path / "v.safetensors")
     out = tmp_path / "outs" / "baked"
-    err = assert_one_line_error(invoke("fold", gemma2_model, vec, "-o", out))
-    assert "'gemma2'" in err and "gpt2" in err and "llama" in err
+    err = assert_one_line_error(invoke("fold", src, vec, "-o", out))
+    for word in words:
+        assert word in err, err
     assert_nothing_written(out)
-    assert tree_digest(gemma2_model) == before
+    assert tree_digest(src) == before
+
+
+def test_run_on_a_family_without_slot_is_refused_before_any_work(gemma2_model, tmp_path):
+    """The refusal comes before collecting anything, and names the way out."""
+    recipe = write_recipe(tmp_path, gemma2_model)
+    out = tmp_path / "outs" / "baked"
+    err = assert_one_line_error(invoke("run", recipe, "-o", out))
+    assert "Gemma 2" in err and "--allow-remote-code" in err
+    assert_nothing_written(out)
 
 
 def test_fold_missing_model_is_refused(tmp_path):
@@ -487,10 +511,10 @@ def test_verify_bad_tolerance_is_refused(tiny_models, baked_gpt2, atol):
     assert "--atol" in err
 
 
-def test_verify_with_unsupported_base_is_refused(gemma2_model, baked_gpt2):
+def test_verify_with_unsupported_base_is_refused(bigcode_model, baked_gpt2):
     out, vec = baked_gpt2
-    err = assert_one_line_error(invoke("verify", gemma2_model, out, vec))
-    assert "gemma2" in err
+    err = assert_one_line_error(invoke("verify", bigcode_model, out, vec))
+    assert "gpt_bigcode" in err
 
 
 @pytest.mark.parametrize("tokens", ["0", "-2"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def test_dropped_steering_fails_verification_and_writes_nothing(tmp_path, tiny_m
     verification must catch it (never ship steering a stock loader silently drops)."""
     llama = next(f for f in architectures.FAMILIES if f.name == "Llama")
     slot = llama.sites["resid_post"]
-    broken = architectures.Slot(linear=slot.linear, hook=slot.hook, flags={}, zero_biases=slot.zero_biases)
+    broken = dataclasses.replace(slot, flags={})
     monkeypatch.setitem(llama.sites, "resid_post", broken)
     with pytest.raises(BakeError, match="dropped on load"):
         bake.fold(str(tiny_models["llama"]), _vectors(32, [(1, "resid_post")]), tmp_path / "out")

@@ -28,7 +28,7 @@ def _mean(model_dir: Path, texts: list[str], layer: int) -> torch.Tensor:
     """Independent of the pipeline: tokenize and collect directly."""
     model = load_model(model_dir, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
-    return collect(model, family_for(model.config.model_type), tokenize(tok, texts, 256), [(layer, "resid_post")])[(layer, "resid_post")].mean
+    return collect(model, family_for(model.config), tokenize(tok, texts, 256), [(layer, "resid_post")])[(layer, "resid_post")].mean
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])

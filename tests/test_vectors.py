@@ -60,22 +60,26 @@ def test_collect_equals_mean_over_full_forward(tiny_models, model_type, site):
     activations at the site, computed independently with hooks on an unbatched full forward."""
     model = load_model(tiny_models[model_type], dtype=torch.float32)
     tokenizer = load_tokenizer(tiny_models[model_type])
-    family = family_for(model_type)
+    family = family_for(model.config)
     examples = tokenize(tokenizer, TEXTS, max_tokens=64)
     layer = 2
     got = collect(model, family, examples, [(layer, site)], batch_tokens=16, pad_id=tokenizer.pad_token_id)[(layer, site)]
 
+    # Independent reference: the residual entering the block (output_hidden_states) plus, for the
+    # mid site, the attention output hooked directly; for the post site, the block output.
     block = model.get_submodule(family.blocks)[layer]
+    attention = block.attn if model_type == "gpt2" else block.self_attn
     captured = []
-    module = block.get_submodule(family.slot(site).hook) if family.slot(site).hook else block
-    handle = module.register_forward_hook(lambda m, i, o: captured.append((o[0] if isinstance(o, tuple) else o)[0]))
+    handle = (attention if site == "resid_mid" else block).register_forward_hook(
+        lambda m, i, o: captured.append((o[0] if isinstance(o, tuple) else o)[0]))
     rows = []
     with torch.no_grad():
         for text in TEXTS:
             ids = tokenizer(text).input_ids
             captured.clear()
-            model(input_ids=torch.tensor([ids]))
-            rows.append(captured[0][1:].double())  # every position but the first (<bos>)
+            out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+            resid = captured[0] + (out.hidden_states[layer][0] if site == "resid_mid" else 0)
+            rows.append(resid[1:].double())  # every position but the first (<bos>)
     handle.remove()
     expected = torch.cat(rows)
     assert got.count == expected.shape[0]
@@ -90,7 +94,7 @@ def test_collect_stops_after_the_deepest_block(tiny_models):
     calls = {"later_block": 0, "head": 0}
     model.model.layers[2].register_forward_hook(lambda *a: calls.__setitem__("later_block", calls["later_block"] + 1))
     model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))
-    collect(model, family_for("llama"), tokenize(tokenizer, TEXTS, 64), [(1, "resid_post"), (0, "resid_mid")])
+    collect(model, family_for(model.config), tokenize(tokenizer, TEXTS, 64), [(1, "resid_post"), (0, "resid_mid")])
     assert calls == {"later_block": 0, "head": 0}
 
 
