@@ -130,6 +130,11 @@ def _llama_like(flag_mlp: bool = True, scale: str | None = None) -> dict[Site, S
     return sites
 
 
+def head_dim(config: Config) -> int:
+    """Per-head size: explicit in newer configs, hidden / heads otherwise."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _post_norm(mid_reader: str) -> dict[Site, Slot]:
     """Sandwich/post-norm blocks: readable and hookable at both sites, but no stock bias slot."""
     return {
@@ -301,7 +306,8 @@ FAMILIES: tuple[Family, ...] = (
             refuse=_phi3_reason, drop_keys=_SLIDING_KEYS,
             splits={
                 "self_attn.qkv_proj": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                       lambda c: [c.num_attention_heads * c.head_dim] + [c.num_key_value_heads * c.head_dim] * 2),
+                                       lambda c: [n * head_dim(c) for n in (c.num_attention_heads, c.num_key_value_heads,
+                                                                             c.num_key_value_heads)]),
                 "mlp.gate_up_proj": (("mlp.gate_proj", "mlp.up_proj"), lambda c: [c.intermediate_size] * 2),
             },
         ),

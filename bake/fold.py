@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bake.architectures import Config, Family, family_for
+from bake.architectures import Config, Family, family_for, head_dim
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
 from bake.models import DTYPES
@@ -84,7 +84,7 @@ def _relabel(plan: FoldPlan, family: Family, cfg: Config, prefix: str) -> None:
         plan.config.pop(key, None)
     plan.config.update(relabel.set_keys)
     plan.config.update(model_type=relabel.to, architectures=[relabel.architecture],
-                       rope_parameters=cfg.rope_parameters, head_dim=cfg.head_dim)
+                       rope_parameters=cfg.rope_parameters, head_dim=head_dim(cfg))
     for layer in range(cfg.num_hidden_layers):
         for fused, (parts, sizes) in relabel.splits.items():
             name = f"{prefix}.{layer}.{fused}.weight"

@@ -42,19 +42,41 @@ def make_tokenizer():
     return fast
 
 
-def tiny_config(model_type: str):
-    """A small config of each family; vocab matches the test tokenizer."""
-    from transformers import GPT2Config, LlamaConfig
+_SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+_GQA = dict(_SIZES, num_key_value_heads=2)
+# Small configs per model_type, each with the size names its config class takes.
+TINY: dict[str, dict] = {
+    "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128),
+    "gpt_neox": dict(_SIZES),
+    "gptj": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128, rotary_dim=4),
+    "opt": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64, max_position_embeddings=128,
+                word_embed_proj_dim=32),
+    "phi": dict(_SIZES),
+    "falcon": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4),
+    "bloom": dict(hidden_size=32, n_layer=4, n_head=4),
+    "starcoder2": dict(_GQA),
+    "llama": dict(_GQA, tie_word_embeddings=False),
+    "granite": dict(_GQA, residual_multiplier=0.5),
+    "mistral": dict(_GQA, sliding_window=None),
+    "qwen2": dict(_GQA),
+    "phi3": dict(_GQA),
+    "qwen3": dict(_GQA, head_dim=8),
+    "gemma": dict(_GQA, head_dim=8),
+    "gemma2": dict(_GQA, head_dim=8),
+    "gemma3_text": dict(_GQA, head_dim=8),
+    "olmo2": dict(_GQA),
+}
+
+
+def tiny_config(model_type: str, **overrides):
+    """A small config of ``model_type``; vocab and special tokens match the test tokenizer."""
+    from transformers import AutoConfig
 
     tokenizer = make_tokenizer()
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
-    if model_type == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=128, **common)
-    if model_type == "llama":
-        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, **common)
-    raise ValueError(model_type)
+    return AutoConfig.for_model(
+        model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **{**TINY[model_type], **overrides},
+    )
 
 
 def save_tiny(path: Path, config, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:
