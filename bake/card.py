@@ -34,6 +34,15 @@ def render(manifest: dict[str, Any]) -> str:
     ver = manifest["verification"]
     biases = "\n".join(f"- `{b['tensor']}` ← vector `{b['vector']}` (norm {b['norm']:.4g})" for b in fold["biases"])
     changes = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in fold["config_changes"].items()) or "none"
+    if fold.get("config_removed"):
+        changes += "; removed: " + ", ".join(f"`{k}`" for k in fold["config_removed"])
+    relabel = fold.get("relabel")
+    relabel_block = (
+        f"\n## Architecture relabelled\n\nThe base model is a `{relabel['from']}` model. {relabel['why'][0].upper()}{relabel['why'][1:]}, "
+        f"so this checkpoint is written as `{relabel['architecture']}` (`model_type: {relabel['to']}`), whose stock "
+        "code has the bias slot. Verification compared it with the original class steered by hooks.\n"
+        if relabel else ""
+    )
     recipe = manifest.get("recipe")
     recipe_block = f"\n## Recipe\n\n```yaml\n{recipe['text'].rstrip()}\n```\n" if recipe else ""
     body = f"""
@@ -57,7 +66,7 @@ Tensors written:
 
 Config changes: {changes}. {fold['zero_biases_added']} zero bias tensors were
 added because that flag makes loaders create them (zeros, not uninitialised memory).
-{recipe_block}
+{relabel_block}{recipe_block}
 ## Verification
 
 The checkpoint was reloaded from disk with plain `AutoModelForCausalLM.from_pretrained`

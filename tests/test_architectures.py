@@ -104,7 +104,8 @@ def test_family_bakes_exactly(tmp_path, case, dtype, atol):
     if relabelled:
         assert type(baked).__name__ == "LlamaForCausalLM" and written["model_type"] == "llama"
         assert result.manifest["fold"]["relabel"]["from"] == model_type
-        assert "LlamaForCausalLM" in (tmp_path / "out" / "README.md").read_text()
+        card = (tmp_path / "out" / "README.md").read_text()
+        assert "## Architecture relabelled" in card and f"`{model_type}` model" in card and "`LlamaForCausalLM`" in card
     else:
         assert type(baked) is type(original)
     tok = make_tokenizer()
