@@ -118,6 +118,7 @@ def collect(
     moments = {p: Moments.zeros(hidden) for p in points}
     deepest = max(layer for layer, _ in points)
     mask_holder: dict[str, torch.Tensor] = {}
+    device = model.get_input_embeddings().weight.device
 
     def recorder(point):
         return lambda acts: moments[point].add(acts[mask_holder["mask"]])
@@ -138,9 +139,9 @@ def collect(
                 ids[row, :n] = torch.tensor(ex.input_ids)
                 attention[row, :n] = 1
                 counted[row, :n] = torch.tensor(ex.counted)
-            mask_holder["mask"] = counted
+            mask_holder["mask"] = counted.to(device)
             try:
-                model(input_ids=ids, attention_mask=attention, use_cache=False)
+                model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
             except _Stop:
                 pass
     finally:

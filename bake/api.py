@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.metadata
 import json
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from bake.checkpoint import staged_output
 from bake.data import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
 from bake.errors import BakeError
 from bake.fold import fold_checkpoint
-from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype
+from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
 from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec
 from bake.vectorfile import VectorSet, tensor_name
 from bake.vectors import ROLES, steering_vector
@@ -50,15 +51,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _role_sets(recipe: Recipe, entry: Steering, index: int, model, tokenizer, source: ModelSource) -> dict[str, _TextSet]:
-    """Tokenized examples for every role the entry's method measures."""
+def _role_sets(recipe: Recipe, entry: Steering, index: int, full_model, tokenizer, source: ModelSource) -> dict[str, _TextSet]:
+    """Tokenized examples for every role the entry's method measures (``full_model()`` loads the
+    whole model, needed only to sample a background that is not cached)."""
     where = f"steering.{index} ({entry.name})"
     sets: dict[str, _TextSet] = {}
     for role in ROLES[entry.method]:
         if role == "background":
             bg = recipe.background_for(entry)
             if bg.sample is not None:
-                sequences, key = sample_background(model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir())
+                sequences, key = sample_background(full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir())
                 examples = sequences_to_examples(sequences, tokenizer)
                 info = {"kind": "model-sample", **bg.sample.model_dump(), "seed": recipe.seed, "texts": len(sequences)}
                 info["sha256"] = digest([json.dumps(s) for s in sequences])
@@ -86,23 +88,28 @@ def _role_sets(recipe: Recipe, entry: Steering, index: int, model, tokenizer, so
 def compute_vectors(recipe: Recipe) -> VectorSet:
     """Measure every steering entry of ``recipe`` on its base model and return the vectors.
 
-    Entries sharing a (layer, site) add up. Each distinct text set is run through
-    the model once, for all the points that need it, stopping after the deepest block.
+    Entries sharing a (layer, site) add up. Only blocks 0..L of the deepest layer
+    L are built and loaded; each distinct text set runs through them once, for all
+    the points that need it. The full model is loaded only to sample a background
+    that is not cached yet.
     """
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
-    model = load_model(source.path, dtype=torch.float32)
-    tokenizer = load_tokenizer(source.path)
-    family = family_for(model.config)
-    n_layers = model.config.get_text_config().num_hidden_layers
+    cfg = text_config(source.path)
+    family = family_for(cfg)
     for i, entry in enumerate(recipe.steering):
-        if not 0 <= entry.layer < n_layers:
-            raise BakeError(f"steering.{i}.layer: {entry.layer} is outside the model's blocks 0..{n_layers - 1}: pick a layer in range")
+        if not 0 <= entry.layer < cfg.num_hidden_layers:
+            raise BakeError(
+                f"steering.{i}.layer: {entry.layer} is outside the model's blocks 0..{cfg.num_hidden_layers - 1}: pick a layer in range"
+            )
         try:
-            family.slot(entry.site, model.config)
+            family.slot(entry.site, cfg)
         except BakeError as e:
             raise BakeError(f"steering.{i}.site: {e}") from None
-
-    role_sets = [_role_sets(recipe, entry, i, model, tokenizer, source) for i, entry in enumerate(recipe.steering)]
+    tokenizer = load_tokenizer(source.path)
+    full_model = functools.cache(lambda: load_model(source.path, dtype=torch.float32))
+    role_sets = [_role_sets(recipe, entry, i, full_model, tokenizer, source) for i, entry in enumerate(recipe.steering)]
+    full_model.cache_clear()  # free it before building the truncated model
+    model = load_model(source.path, dtype=torch.float32, layers=1 + max(e.layer for e in recipe.steering))
     needed: dict[str, tuple[_TextSet, set[tuple[int, Site]]]] = {}
     for entry, sets in zip(recipe.steering, role_sets):
         for s in sets.values():
@@ -138,8 +145,8 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
         )
     meta = {
         "format": "bake-vectors/1",
-        "model": {"spec": source.spec, "identity": source.identity, "model_type": model.config.model_type},
-        "hidden_size": model.config.get_text_config().hidden_size,
+        "model": {"spec": source.spec, "identity": source.identity, "model_type": cfg.model_type},
+        "hidden_size": cfg.hidden_size,
         "entries": entries,
         "versions": _versions(),
     }
@@ -227,8 +234,6 @@ def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | 
 
     spec = spec or VerifySpec()
     source = resolve_model(base)
-    from bake.fold import text_config
-
     cfg = text_config(source.path)
     vectors.check_model(cfg.hidden_size, cfg.num_hidden_layers)
     return verify_paths(source.path, Path(baked), vectors, spec.prompts, spec.tokens, spec.atol)
@@ -236,8 +241,6 @@ def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | 
 
 def _check_foldable(recipe: Recipe) -> None:
     """Refuse a recipe whose vectors could not be baked, before spending time computing them."""
-    from bake.fold import text_config
-
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
     cfg = text_config(source.path)
     family = family_for(cfg)

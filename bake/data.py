@@ -141,8 +141,10 @@ def start_token(tokenizer) -> int:
 
 
 @torch.inference_mode()
-def sample_background(model, tokenizer, model_key: str, spec: ModelSample, seed: int, cache: Path) -> tuple[list[list[int]], str]:
+def sample_background(model_factory, tokenizer, model_key: str, spec: ModelSample, seed: int, cache: Path) -> tuple[list[list[int]], str]:
     """Sample ``spec.sequences`` sequences of ``spec.tokens`` tokens from the model, starting at BOS.
+
+    ``model_factory()`` gives the model; it is called only when the cache misses.
 
     The model's own distribution is the best stand-in for its training data.
     Results are cached on disk keyed by model and settings, so every run with the
@@ -155,6 +157,7 @@ def sample_background(model, tokenizer, model_key: str, spec: ModelSample, seed:
     if path.is_file():
         return json.loads(path.read_text())["sequences"], key
     stops = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    model = model_factory()
     sequences: list[list[int]] = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from bake.architectures import Config, Family, family_for, head_dim
+from bake.architectures import Family, family_for, head_dim
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
-from bake.models import DTYPES
+from bake.models import DTYPES, text_config
 from bake.vectorfile import VectorSet, tensor_name
 
 
@@ -53,16 +53,6 @@ class FoldPlan:
             self.added[f"{module}.bias"] = torch.zeros(shape[0], dtype=dtype)
 
 
-def text_config(path: Path) -> Config:
-    """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path).get_text_config()
-    except (ValueError, KeyError, OSError) as e:
-        raise BakeError(f"{str(path)!r}: transformers cannot read its config.json ({e}): upgrade transformers or fix the file") from None
-
-
 def block_prefix(ckpt: Checkpoint, family: Family) -> str:
     """How the checkpoint names the blocks (``model.layers`` or, in older files, ``layers``)."""
     parts = family.blocks.split(".")
@@ -74,7 +64,7 @@ def block_prefix(ckpt: Checkpoint, family: Family) -> str:
     raise BakeError(f"{str(ckpt.path)!r}: no tensor named {family.blocks}.0.*: is this really a {family.name} checkpoint?")
 
 
-def _relabel(plan: FoldPlan, family: Family, cfg: Config, prefix: str) -> None:
+def _relabel(plan: FoldPlan, family: Family, cfg, prefix: str) -> None:
     """Rewrite config and tensors as the stock family that computes the same function."""
     relabel = family.relabel
     reason = relabel.refuse(cfg)

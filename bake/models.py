@@ -148,11 +148,34 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
     return ModelSource(spec, target, identity)
 
 
-def load_model(path: Path, dtype: torch.dtype | None = None, **kwargs: Any):
-    """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode."""
-    from transformers import AutoModelForCausalLM
+def text_config(path: Path):
+    """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
+    try:
+        return AutoConfig.from_pretrained(path).get_text_config()
+    except (ValueError, KeyError, OSError) as e:
+        raise BakeError(f"{str(path)!r}: transformers cannot read its config.json ({e}): upgrade transformers or fix the file") from None
+
+
+def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any):
+    """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode.
+
+    ``layers`` builds only blocks 0..layers-1 (their weights alone are loaded), so
+    collecting at block L costs memory and time in proportion to (L+1)/N.
+    On a GPU machine the model keeps its own dtype and is spread with device_map="auto".
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if layers is not None:
+        text = config.get_text_config()
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:layers]
+    if torch.cuda.is_available():
+        kwargs.setdefault("device_map", "auto")
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", **kwargs)
     return model.eval()
 
 

@@ -80,3 +80,20 @@ def test_model_sampled_background_is_seeded_and_cached(tiny_models, tmp_path):
     other_seed = bake.compute_vectors(_recipe(src, tmp_path, steering, sample + "\nseed: 7"))
     assert not torch.equal(first.vectors[(1, "resid_post")], other_seed.vectors[(1, "resid_post")])
     assert first.meta["entries"][0]["data"]["background"]["kind"] == "model-sample"
+
+
+def test_truncated_collection_equals_full_model_collection(tiny_models):
+    """Building only blocks 0..L gives the same activations as the whole model, with fewer weights."""
+    src = tiny_models["llama"]
+    tok = load_tokenizer(src)
+    full = load_model(src, dtype=torch.float32)
+    short = load_model(src, dtype=torch.float32, layers=2)
+    assert len(short.model.layers) == 2 and len(full.model.layers) == 4
+    assert sum(p.numel() for p in short.parameters()) < sum(p.numel() for p in full.parameters())
+    examples = tokenize(tok, TARGET + CORPUS, 64)
+    points = [(1, "resid_post"), (1, "resid_mid"), (0, "resid_post")]
+    a = collect(full, family_for(full.config), examples, points)
+    b = collect(short, family_for(short.config), examples, points)
+    for p in points:
+        assert a[p].count == b[p].count
+        assert torch.equal(a[p].total, b[p].total)
