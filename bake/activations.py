@@ -35,6 +35,17 @@ class Moments:
         self.count += acts.shape[0]
         self.norm_total += float(acts.norm(dim=-1).sum())
 
+    def all_reduce(self) -> None:
+        """Sum over all ranks of a torch.distributed job (a no-op in a single process)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        packed = torch.cat([self.total, torch.tensor([float(self.count), self.norm_total], dtype=torch.float64)])
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        packed = packed.to(device)
+        torch.distributed.all_reduce(packed)
+        packed = packed.cpu()
+        self.total, self.count, self.norm_total = packed[:-2], int(packed[-2]), float(packed[-1])
+
     def merge(self, other: "Moments") -> None:
         self.total += other.total
         self.count += other.count
@@ -99,6 +110,13 @@ def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
     return groups
 
 
+def _my_share(groups: list) -> list:
+    """This rank's batches of a torch.distributed job (all of them in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return groups[torch.distributed.get_rank() :: torch.distributed.get_world_size()]
+    return groups
+
+
 @torch.inference_mode()
 def collect(
     model: torch.nn.Module,
@@ -113,6 +131,8 @@ def collect(
 
     Right padding with an attention mask; padded and uncounted positions are
     dropped before summing. The pass stops after the deepest requested block.
+    Under torch.distributed (torchrun, accelerate launch) each rank takes every
+    world-size-th batch and the sums are all-reduced: every rank gets the totals.
     """
     hidden = model.config.get_text_config().hidden_size
     moments = {p: Moments.zeros(hidden) for p in points}
@@ -129,7 +149,7 @@ def collect(
     handles = [watch_residual(model, family, layer, site, recorder((layer, site))) for layer, site in points]
     handles.append(block(model, family, deepest).register_forward_hook(stopper))
     try:
-        for group in tqdm(batches(examples, batch_tokens), desc=desc, unit="batch", leave=False):
+        for group in tqdm(_my_share(batches(examples, batch_tokens)), desc=desc, unit="batch", leave=False):
             width = max(len(e.input_ids) for e in group)
             ids = torch.full((len(group), width), pad_id, dtype=torch.long)
             attention = torch.zeros((len(group), width), dtype=torch.long)
@@ -147,4 +167,6 @@ def collect(
     finally:
         for h in handles:
             h.remove()
+    for m in moments.values():
+        m.all_reduce()
     return moments

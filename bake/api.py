@@ -139,7 +139,8 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
                 "unscaled_norm": float(steering_vector(entry.method, moments, 1.0).norm()),
                 "mean_residual_norm": reference.mean_norm,
                 "relative_norm": float(v.norm()) / reference.mean_norm if reference.mean_norm else 0.0,
-                "counts": {role: {"texts": s.info["texts"], "tokens": s.info["tokens"]} for role, s in sets.items()},
+                # Tokens as the collection counted them (after any all-reduce across ranks).
+                "counts": {role: {"texts": s.info["texts"], "tokens": moments[role].count} for role, s in sets.items()},
                 "data": {role: s.info for role, s in sets.items()},
             }
         )

@@ -29,6 +29,17 @@ def _positive(param: click.Parameter, value: float | None) -> float | None:
     return value
 
 
+def _start_distributed() -> int:
+    """Join the torch.distributed job a launcher (torchrun, accelerate launch) started; this rank."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging
 
@@ -106,19 +117,24 @@ def run(recipe: str, output: str | None, force: bool) -> None:
 def vector(recipe: str, output: str, force: bool) -> None:
     """Compute the recipe's steering vectors and write a vector file (no fold).
 
+    Under torchrun or accelerate launch, ranks split the texts and rank 0 writes.
+
     \b
     Example:
       bake vector recipes/quickstart.yaml -o cheerful.safetensors
+      torchrun --nproc_per_node 4 -m bake vector recipe.yaml -o v.safetensors
     """
     from bake import api
     from bake.recipe import load_recipe
 
     if Path(output).exists() and not force:
         raise BakeError(f"{output!r} already exists: choose another path or pass --force")
+    rank = _start_distributed()
     vectors = api.compute_vectors(load_recipe(recipe))
-    vectors.save(output)
-    click.echo(_vector_table(vectors.meta["entries"]))
-    click.echo(f"wrote {output}")
+    if rank == 0:
+        vectors.save(output)
+        click.echo(_vector_table(vectors.meta["entries"]))
+        click.echo(f"wrote {output}")
 
 
 @main.command()

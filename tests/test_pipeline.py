@@ -97,3 +97,33 @@ def test_truncated_collection_equals_full_model_collection(tiny_models):
     for p in points:
         assert a[p].count == b[p].count
         assert torch.equal(a[p].total, b[p].total)
+
+
+def test_two_process_gloo_collection_equals_single_process(tiny_models, tmp_path):
+    """torchrun with 2 CPU ranks (gloo) splits the batches and all-reduces the sums: same vector."""
+    import os
+    import subprocess
+    import sys
+
+    from bake.vectorfile import VectorSet
+
+    texts = [f"{a} {b} {c}" for a in ("the", "a", "my") for b in ("happy", "sad", "bright", "dark") for c in ("dog", "day", "king")]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {tiny_models['llama']}\nbatch_tokens: 16\nbackground: {{corpus: {{texts: {json.dumps(CORPUS * 3)}}}}}\n"
+        f"steering:\n  - {{name: a, layer: 2, target: {{texts: {json.dumps(texts)}}}}}\n"
+        f"  - {{name: b, layer: 1, site: resid_mid, method: mean, target: {{texts: {json.dumps(TARGET)}}}}}\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bake", "vector", str(recipe),
+         "-o", str(tmp_path / "dist.safetensors")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    single = bake.compute_vectors(bake.load_recipe(recipe))
+    dist = VectorSet.load(tmp_path / "dist.safetensors")
+    assert dist.vectors.keys() == single.vectors.keys()
+    for point, v in single.vectors.items():
+        torch.testing.assert_close(dist.vectors[point], v, rtol=1e-6, atol=1e-7)
+    assert [e["counts"] for e in dist.meta["entries"]] == [e["counts"] for e in single.meta["entries"]]
