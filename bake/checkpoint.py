@@ -169,13 +169,16 @@ def write_checkpoint(
     config: dict,
     cast: torch.dtype | None = None,
     removed: set[str] = frozenset(),
+    link: bool = False,
 ) -> list[str]:
     """Write ``src`` into the (empty) folder ``dst`` with tensors replaced, added and removed.
 
     Shards with no replaced or removed tensor (and no ``cast``) are copied byte for byte;
     new tensors go to an extra shard so no original shard has to change. With
-    ``cast``, floating tensors are converted one at a time. Returns the names of
-    the shards that were rewritten.
+    ``cast``, floating tensors are converted one at a time. With ``link``, unchanged
+    shards are hard-linked instead of copied where the filesystem allows (the
+    output then shares those files with the source: replace, never edit, them).
+    Returns the names of the shards that were rewritten.
     """
     unknown = sorted((set(changed) | set(removed)) - set(src.names()))
     if unknown:
@@ -187,7 +190,7 @@ def write_checkpoint(
         out_name = RENAMED_SINGLE if (added and not src.indexed) else shard
         needs_cast = cast is not None and any(i.torch_dtype.is_floating_point and i.torch_dtype != cast for i in infos.values())
         if not needs_cast and not (changed.keys() | removed) & infos.keys():
-            shutil.copyfile(src.path / shard, dst / out_name)
+            place_copy(src.path / shard, dst / out_name, link)
             total += sum(i.end - i.start for i in infos.values())
         else:
             items = []
@@ -215,6 +218,17 @@ def write_checkpoint(
         (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return rewritten
+
+
+def place_copy(src: Path, dst: Path, link: bool = False) -> None:
+    """A byte-identical ``dst``: a hard link when allowed and possible, else a streamed copy."""
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another filesystem, or links not supported
+            pass
+    shutil.copyfile(src, dst)
 
 
 def copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:

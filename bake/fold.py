@@ -137,14 +137,18 @@ def plan_fold(ckpt: Checkpoint, vectors: VectorSet, out_dtype: torch.dtype | Non
     return plan
 
 
-def fold_checkpoint(source: Path, vectors: VectorSet, out: Path, out_dtype: torch.dtype | None = None) -> dict[str, Any]:
+def fold_checkpoint(
+    source: Path, vectors: VectorSet, out: Path, out_dtype: torch.dtype | None = None, link: bool = False
+) -> dict[str, Any]:
     """Write ``source`` with ``vectors`` baked in into the empty folder ``out``; never touches ``source``.
 
-    Returns what was done, for the manifest.
+    ``link`` hard-links unchanged shards instead of copying them. Returns what was done, for the manifest.
     """
     ckpt = Checkpoint.open(source)
     plan = plan_fold(ckpt, vectors, out_dtype)
-    rewritten = write_checkpoint(ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed)
+    rewritten = write_checkpoint(
+        ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed, link=link
+    )
     copied = copy_side_files(source, out, skip={"config.json", "README.md", "bake.json"})
     new_biases = sum(not r["had_bias"] for r in plan.records)
     return {

@@ -194,3 +194,16 @@ def test_existing_output_needs_force(tmp_path, tiny_models):
     bake.fold(str(tiny_models["gpt2"]), _vectors(32, [(2, "resid_post")]), out, force=True)
     assert (out / "model.safetensors").read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_link_option_hard_links_untouched_shards(tmp_path):
+    from bake.fold import fold_checkpoint
+
+    src = save_tiny(tmp_path / "src", tiny_config("llama"), max_shard_size="20KB")
+    out = tmp_path / "out"
+    out.mkdir()
+    record = fold_checkpoint(src, _vectors(32, [(1, "resid_post")]), out, link=True)
+    assert record["shards_rewritten"] == [EXTRA_SHARD]
+    for shard in src.glob("model-*.safetensors"):
+        assert (out / shard.name).stat().st_ino == shard.stat().st_ino
+    assert (out / EXTRA_SHARD).stat().st_nlink == 1
