@@ -187,27 +187,32 @@ def fold(
     base_model_id: str | None = None,
     revision: str | None = None,
     recipe: Recipe | None = None,
+    link: bool = False,
 ) -> BakeResult:
     """Bake ``vectors`` into ``model`` and write a verified standalone checkpoint to ``out``.
 
     Output is staged beside ``out`` and renamed into place only after the baked
     model, reloaded from disk, matched the hook-steered base; otherwise nothing is
     written and ``BakeError`` says why. The source model is never modified.
+    ``link`` hard-links unchanged shards; ``verify.scope = "steered"`` verifies with
+    blocks 0..L only (no preview then).
     """
     verify = verify or VerifySpec()
     source = resolve_model(model, revision, recipe.base_dir if recipe else None)
     out = Path(out)
     out_dtype = _out_dtype(dtype, source)
     with staged_output(out, force) as stage:
-        fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype)
-        baked = load_model(stage)
-        base = load_model(source.path, dtype=next(baked.parameters()).dtype)
+        fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype, link=link)
+        blocks = 1 + max(layer for layer, _ in vectors.vectors) if verify.scope == "steered" else None
+        baked = load_model(stage, layers=blocks)
+        base = load_model(source.path, dtype=next(baked.parameters()).dtype, layers=blocks)
         tokenizer = load_tokenizer(stage)
         report = compare(base, baked, tokenizer, vectors, verify.prompts, verify.tokens, verify.atol)
+        report["scope"] = verify.scope if blocks is None else f"blocks 0..{blocks - 1}"
         if not report["passed"]:
             raise BakeError(describe(report) + ": nothing was written")
         samples = []
-        if preview is not None and preview.prompts:
+        if preview is not None and preview.prompts and blocks is None:
             before = generate(base, tokenizer, preview.prompts, preview.tokens, preview.chat)
             after = generate(baked, tokenizer, preview.prompts, preview.tokens, preview.chat)
             samples = list(zip(preview.prompts, before, after))

@@ -144,8 +144,12 @@ def vector(recipe: str, output: str, force: bool) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Output dtype; auto keeps the source's.")
 @click.option("--base-model-id", help="Hub id of the base model, for the model card.")
+@click.option("--link", is_flag=True, help="Hard-link unchanged shards instead of copying them (same filesystem).")
+@click.option("--verify-scope", type=click.Choice(["all", "steered"]), default="all", show_default=True,
+              help="'steered': verify with blocks 0..L only, for models too big to load twice.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str | None, force: bool) -> None:
+def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str | None, link: bool, verify_scope: str,
+         force: bool) -> None:
     """Bake any bake vector file into MODEL (folder, .gguf, pkg:PACKAGE/FILE or Hub id), then verify.
 
     \b
@@ -156,7 +160,10 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
     from bake.vectorfile import VectorSet
     from bake.verify import describe
 
-    result = api.fold(model, VectorSet.load(vectors), output, dtype=dtype, force=force, base_model_id=base_model_id)
+    from bake.recipe import VerifySpec
+
+    result = api.fold(model, VectorSet.load(vectors), output, dtype=dtype, force=force, base_model_id=base_model_id,
+                      link=link, verify=VerifySpec(scope=verify_scope))
     click.echo(describe(result.verification))
     click.echo(f"wrote {result.path}")
 

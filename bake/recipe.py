@@ -150,6 +150,11 @@ class VerifySpec(_Strict):
     )
     tokens: int = Field(default=16, ge=1)
     atol: float | None = Field(default=None, gt=0, description="max |Δlogit|; default depends on dtype")
+    scope: Literal["all", "steered"] = Field(
+        default="all",
+        description="'steered' builds both models with blocks 0..L only (L the deepest steered block), for models "
+        "too big to load twice; later blocks are unchanged by construction (only zero biases are added there)",
+    )
 
 
 class PreviewSpec(_Strict):

@@ -207,3 +207,15 @@ def test_link_option_hard_links_untouched_shards(tmp_path):
     for shard in src.glob("model-*.safetensors"):
         assert (out / shard.name).stat().st_ino == shard.stat().st_ino
     assert (out / EXTRA_SHARD).stat().st_nlink == 1
+
+
+def test_verification_with_steered_blocks_only_still_catches_a_dropped_bias(tmp_path, tiny_models, monkeypatch):
+    """scope='steered' builds blocks 0..L only; it passes on a good fold and fails on a dropped bias."""
+    vectors = _vectors(32, [(1, "resid_post")], scale=5.0)
+    result = bake.fold(str(tiny_models["llama"]), vectors, tmp_path / "ok", verify=VerifySpec(scope="steered"))
+    assert result.verification["passed"] and result.verification["scope"] == "blocks 0..1"
+    llama = next(f for f in architectures.FAMILIES if f.name == "Llama")
+    monkeypatch.setitem(llama.sites, "resid_post", dataclasses.replace(llama.sites["resid_post"], flags={}))
+    with pytest.raises(BakeError, match="dropped on load"):
+        bake.fold(str(tiny_models["llama"]), vectors, tmp_path / "bad", verify=VerifySpec(scope="steered"))
+    assert not (tmp_path / "bad").exists()
