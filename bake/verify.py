@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import torch
 
-from bake.activations import first_tensor, hook_module
+from bake.activations import hook_module
 from bake.architectures import Family, family_for
 from bake.models import load_model, load_tokenizer, prompt_ids
 from bake.vectorfile import VectorSet

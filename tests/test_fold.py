@@ -1,15 +1,15 @@
-"""Folding: the written checkpoint, reloaded by stock transformers, equals the hook-steered base."""
+"""Folding: what is written (tensors, shards, config, layout) and what is refused.
+
+Equivalence with the hook-steered base, family by family, is in test_architectures.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
 import bake
 from bake import architectures
@@ -17,7 +17,7 @@ from bake.checkpoint import EXTRA_SHARD, INDEX, RENAMED_SINGLE
 from bake.errors import BakeError
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
-from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
+from conftest import save_tiny, tiny_config
 
 PROBES = ["the happy dog is here", "tell me about your day", "a king and a dragon"]
 
@@ -25,67 +25,6 @@ PROBES = ["the happy dog is here", "tell me about your day", "a king and a drago
 def _vectors(hidden: int, points: list[tuple[int, str]], scale: float = 1.0) -> VectorSet:
     g = torch.Generator().manual_seed(1)
     return VectorSet({p: scale * torch.randn(hidden, generator=g) for p in points})
-
-
-def _hooked_logits(base: torch.nn.Module, model_type: str, vectors: VectorSet, ids: torch.Tensor) -> torch.Tensor:
-    """Independent reference: plain forward hooks written here, not bake's."""
-    blocks = base.transformer.h if model_type == "gpt2" else base.model.layers
-    handles = []
-    for (layer, site), v in vectors.vectors.items():
-        block = blocks[layer]
-        module = block if site == "resid_post" else (block.attn if model_type == "gpt2" else block.self_attn)
-
-        def hook(_m, _i, out, v=v):
-            if isinstance(out, tuple):
-                return (out[0] + v.to(out[0].dtype),) + out[1:]
-            return out + v.to(out.dtype)
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return base(input_ids=ids).logits.float()
-    finally:
-        for h in handles:
-            h.remove()
-
-
-CASES = [(t, site) for t in ("gpt2", "llama") for site in ("resid_post", "resid_mid")]
-
-
-@pytest.mark.parametrize("model_type,site", CASES)
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
-def test_baked_equals_hook_steered(tmp_path, model_type, site, dtype, atol):
-    src = save_tiny(tmp_path / "src", tiny_config(model_type), dtype=dtype)
-    before = tree_digest(src)
-    vectors = _vectors(32, [(1, site), (3, site)], scale=5.0)
-    result = bake.fold(str(src), vectors, tmp_path / "out", verify=VerifySpec(prompts=PROBES, tokens=8))
-    assert result.verification["passed"]
-    assert tree_digest(src) == before, "the source model was modified"
-
-    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()  # stock loader, dtype from the config
-    base = AutoModelForCausalLM.from_pretrained(src, dtype=dtype).eval()
-    assert next(baked.parameters()).dtype == dtype
-    tok = make_tokenizer()
-    for prompt in PROBES:
-        ids = torch.tensor([tok(prompt).input_ids])
-        with torch.no_grad():
-            got = baked(input_ids=ids).logits.float()
-            plain = base(input_ids=ids).logits.float()
-        want = _hooked_logits(base, model_type, vectors, ids)
-        assert (got - want).abs().max() <= atol
-        assert (got - plain).abs().max() > 10 * atol, "steering has no effect"
-    for prompt in PROBES:
-        ids = torch.tensor([tok(prompt).input_ids])
-        greedy = baked.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[0].tolist()
-        ref = ids
-        for _ in range(8):
-            logits = _hooked_logits(base, model_type, vectors, ref)[0, -1]
-            choice = int(logits.argmax())
-            if choice != greedy[ref.shape[1]]:
-                # Only rounding can flip a choice: allowed in bf16 at a near-tie, never in float32.
-                assert dtype == torch.bfloat16 and logits[choice] - logits[greedy[ref.shape[1]]] <= 2 * atol
-                break
-            ref = torch.cat([ref, torch.tensor([[choice]])], dim=1)
 
 
 def test_llama_fold_writes_flags_zero_biases_and_keeps_the_original_shard(tmp_path, tiny_models):
