@@ -163,6 +163,8 @@ def _phi3_reason(config: Config) -> str | None:
     return _sliding_window_reason(config)
 
 
+_MID_ONLY = "Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias."
+_POST_NORM = "A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it."
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _TO_LLAMA = "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
 
@@ -318,35 +320,35 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("qwen3",),
         blocks="model.layers",
         sites=_llama_like(flag_mlp=False),
-        notes="Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias.",
+        notes=_MID_ONLY,
     ),
     Family(
         name="Gemma",
         model_types=("gemma",),
         blocks="model.layers",
         sites=_llama_like(flag_mlp=False),
-        notes="Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias.",
+        notes=_MID_ONLY,
     ),
     Family(
         name="Gemma 2",
         model_types=("gemma2",),
         blocks="model.layers",
         sites=_post_norm("pre_feedforward_layernorm"),
-        notes="A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it.",
+        notes=_POST_NORM,
     ),
     Family(
         name="Gemma 3",
         model_types=("gemma3_text",),
         blocks="model.layers",
         sites=_post_norm("pre_feedforward_layernorm"),
-        notes="A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it.",
+        notes=_POST_NORM,
     ),
     Family(
         name="OLMo 2",
         model_types=("olmo2",),
         blocks="model.layers",
         sites=_post_norm("mlp"),
-        notes="A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it.",
+        notes=_POST_NORM,
     ),
 )
 
