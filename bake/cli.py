@@ -195,24 +195,19 @@ def verify(base: str, baked: str, vectors: str, atol: float | None) -> None:
 @click.argument("path", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 def inspect(path: str, as_json: bool) -> None:
-    """Show what is baked into a checkpoint, from its bake.json manifest.
+    """Show what is baked into a checkpoint, and check its weights still match the manifest (exit 1 if not).
 
     \b
     Example:
       bake inspect out/cheerful
     """
-    manifest_path = Path(path) / "bake.json"
-    if not manifest_path.is_file():
-        raise BakeError(f"{path!r} has no bake.json: it was not written by bake (or the manifest was removed)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise BakeError(f"{str(manifest_path)!r} is not valid JSON: the manifest was edited or truncated") from None
+    from bake import manifest as manifests
+    from bake.verify import describe
+
+    manifest = manifests.read(path)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
-    from bake.verify import describe
-
     try:
         base = manifest["base"]
         lines = [f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)"]
@@ -220,8 +215,13 @@ def inspect(path: str, as_json: bool) -> None:
         lines += [f"  {b['vector']} -> {b['tensor']}" for b in manifest["fold"]["biases"]]
         lines.append(describe(manifest["verification"]))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise BakeError(f"{str(manifest_path)!r} is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json to see it") from None
+        raise BakeError(f"{path!r}: bake.json is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json to see it") from None
+    problems = manifests.check(path, manifest)
+    lines.append("weights: match the manifest" if not problems else "weights: DO NOT match the manifest")
+    lines += [f"  - {p}" for p in problems]
     click.echo("\n".join(lines))
+    if problems:
+        raise SystemExit(1)
 
 
 @main.command()

@@ -14,12 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from bake.architectures import Family, family_for, head_dim
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
 from bake.models import DTYPES, text_config
 from bake.vectorfile import VectorSet, tensor_name
+
+ORIGINALS = Path("bake") / "original.safetensors"
 
 
 @dataclass
@@ -150,6 +153,9 @@ def fold_checkpoint(
         ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed, link=link
     )
     copied = copy_side_files(source, out, skip={"config.json", "README.md", "bake.json"})
+    if plan.changed:  # what the fold overwrote, so the manifest can be checked (and the fold undone) exactly
+        (out / ORIGINALS).parent.mkdir(exist_ok=True)
+        save_file({name: ckpt.find(name).read() for name in plan.changed}, out / ORIGINALS, metadata={"format": "pt"})
     new_biases = sum(not r["had_bias"] for r in plan.records)
     return {
         "family": family_for(text_config(source)).name,
