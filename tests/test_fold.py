@@ -158,3 +158,62 @@ def test_verification_with_steered_blocks_only_still_catches_a_dropped_bias(tmp_
     with pytest.raises(BakeError, match="dropped on load"):
         bake.fold(str(tiny_models["llama"]), vectors, tmp_path / "bad", verify=VerifySpec(scope="steered"))
     assert not (tmp_path / "bad").exists()
+
+
+def _tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in folder.glob("*.safetensors"):
+        out.update(load_file(shard))
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_streaming_fold_equals_an_in_memory_fold(tmp_path, tiny_models, model_type):
+    """The header-level fold writes exactly the tensors that editing a loaded model and
+    calling save_pretrained gives."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_models[model_type]
+    vectors = _vectors(32, [(1, "resid_post"), (2, "resid_mid")])
+    bake.fold(str(src), vectors, tmp_path / "streamed")
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        if model_type == "gpt2":
+            model.transformer.h[1].mlp.c_proj.bias += vectors.vectors[(1, "resid_post")]
+            model.transformer.h[2].attn.c_proj.bias += vectors.vectors[(2, "resid_mid")]
+        else:
+            model.config.mlp_bias = model.config.attention_bias = True
+            for i, layer in enumerate(model.model.layers):
+                for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, layer.self_attn.q_proj,
+                            layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                    lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features))
+            model.model.layers[1].mlp.down_proj.bias += vectors.vectors[(1, "resid_post")]
+            model.model.layers[2].self_attn.o_proj.bias += vectors.vectors[(2, "resid_mid")]
+    model.save_pretrained(tmp_path / "in_memory")
+    streamed, in_memory = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "in_memory")
+    assert streamed.keys() == in_memory.keys()
+    for name, t in in_memory.items():
+        assert torch.equal(streamed[name], t), name
+
+
+def test_interrupted_write_leaves_no_output(tmp_path, tiny_models, monkeypatch):
+    """A failure in the middle of writing shards (disk full, Ctrl-C) leaves nothing behind."""
+    from bake import checkpoint
+
+    calls = {"n": 0}
+    real = checkpoint.write_shard
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_shard", failing)
+    with pytest.raises(KeyboardInterrupt):
+        bake.fold(str(tiny_models["llama"]), _vectors(32, [(1, "resid_post")]), tmp_path / "out", dtype="bfloat16")
+    assert calls["n"] == 2
+    assert list(tmp_path.iterdir()) == []
