@@ -19,6 +19,7 @@ from bake.checkpoint import staged_output
 from bake.data import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
 from bake.errors import BakeError
 from bake.fold import fold_checkpoint
+from bake.manifest import MANIFEST
 from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
 from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec
 from bake.vectorfile import VectorSet, tensor_name
@@ -26,7 +27,6 @@ from bake.vectors import ROLES, steering_vector
 from bake.verify import compare, describe
 
 VECTORS_IN_OUTPUT = "bake/vectors.safetensors"
-MANIFEST = "bake.json"
 
 
 @dataclass
