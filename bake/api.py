@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from bake import card
+from bake import card, remote
 from bake.activations import Moments, collect
 from bake.architectures import Site, family_for
 from bake.checkpoint import staged_output
@@ -94,6 +94,7 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
     that is not cached yet.
     """
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
+    remote.refuse_steered_source(source.config, f"model {recipe.model!r}")
     cfg = text_config(source.path)
     family = family_for(cfg)
     for i, entry in enumerate(recipe.steering):
@@ -188,6 +189,7 @@ def fold(
     revision: str | None = None,
     recipe: Recipe | None = None,
     link: bool = False,
+    allow_remote_code: bool = False,
 ) -> BakeResult:
     """Bake ``vectors`` into ``model`` and write a verified standalone checkpoint to ``out``.
 
@@ -195,16 +197,19 @@ def fold(
     model, reloaded from disk, matched the hook-steered base; otherwise nothing is
     written and ``BakeError`` says why. The source model is never modified.
     ``link`` hard-links unchanged shards; ``verify.scope = "steered"`` verifies with
-    blocks 0..L only (no preview then).
+    blocks 0..L only (no preview then). ``allow_remote_code`` bakes sites that have no
+    stock bias slot into a constant-bias module (``bake.remote``): the output then loads
+    only with ``trust_remote_code=True`` and is verified loaded that way.
     """
     verify = verify or VerifySpec()
     source = resolve_model(model, revision, recipe.base_dir if recipe else None)
     out = Path(out)
     out_dtype = _out_dtype(dtype, source)
     with staged_output(out, force) as stage:
-        fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype, link=link)
+        fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype, link=link, allow_remote_code=allow_remote_code)
         blocks = 1 + max(layer for layer, _ in vectors.vectors) if verify.scope == "steered" else None
-        baked = load_model(stage, layers=blocks)
+        # Remote code only for a constant-bias module: then loaded exactly as its users must load it.
+        baked = load_model(stage, layers=blocks, trust_remote_code=fold_record["remote_code"] is not None)
         base = load_model(source.path, dtype=next(baked.parameters()).dtype, layers=blocks)
         tokenizer = load_tokenizer(stage)
         report = compare(base, baked, tokenizer, vectors, verify.prompts, verify.tokens, verify.atol)
@@ -226,6 +231,7 @@ def fold(
             "vectors": vectors.meta,
             "vector_file": VECTORS_IN_OUTPUT,
             "fold": fold_record,
+            "portable": fold_record["remote_code"] is None,
             "verification": report,
             "preview": [{"prompt": p, "base": b, "steered": s} for p, b, s in samples],
         }
@@ -245,26 +251,31 @@ def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | 
     return verify_paths(source.path, Path(baked), vectors, spec.prompts, spec.tokens, spec.atol)
 
 
-def _check_foldable(recipe: Recipe) -> None:
+def _check_foldable(recipe: Recipe, allow_remote_code: bool = False) -> None:
     """Refuse a recipe whose vectors could not be baked, before spending time computing them."""
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
+    remote.refuse_steered_source(source.config, f"model {recipe.model!r}")
     cfg = text_config(source.path)
     family = family_for(cfg)
     for i, entry in enumerate(recipe.steering):
         try:
-            family.bias_slot(entry.site, cfg)
+            (family.slot if allow_remote_code else family.bias_slot)(entry.site, cfg)
         except BakeError as e:
             raise BakeError(f"steering.{i}.site: {e}") from None
 
 
-def run(recipe: Recipe, out: str | Path | None = None, force: bool = False) -> BakeResult:
-    """The whole recipe: compute the vectors, fold, verify, write, with base vs steered samples."""
+def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allow_remote_code: bool = False) -> BakeResult:
+    """The whole recipe: compute the vectors, fold, verify, write, with base vs steered samples.
+
+    ``allow_remote_code`` (or ``allow_remote_code: true`` in the recipe) allows a constant-bias module.
+    """
+    allow_remote_code = allow_remote_code or recipe.allow_remote_code
     target = out or (recipe.resolve(recipe.output) if recipe.output else None)
     if target is None:
         raise BakeError("no output folder: pass -o OUT or set 'output' in the recipe")
     if Path(target).exists() and not force:
         raise BakeError(f"output {str(target)!r} already exists: choose another path or pass --force to replace it")
-    _check_foldable(recipe)
+    _check_foldable(recipe, allow_remote_code)
     vectors = compute_vectors(recipe)
     return fold(
         recipe.model,
@@ -277,4 +288,5 @@ def run(recipe: Recipe, out: str | Path | None = None, force: bool = False) -> B
         base_model_id=recipe.base_model_id,
         revision=recipe.revision,
         recipe=recipe,
+        allow_remote_code=allow_remote_code,
     )

@@ -106,7 +106,8 @@ class Family:
             alt = f"use site {others[0]!r}, or " if others else ""
             raise BakeError(
                 f"{self.name} has no exact bias slot for site {site!r}: {self.notes} To bake it anyway, {alt}pass "
-                "--allow-remote-code (a constant-bias module that loads with trust_remote_code=True in transformers only)."
+                "--allow-remote-code or set 'allow_remote_code: true' in the recipe (a constant-bias module that loads "
+                "with trust_remote_code=True in transformers only)."
             )
         return slot
 

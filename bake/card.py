@@ -8,6 +8,25 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 TAGS = ["steering", "bake", "activation-steering"]
+REMOTE_TAGS = ["custom_code"]  # the Hub's tag for repositories whose model needs trust_remote_code
+
+
+def _remote_block(remote: dict[str, Any]) -> str:
+    """The warning a constant-bias-module checkpoint carries at the top of its card."""
+    return f"""
+> **Not portable.** This checkpoint loads only with `trust_remote_code=True` in
+> transformers: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
+> Without it, transformers loads the stock `{remote['base_architecture']}`, lists the
+> `bake_steering` tensors as unexpected keys and runs the model **unsteered**.
+> {', '.join(remote['not_applied_by'][:-1])} and {remote['not_applied_by'][-1]} will not apply the steering: do not serve this checkpoint with them.
+
+{remote['why']} The vectors are therefore carried by a small constant-bias module:
+`{remote['file']}` (sha256 `{remote['sha256'][:16]}…`, written by bake) defines
+`{remote['class']}`, the stock `{remote['base_architecture']}` plus one buffer
+`bake_steering` per steering point, added by a forward hook to the output of the module
+that joins the residual stream there (`config.json` → `bake_steering` says where). Every
+original weight is unchanged; the buffers are extra tensors in `model-bake-steering.safetensors`.
+"""
 
 
 def _vector_rows(manifest: dict[str, Any]) -> list[str]:
@@ -24,13 +43,14 @@ def _vector_rows(manifest: dict[str, Any]) -> list[str]:
 def render(manifest: dict[str, Any]) -> str:
     """README.md text: YAML front-matter for the Hub, then what was steered and how it was checked."""
     base = manifest["base"]
+    fold = manifest["fold"]
+    remote = fold.get("remote_code")
     data = ModelCardData(
         base_model=base.get("base_model_id"),
-        tags=TAGS,
+        tags=TAGS + (REMOTE_TAGS if remote else []),
         library_name="transformers",
         pipeline_tag="text-generation",
     )
-    fold = manifest["fold"]
     ver = manifest["verification"]
     biases = "\n".join(f"- `{b['tensor']}` ← vector `{b['vector']}` (norm {b['norm']:.4g})" for b in fold["biases"])
     changes = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in fold["config_changes"].items()) or "none"
@@ -43,15 +63,29 @@ def render(manifest: dict[str, Any]) -> str:
         "code has the bias slot. Verification compared it with the original class steered by hooks.\n"
         if relabel else ""
     )
+    if remote:
+        intro = f"""This checkpoint has activation-steering vectors **baked into it** by
+[bake](https://pypi.org/project/bake/): a constant vector added to the residual
+stream. Its family ({fold['family']}) has no stock bias that could carry it, so it
+needs the small module below and `trust_remote_code=True`.
+{_remote_block(remote)}"""
+        loader, load_kwargs = "`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`", ", trust_remote_code=True"
+    else:
+        intro = f"""This checkpoint has activation-steering vectors **folded into its weights** by
+[bake](https://pypi.org/project/bake/): a constant vector added to the residual
+stream, stored as a bias. It needs no hooks, no extra code and no
+`trust_remote_code`; it loads and runs like its base model ({fold['family']} family)."""
+        loader, load_kwargs = "plain `AutoModelForCausalLM.from_pretrained`", ""
+    zero_block = "" if remote and not fold["zero_biases_added"] else (
+        f" {fold['zero_biases_added']} zero bias tensors were\nadded because that flag makes loaders create them "
+        "(zeros, not uninitialised memory)."
+    )
     recipe = manifest.get("recipe")
     recipe_block = f"\n## Recipe\n\n```yaml\n{recipe['text'].rstrip()}\n```\n" if recipe else ""
     body = f"""
 # Steered {base.get('base_model_id') or base['spec']}
 
-This checkpoint has activation-steering vectors **folded into its weights** by
-[bake](https://pypi.org/project/bake/): a constant vector added to the residual
-stream, stored as a bias. It needs no hooks, no extra code and no
-`trust_remote_code`; it loads and runs like its base model ({fold['family']} family).
+{intro}
 
 ## Steering
 
@@ -64,12 +98,11 @@ position, padding and special tokens excluded), i.e. where it will act.
 Tensors written:
 {biases}
 
-Config changes: {changes}. {fold['zero_biases_added']} zero bias tensors were
-added because that flag makes loaders create them (zeros, not uninitialised memory).
+Config changes: {changes}.{zero_block}
 {relabel_block}{recipe_block}
 ## Verification
 
-The checkpoint was reloaded from disk with plain `AutoModelForCausalLM.from_pretrained`
+The checkpoint was reloaded from disk with {loader}
 and compared with the base model steered by forward hooks, in {ver['dtype']}:
 
 | measure | value |
@@ -84,7 +117,7 @@ and compared with the base model steered by forward hooks, in {ver['dtype']}:
 
 ```python
 from transformers import pipeline
-pipe = pipeline("text-generation", model="PATH_OR_REPO_ID")
+pipe = pipeline("text-generation", model="PATH_OR_REPO_ID"{load_kwargs})
 print(pipe("Tell me about your day.", max_new_tokens=40)[0]["generated_text"])
 ```
 

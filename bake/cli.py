@@ -76,6 +76,13 @@ def _side_by_side(samples: list[tuple[str, str, str]], labels: tuple[str, str] =
     return "\n".join(lines)
 
 
+def _warn_not_portable(manifest: dict) -> None:
+    """After writing a constant-bias module (--allow-remote-code): say how it loads, and where it does not."""
+    module = manifest["fold"].get("remote_code")
+    if module:
+        click.echo(f"NOTE: {module['class']} is {module['note']} (see README.md)")
+
+
 def _vector_table(entries: list[dict]) -> str:
     rows = [f"{'name':<16} {'layer':>5} {'site':<10} {'method':<13} {'coef':>7} {'norm':>9} {'rel.norm':>8} tokens"]
     for e in entries:
@@ -90,8 +97,11 @@ def _vector_table(entries: list[dict]) -> str:
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (default: the recipe's 'output').")
+@click.option("--allow-remote-code", is_flag=True,
+              help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
+                   "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def run(recipe: str, output: str | None, force: bool) -> None:
+def run(recipe: str, output: str | None, force: bool, allow_remote_code: bool) -> None:
     """Compute the recipe's vectors, fold them, verify, and write a standalone checkpoint.
 
     \b
@@ -102,12 +112,13 @@ def run(recipe: str, output: str | None, force: bool) -> None:
     from bake.recipe import load_recipe
     from bake.verify import describe
 
-    result = api.run(load_recipe(recipe), output, force)
+    result = api.run(load_recipe(recipe), output, force, allow_remote_code=allow_remote_code)
     click.echo(_vector_table(result.manifest["vectors"]["entries"]))
     click.echo(describe(result.verification))
     if result.preview:
         click.echo("\n" + _side_by_side(result.preview))
     click.echo(f"wrote {result.path}")
+    _warn_not_portable(result.manifest)
 
 
 @main.command()
@@ -137,6 +148,32 @@ def vector(recipe: str, output: str, force: bool) -> None:
         click.echo(f"wrote {output}")
 
 
+@main.command("import-cv")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Vector file to write (.safetensors).")
+@click.option("--scale", type=float, multiple=True,
+              help="Multiply the directions (llama.cpp's --control-vector-scaled); once for all files, or once per file.")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+def import_cv(files: tuple[str, ...], output: str, scale: tuple[float, ...], force: bool) -> None:
+    """Import repeng / llama.cpp control-vector GGUF FILES as a bake vector file (several files add up).
+
+    direction.N becomes layer.N, added after 0-based block N, as llama.cpp applies it.
+
+    \b
+    Example:
+      bake import-cv happy.gguf -o happy.safetensors --scale 0.8
+      bake fold HuggingFaceTB/SmolLM2-135M-Instruct happy.safetensors -o out/happy
+    """
+    from bake.controlvector import describe, read_control_vector
+
+    if Path(output).exists() and not force:
+        raise BakeError(f"{output!r} already exists: choose another path or pass --force")
+    vectors = read_control_vector(files, scale)
+    vectors.save(output)
+    click.echo(describe(vectors))
+    click.echo(f"wrote {output}")
+
+
 @main.command()
 @click.argument("model")
 @click.argument("vectors", type=click.Path(dir_okay=False))
@@ -147,9 +184,12 @@ def vector(recipe: str, output: str, force: bool) -> None:
 @click.option("--link", is_flag=True, help="Hard-link unchanged shards instead of copying them (same filesystem).")
 @click.option("--verify-scope", type=click.Choice(["all", "steered"]), default="all", show_default=True,
               help="'steered': verify with blocks 0..L only, for models too big to load twice.")
+@click.option("--allow-remote-code", is_flag=True,
+              help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
+                   "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str | None, link: bool, verify_scope: str,
-         force: bool) -> None:
+         allow_remote_code: bool, force: bool) -> None:
     """Bake any bake vector file into MODEL (folder, .gguf, pkg:PACKAGE/FILE or Hub id), then verify.
 
     \b
@@ -163,9 +203,10 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
     from bake.recipe import VerifySpec
 
     result = api.fold(model, VectorSet.load(vectors), output, dtype=dtype, force=force, base_model_id=base_model_id,
-                      link=link, verify=VerifySpec(scope=verify_scope))
+                      link=link, verify=VerifySpec(scope=verify_scope), allow_remote_code=allow_remote_code)
     click.echo(describe(result.verification))
     click.echo(f"wrote {result.path}")
+    _warn_not_portable(result.manifest)
 
 
 @main.command()

@@ -4,7 +4,9 @@ A constant added to the residual stream at a site equals a bias on the module
 that feeds the residual there (``architectures``). Arithmetic is done in
 float32 and cast back to the checkpoint's dtype (as peft's merge does), and a
 non-finite result is refused. Families without a stock slot but with an exact
-stock equivalent (Mistral, Qwen2, Phi-3 → Llama) are relabelled first.
+stock equivalent (Mistral, Qwen2, Phi-3 → Llama) are relabelled first. Sites with
+no stock slot at all are refused, or with ``allow_remote_code`` carried by a
+constant-bias module (``bake.remote``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from bake import remote
 from bake.architectures import Family, family_for, head_dim
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
@@ -37,6 +40,8 @@ class FoldPlan:
     removed: set[str] = field(default_factory=set)
     records: list[dict[str, Any]] = field(default_factory=list)
     relabel: dict[str, str] | None = None
+    remote: dict[str, Any] | None = None
+    """The constant-bias module written (``bake.remote``), when a site has no stock slot."""
 
     def has(self, name: str) -> bool:
         return name in self.added or (name not in self.removed and self.ckpt.find(name) is not None)
@@ -91,18 +96,30 @@ def _relabel(plan: FoldPlan, family: Family, cfg, prefix: str) -> None:
     plan.relabel = {"from": family.model_types[0], "to": relabel.to, "architecture": relabel.architecture, "why": relabel.why}
 
 
-def plan_fold(ckpt: Checkpoint, vectors: VectorSet, out_dtype: torch.dtype | None = None) -> FoldPlan:
-    """Work out every tensor and config change that bakes ``vectors`` into ``ckpt``."""
+def plan_fold(
+    ckpt: Checkpoint, vectors: VectorSet, out_dtype: torch.dtype | None = None, allow_remote_code: bool = False
+) -> FoldPlan:
+    """Work out every tensor and config change that bakes ``vectors`` into ``ckpt``.
+
+    A site without a stock bias slot is refused, unless ``allow_remote_code``: its
+    vectors then go into a constant-bias module (sites with a slot still use the bias).
+    """
+    remote.refuse_steered_source(ckpt.config, repr(str(ckpt.path)))
     cfg = text_config(ckpt.path)
     family = family_for(cfg)
     vectors.check_model(cfg.hidden_size, cfg.num_hidden_layers)
-    slots = {site: family.bias_slot(site, cfg) for _, site in vectors.vectors}
+    find_slot = family.slot if allow_remote_code else family.bias_slot
+    slots = {site: find_slot(site, cfg) for _, site in vectors.vectors}
     plan = FoldPlan(ckpt, out_dtype, dict(ckpt.config))
     prefix = block_prefix(ckpt, family)
     if family.relabel:
         _relabel(plan, family, cfg, prefix)
+    without_slot = []
     for (layer, site), v in sorted(vectors.vectors.items()):
         slot = slots[site]
+        if slot.bias is None:
+            without_slot.append((layer, site, v))
+            continue
         name = f"{prefix}.{layer}.{slot.bias}.bias"
         shape, dtype = plan.weight(f"{prefix}.{layer}.{slot.bias}.weight")
         info = ckpt.find(name)
@@ -132,6 +149,8 @@ def plan_fold(ckpt: Checkpoint, vectors: VectorSet, out_dtype: torch.dtype | Non
         for layer in range(cfg.num_hidden_layers):
             for module in slot.zero_biases:
                 plan.add_zero_bias(f"{prefix}.{layer}.{module}")
+    if without_slot:
+        remote.add_module(plan, family, cfg, prefix, without_slot)
     if out_dtype is not None:
         name = next(k for k, v in DTYPES.items() if v == out_dtype)
         plan.config["dtype"] = name
@@ -141,25 +160,32 @@ def plan_fold(ckpt: Checkpoint, vectors: VectorSet, out_dtype: torch.dtype | Non
 
 
 def fold_checkpoint(
-    source: Path, vectors: VectorSet, out: Path, out_dtype: torch.dtype | None = None, link: bool = False
+    source: Path, vectors: VectorSet, out: Path, out_dtype: torch.dtype | None = None, link: bool = False,
+    allow_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Write ``source`` with ``vectors`` baked in into the empty folder ``out``; never touches ``source``.
 
-    ``link`` hard-links unchanged shards instead of copying them. Returns what was done, for the manifest.
+    ``link`` hard-links unchanged shards instead of copying them; ``allow_remote_code``
+    lets sites without a stock bias slot use a constant-bias module (``bake.remote``).
+    Returns what was done, for the manifest.
     """
     ckpt = Checkpoint.open(source)
-    plan = plan_fold(ckpt, vectors, out_dtype)
+    plan = plan_fold(ckpt, vectors, out_dtype, allow_remote_code)
     rewritten = write_checkpoint(
         ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed, link=link
     )
-    copied = copy_side_files(source, out, skip={"config.json", "README.md", "bake.json"})
+    skip = {"config.json", "README.md", "bake.json"} | ({remote.MODELING_FILE} if plan.remote else set())
+    copied = copy_side_files(source, out, skip=skip)
+    if plan.remote:
+        remote.write_code(out)
     if plan.changed:  # what the fold overwrote, so the manifest can be checked (and the fold undone) exactly
         (out / ORIGINALS).parent.mkdir(exist_ok=True)
         save_file({name: ckpt.find(name).read() for name in plan.changed}, out / ORIGINALS, metadata={"format": "pt"})
-    new_biases = sum(not r["had_bias"] for r in plan.records)
+    new_biases = sum(not r["had_bias"] and not r.get("remote_code") for r in plan.records)
     return {
         "family": family_for(text_config(source)).name,
         "relabel": plan.relabel,
+        "remote_code": plan.remote,
         "biases": plan.records,
         "zero_biases_added": sum(k.endswith(".bias") for k in plan.added) - new_biases,
         "tensors_split": sorted(plan.removed),

@@ -7,6 +7,7 @@ vectors (and the original values the fold overwrote) and compares bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -69,4 +70,11 @@ def check(path: str | Path, manifest: dict[str, Any]) -> list[str]:
     for key, value in config_changes.items():
         if config.get(key) != value:
             problems.append(f"config.json {key} is {config.get(key)!r}, baked as {value!r}: a stock loader may drop the steering")
+    module = manifest["fold"].get("remote_code")
+    if module:
+        code = path / module["file"]
+        if not code.is_file():
+            problems.append(f"{module['file']} is missing: transformers cannot apply the steering")
+        elif hashlib.sha256(code.read_bytes()).hexdigest() != module["sha256"]:
+            problems.append(f"{module['file']} differs from the file baked (sha256 {module['sha256'][:16]}…): the code was changed after baking")
     return problems

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bake import remote
 from bake.errors import BakeError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -161,6 +162,9 @@ def text_config(path: Path):
 def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any):
     """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode.
 
+    The one exception: a checkpoint bake wrote with a constant-bias module (``bake.remote``)
+    loads with ``trust_remote_code=True``, after checking that its modeling file is exactly
+    the one this bake writes (so only bake's own code runs), never silently without it.
     ``layers`` builds only blocks 0..layers-1 (their weights alone are loaded), so
     collecting at block L costs memory and time in proportion to (L+1)/N.
     On a GPU machine the model keeps its own dtype and is spread with device_map="auto".
@@ -175,6 +179,9 @@ def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None 
             text.layer_types = text.layer_types[:layers]
     if torch.cuda.is_available():
         kwargs.setdefault("device_map", "auto")
+    if "trust_remote_code" not in kwargs and remote.is_steered(path):
+        remote.check_code(path)
+        kwargs["trust_remote_code"] = True
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", **kwargs)
     return model.eval()
 

@@ -180,6 +180,11 @@ class Recipe(_Strict):
     steering: list[Steering] = Field(min_length=1)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     preview: PreviewSpec = Field(default_factory=PreviewSpec)
+    allow_remote_code: bool = Field(
+        default=False,
+        description="bake sites with no stock bias slot (Gemma 2/3, OLMo 2) into a constant-bias module: the output "
+        "then loads only with trust_remote_code=True in transformers, and vLLM, TGI and llama.cpp ignore the steering",
+    )
 
     _text: str = PrivateAttr(default="")
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

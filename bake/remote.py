@@ -1,0 +1,160 @@
+"""Opt-in constant-bias module (``--allow-remote-code``) for sites with no stock bias slot.
+
+Post-norm families (Gemma 2, Gemma 3, OLMo 2) normalise every sublayer output before
+the residual add, so no stock bias can add a constant to the residual stream. With
+``allow_remote_code`` such a point is baked instead as a buffer of a small modeling
+file shipped in the checkpoint (``remote_code/modeling_bake.py``, the same file for
+every model): config.json's ``auto_map`` points ``AutoModelForCausalLM`` at
+``BakeSteered<Base>``, the stock class plus one persistent buffer and forward hook per
+point, at the module ``architectures`` names as the hook for the site (exactly where
+``bake.verify.steered`` hooks). The buffers are extra checkpoint tensors; every
+original tensor is copied byte for byte.
+
+Such a checkpoint is not portable: it loads only with ``trust_remote_code=True`` in
+transformers (without it transformers loads the stock class unsteered and lists the
+buffers as unexpected keys), and vLLM, TGI and llama.cpp do not apply the steering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bake.architectures import Family, Site
+from bake.errors import BakeError
+from bake.vectorfile import tensor_name
+
+if TYPE_CHECKING:
+    from bake.fold import FoldPlan
+
+TEMPLATE = Path(__file__).parent / "remote_code" / "modeling_bake.py"
+MODELING_FILE = "modeling_bake.py"
+CONFIG_KEY = "bake_steering"
+BUFFER = "bake_steering"
+FORMAT = "bake-steering/1"
+CLASS_PREFIX = "BakeSteered"
+AUTO_CLASS = "AutoModelForCausalLM"
+NOT_APPLIED_BY = ("vLLM", "TGI", "llama.cpp")
+NOT_PORTABLE = (
+    "not portable: loads only with trust_remote_code=True in transformers; "
+    "vLLM, TGI and llama.cpp will not apply the steering"
+)
+
+
+def code_sha256() -> str:
+    return hashlib.sha256(TEMPLATE.read_bytes()).hexdigest()
+
+
+def base_architecture(model_type: str) -> str:
+    """The stock class ``AutoModelForCausalLM`` builds for ``model_type`` (the one verification compares with)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if not isinstance(name, str) or not name.endswith("ForCausalLM"):
+        raise BakeError(f"transformers has no *ForCausalLM class for model_type {model_type!r}: the constant-bias module cannot subclass it")
+    return name
+
+
+def refuse_steered_source(config: dict[str, Any], where: str) -> None:
+    """A checkpoint that already carries a constant-bias module is not a base model to measure or bake."""
+    if CONFIG_KEY in config:
+        raise BakeError(
+            f"{where} already carries steering in a bake constant-bias module (config.json {CONFIG_KEY}): "
+            "measure and bake on the original base model instead"
+        )
+
+
+def _buffer_dtype(plan: FoldPlan, prefix: str, layer: int) -> torch.dtype:
+    """The model's dtype: the output dtype, else that of the block's floating tensors."""
+    if plan.out_dtype is not None:
+        return plan.out_dtype
+    for name in plan.ckpt.names():
+        if name.startswith(f"{prefix}.{layer}."):
+            dtype = plan.ckpt.find(name).torch_dtype
+            if dtype.is_floating_point:
+                return dtype
+    raise BakeError(f"{str(plan.ckpt.path)!r} has no floating-point tensor in block {layer}: is the checkpoint complete?")
+
+
+def add_module(plan: FoldPlan, family: Family, cfg, prefix: str, points: list[tuple[int, Site, torch.Tensor]]) -> None:
+    """Plan the constant-bias module for ``points``: one buffer tensor each, plus the config entries."""
+    base = base_architecture(plan.config.get("model_type") or cfg.model_type)
+    cls = CLASS_PREFIX + base
+    entries = []
+    for layer, site, v in sorted(points, key=lambda p: (p[0], p[1])):
+        slot = family.slot(site, cfg)
+        name = ".".join(p for p in (prefix, str(layer), slot.hook, BUFFER) if p)
+        if name in plan.added or plan.ckpt.find(name) is not None:
+            raise BakeError(f"two steering points share the module that carries {name}: bake them as one vector")
+        scale = getattr(cfg, slot.scale) if slot.scale and slot.hook else 1.0  # as bake.verify.steered adds it
+        exact = v.to(torch.float32) / scale
+        stored = exact.to(_buffer_dtype(plan, prefix, layer))
+        if not torch.isfinite(stored).all():
+            raise BakeError(f"vector {tensor_name(layer, site)} overflows {stored.dtype}: lower the coefficient or use float32")
+        plan.added[name] = stored
+        entries.append({"layer": layer, "site": site, "hook": slot.hook, "tensor": name})
+        plan.records.append(
+            {
+                "vector": tensor_name(layer, site),
+                "layer": layer,
+                "site": site,
+                "tensor": name,
+                "had_bias": False,
+                "scale": scale,
+                "norm": float(v.norm()),
+                "rounding_error": float((stored.to(torch.float32) - exact).abs().max()),
+                "remote_code": True,
+            }
+        )
+    plan.config["architectures"] = [cls]
+    plan.config["auto_map"] = {AUTO_CLASS: f"{Path(MODELING_FILE).stem}.{cls}"}
+    plan.config[CONFIG_KEY] = {"format": FORMAT, "base_architecture": base, "blocks": family.blocks, "points": entries}
+    plan.remote = {
+        "file": MODELING_FILE,
+        "sha256": code_sha256(),
+        "class": cls,
+        "base_architecture": base,
+        "portable": False,
+        "loads_with": "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)",
+        "without_trust_remote_code": (
+            f"transformers loads the stock {base} with the {BUFFER} tensors reported as unexpected keys: "
+            "the model is NOT steered"
+        ),
+        "not_applied_by": list(NOT_APPLIED_BY),
+        "why": f"{family.name} has no stock bias slot at site(s) {', '.join(sorted({p[1] for p in points}))}: {family.notes}",
+        "note": NOT_PORTABLE,
+    }
+
+
+def write_code(out: Path) -> None:
+    (out / MODELING_FILE).write_bytes(TEMPLATE.read_bytes())
+
+
+def is_steered(path: Path) -> bool:
+    """Whether the checkpoint folder at ``path`` carries a bake constant-bias module."""
+    try:
+        return CONFIG_KEY in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def check_code(path: Path) -> None:
+    """Refuse to run the folder's remote code unless it is exactly the file this bake writes.
+
+    bake then loads it with ``trust_remote_code=True`` knowing it executes only its own code.
+    """
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    auto_map = config.get("auto_map")
+    spec = config.get(CONFIG_KEY) or {}
+    expected = {AUTO_CLASS: f"{Path(MODELING_FILE).stem}.{CLASS_PREFIX}{spec.get('base_architecture')}"}
+    code = path / MODELING_FILE
+    if auto_map != expected or not code.is_file() or code.read_bytes() != TEMPLATE.read_bytes():
+        raise BakeError(
+            f"{str(path)!r} carries a bake constant-bias module, but its {MODELING_FILE} or auto_map is not the one this "
+            "version of bake writes: review the code, then load it yourself with trust_remote_code=True (or re-bake it)"
+        )

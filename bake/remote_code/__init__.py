@@ -1,0 +1,1 @@
+"""Files bake ships inside checkpoints (never imported by bake's own pipeline)."""
