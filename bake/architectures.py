@@ -77,8 +77,9 @@ class Family:
     when: Mapping[str, Any] = field(default_factory=dict)
     """Config values this entry describes (e.g. OPT's pre-LN vs post-LN layout)."""
     relabel: Relabel | None = None
-    tested: str = "transformers"
-    """Which stock stacks a test loads the baked checkpoint in."""
+    vllm: str = "not checked yet"
+    llama_cpp: str = "not checked yet"
+    """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering, and how that is known."""
 
     def slot(self, site: Site, config: Config | None = None) -> Slot:
         """The slot for ``site``; refuses with the alternatives when there is none."""
@@ -166,6 +167,7 @@ def _phi3_reason(config: Config) -> str | None:
 
 _MID_ONLY = "Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias."
 _POST_NORM = "A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it."
+_MODULE_ONLY = "no: the module is transformers code (by design)"
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _TO_LLAMA = "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
 
@@ -336,6 +338,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_post_norm("pre_feedforward_layernorm"),
         notes=_POST_NORM,
+        vllm=_MODULE_ONLY,
+        llama_cpp=_MODULE_ONLY,
     ),
     Family(
         name="Gemma 3",
@@ -343,6 +347,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_post_norm("pre_feedforward_layernorm"),
         notes=_POST_NORM,
+        vllm=_MODULE_ONLY,
+        llama_cpp=_MODULE_ONLY,
     ),
     Family(
         name="OLMo 2",
@@ -350,8 +356,51 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_post_norm("mlp"),
         notes=_POST_NORM,
+        vllm=_MODULE_ONLY,
+        llama_cpp=_MODULE_ONLY,
     ),
 )
+
+
+def _slot_text(family: Family, site: Site) -> str:
+    slot = family.sites.get(site)
+    if slot is None:
+        return "none"
+    if slot.bias is None:
+        return "none (module with `--allow-remote-code`)"
+    text = f"`{slot.bias}.bias`"
+    if slot.flags:
+        text += " + " + ", ".join(f"`{k}: {str(v).lower()}`" for k, v in slot.flags.items())
+    if slot.scale:
+        text += f" (÷ `{slot.scale}`)"
+    if slot.when:
+        text += " when " + ", ".join(f"`{k}: {str(v).lower()}`" for k, v in slot.when.items())
+    return text
+
+
+def family_named(name: str) -> Family | None:
+    return next((f for f in FAMILIES if f.name == name), None)
+
+
+def portability(family: Family) -> str:
+    """One line for ``bake inspect``: where the steering loads."""
+    stock = any(slot.bias for slot in family.sites.values())
+    transformers = "yes (tested)" if stock else "only with trust_remote_code=True (tested)"
+    return f"transformers: {transformers}; vLLM: {family.vllm}; llama.cpp: {family.llama_cpp}"
+
+
+def portability_table() -> str:
+    """The README's table, from this module's data (a test keeps the README in step)."""
+    rows = [
+        "| family (`model_type`) | after block L (`resid_post`) | after attention (`resid_mid`) | transformers | vLLM | llama.cpp (GGUF) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in FAMILIES:
+        stock = any(slot.bias for slot in f.sites.values())
+        transformers = ("tested, as `LlamaForCausalLM`" if f.relabel else "tested") if stock else "only with `trust_remote_code` (tested)"
+        types = ", ".join(f"`{t}`" for t in f.model_types)
+        rows.append(f"| {f.name} ({types}) | {_slot_text(f, 'resid_post')} | {_slot_text(f, 'resid_mid')} | {transformers} | {f.vllm} | {f.llama_cpp} |")
+    return "\n".join(rows)
 
 
 def supported_model_types() -> list[str]:

@@ -243,6 +243,7 @@ def inspect(path: str, as_json: bool) -> None:
       bake inspect out/cheerful
     """
     from bake import manifest as manifests
+    from bake.architectures import family_named, portability
     from bake.verify import describe
 
     manifest = manifests.read(path)
@@ -255,6 +256,9 @@ def inspect(path: str, as_json: bool) -> None:
         lines.append(_vector_table(manifest["vectors"].get("entries", [])))  # a bare vector file has no entries
         lines += [f"  {b['vector']} -> {b['tensor']}" for b in manifest["fold"]["biases"]]
         lines.append(describe(manifest["verification"]))
+        family = family_named(manifest["fold"]["family"])
+        if family is not None:
+            lines.append("loads in " + portability(family))
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise BakeError(f"{path!r}: bake.json is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json to see it") from None
     problems = manifests.check(path, manifest)

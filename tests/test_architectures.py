@@ -180,3 +180,12 @@ def test_phi3_split_reproduces_the_fused_weights(tmp_path):
             assert torch.equal(f.get_tensor(f"{p}.mlp.gate_up_proj.weight"),
                                torch.cat([get(f"{p}.mlp.gate_proj.weight"), get(f"{p}.mlp.up_proj.weight")]))
             assert f"{p}.self_attn.qkv_proj.weight" not in index
+
+
+def test_readme_carries_the_table_generated_from_the_data():
+    from pathlib import Path
+
+    from bake.architectures import portability_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert portability_table() in readme, "README's architecture table is stale: paste bake.architectures.portability_table()"
