@@ -79,7 +79,8 @@ class Family:
     relabel: Relabel | None = None
     vllm: str = "not checked yet"
     llama_cpp: str = "not checked yet"
-    """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering, and how that is known."""
+    """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering; "(source)" means read
+    from vLLM 0.33.0 and llama.cpp 0c1e570 sources, not tested here."""
 
     def slot(self, site: Site, config: Config | None = None) -> Slot:
         """The slot for ``site``; refuses with the alternatives when there is none."""
@@ -181,6 +182,8 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="attn.c_proj", hook="attn", read="ln_2"),
         },
         notes="Every linear already has a bias; the vector is added to the existing one.",
+        vllm="loads it (source)",
+        llama_cpp="loads it (source)",
     ),
     Family(
         name="GPT-NeoX / Pythia",
@@ -193,6 +196,8 @@ FAMILIES: tuple[Family, ...] = (
                               when={"use_parallel_residual": False}),
         },
         notes="Parallel or sequential residual: after-block is exact in both; the mid site exists only when sequential.",
+        vllm="loads it via its Transformers backend (source)",
+        llama_cpp="loads it (source)",
     ),
     Family(
         name="GPT-J",
@@ -200,6 +205,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="transformer.h",
         sites={"resid_post": Slot(bias="mlp.fc_out")},
         notes="Parallel attention and MLP: there is no mid-block residual.",
+        vllm="loads it (source)",
+        llama_cpp="architecture unsupported",
     ),
     Family(
         name="OPT (pre-LN)",
@@ -212,6 +219,8 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="self_attn.out_proj", hook="self_attn", read="final_layer_norm", flags={"enable_bias": True},
                               zero_biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
         },
+        vllm="loads it (source)",
+        llama_cpp="architecture unsupported",
     ),
     Family(
         name="OPT (post-LN)",
@@ -223,6 +232,8 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="self_attn_layer_norm", hook="self_attn_layer_norm", when={"layer_norm_elementwise_affine": True}),
         },
         notes="The residual add comes before each LayerNorm, so the LayerNorm biases are the exact slots (fc2.bias is not).",
+        vllm="loads it (source)",
+        llama_cpp="architecture unsupported",
     ),
     Family(
         name="Phi (1, 1.5, 2)",
@@ -230,6 +241,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites={"resid_post": Slot(bias="mlp.fc2")},
         notes="Parallel attention and MLP: there is no mid-block residual.",
+        vllm="loads it via its Transformers backend (source)",
+        llama_cpp="loads it (source)",
     ),
     Family(
         name="Falcon",
@@ -243,6 +256,8 @@ FAMILIES: tuple[Family, ...] = (
                               when={"parallel_attn": False, "new_decoder_architecture": False}),
         },
         notes="`bias: true` switches on every linear bias: the others are written as zeros.",
+        vllm="loads it (source)",
+        llama_cpp="conversion fails on the qkv bias; loader has no bias slots (source)",
     ),
     Family(
         name="BLOOM",
@@ -254,6 +269,8 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="self_attention.dense", hook="self_attention", when={"slow_but_exact": False}),
         },
         notes="With slow_but_exact and pretraining_tp > 1 BLOOM ignores these biases, so that mode is refused.",
+        vllm="loads it (source)",
+        llama_cpp="loads it (source)",
     ),
     Family(
         name="StarCoder2",
@@ -264,6 +281,8 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="self_attn.o_proj", hook="self_attn", read="post_attention_layernorm", flags={"use_bias": True},
                               zero_biases=_QKVO + ("mlp.c_fc", "mlp.c_proj")),
         },
+        vllm="loads it via its Transformers backend (source)",
+        llama_cpp="loads it (source)",
     ),
     Family(
         name="Llama",
@@ -271,6 +290,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_llama_like(),
         notes="Llama, SmolLM2/3 and other `llama` checkpoints: `mlp_bias` also creates gate/up biases, written as zeros.",
+        vllm="loads it (source)",
+        llama_cpp="loads it (source)",
     ),
     Family(
         name="Granite",
@@ -278,6 +299,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_llama_like(scale="residual_multiplier"),
         notes="Sublayer outputs are multiplied by residual_multiplier before the add: the bias is vector / multiplier.",
+        vllm="loads it, same residual_multiplier scaling (source)",
+        llama_cpp="loads it, same scaling (source)",
     ),
     Family(
         name="Mistral",
@@ -287,6 +310,8 @@ FAMILIES: tuple[Family, ...] = (
         relabel=Relabel(to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA, refuse=_sliding_window_reason,
                         drop_keys=_SLIDING_KEYS),
         notes="Written as LlamaForCausalLM (same tensor names and computation).",
+        vllm="loads it as Llama (source)",
+        llama_cpp="loads it as Llama (source)",
     ),
     Family(
         name="Qwen2 / Qwen2.5",
@@ -296,6 +321,8 @@ FAMILIES: tuple[Family, ...] = (
         relabel=Relabel(to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA, refuse=_sliding_window_reason,
                         drop_keys=_SLIDING_KEYS, set_keys={"attention_bias": True}, zero_biases=("self_attn.o_proj",)),
         notes="Written as LlamaForCausalLM with attention_bias (keeps the q/k/v biases; o_proj gets zeros).",
+        vllm="loads it as Llama (source)",
+        llama_cpp="loads it as Llama (source)",
     ),
     Family(
         name="Phi-3",
@@ -317,6 +344,8 @@ FAMILIES: tuple[Family, ...] = (
             },
         ),
         notes="Written as LlamaForCausalLM after splitting qkv_proj and gate_up_proj.",
+        vllm="loads it as Llama (source)",
+        llama_cpp="loads it as Llama (source)",
     ),
     Family(
         name="Qwen3",
@@ -324,6 +353,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_llama_like(flag_mlp=False),
         notes=_MID_ONLY,
+        vllm="**silently drops** the o_proj bias (source)",
+        llama_cpp="refuses to load (unexpected tensor) (source)",
     ),
     Family(
         name="Gemma",
@@ -331,6 +362,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_llama_like(flag_mlp=False),
         notes=_MID_ONLY,
+        vllm="**silently drops** the o_proj bias (source)",
+        llama_cpp="refuses to load (unexpected tensor) (source)",
     ),
     Family(
         name="Gemma 2",

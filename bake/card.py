@@ -7,6 +7,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from bake.architectures import family_named, portability
+
 TAGS = ["steering", "bake", "activation-steering"]
 REMOTE_TAGS = ["custom_code"]  # the Hub's tag for repositories whose model needs trust_remote_code
 
@@ -38,6 +40,12 @@ def _vector_rows(manifest: dict[str, Any]) -> list[str]:
             f"{e['relative_norm']:.3g} | {counts} |"
         )
     return rows
+
+
+def _where_it_runs(family_name: str) -> str:
+    family = family_named(family_name)
+    return ("Loads in " + portability(family) + ". \"(source)\" means read from the vLLM 0.33.0 and llama.cpp "
+            "0c1e570 sources, not tested.") if family else "Not recorded for this family."
 
 
 def render(manifest: dict[str, Any]) -> str:
@@ -112,6 +120,10 @@ and compared with the base model steered by forward hooks, in {ver['dtype']}:
 | greedy continuations ({ver['greedy_tokens']} tokens) | {'identical' if ver['greedy_identical'] else 'different'} |
 | steering effect (max abs logit change vs base) | {ver['steering_effect']:.3g} |
 | result | {'passed' if ver['passed'] else 'FAILED'} |
+
+## Where the steering loads
+
+{_where_it_runs(fold['family'])}
 
 ## How to load
 
