@@ -106,6 +106,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BAKE_CACHE", str(tmp_path_factory.getbasetemp() / "bake-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning slows them badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")

@@ -33,13 +33,7 @@ PROBES = ["the happy dog is here", "tell me about your day", "a king and a drago
 HAND_HOOKS = {"resid_post": "", "resid_mid": "post_attention_layernorm"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads (and OpenMP spinning on a busy machine slows them badly)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gemma2_config():
