@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from bake import card, remote
+from bake import manifest as manifests
 from bake.activations import Moments, collect
 from bake.architectures import Site, family_for
 from bake.checkpoint import staged_output
@@ -234,10 +235,19 @@ def fold(
             "portable": fold_record["remote_code"] is None,
             "verification": report,
             "preview": [{"prompt": p, "base": b, "steered": s} for p, b, s in samples],
+            "history": _history(source.path),
         }
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (stage / "README.md").write_text(card.render(manifest))
     return BakeResult(out, manifest, samples)
+
+
+def _history(source: Path) -> list[dict[str, Any]]:
+    """The manifests of the bakes under this one, oldest first (a bake on top of a baked model)."""
+    if not (source / MANIFEST).is_file():
+        return []
+    previous = manifests.read(source)
+    return previous.get("history", []) + [{k: v for k, v in previous.items() if k != "history"}]
 
 
 def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | None = None) -> dict[str, Any]:

@@ -52,6 +52,16 @@ class TensorInfo:
     def torch_dtype(self) -> torch.dtype:
         return ST_DTYPES[self.dtype]
 
+    def copy_to(self, out) -> None:
+        """Stream this tensor's raw bytes into the open file ``out`` at its current position."""
+        with open(self.file, "rb") as src:
+            src.seek(self.start)
+            remaining = self.end - self.start
+            while remaining:
+                chunk = src.read(min(_COPY_CHUNK, remaining))
+                out.write(chunk)
+                remaining -= len(chunk)
+
     def read(self) -> torch.Tensor:
         with open(self.file, "rb") as f:
             f.seek(self.start)
@@ -75,6 +85,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         for name, h in header.items()
     }
     return infos, meta
+
+
+def header_bytes(path: Path) -> bytes:
+    """The raw header of a safetensors file (JSON and padding), to rebuild the file exactly."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return f.read(n)
 
 
 @dataclass
@@ -149,13 +166,7 @@ def write_shard(
         out.write(blob)
         for _, item in items:
             if isinstance(item, TensorInfo):
-                with open(item.file, "rb") as src:
-                    src.seek(item.start)
-                    remaining = item.end - item.start
-                    while remaining:
-                        chunk = src.read(min(_COPY_CHUNK, remaining))
-                        out.write(chunk)
-                        remaining -= len(chunk)
+                item.copy_to(out)
             else:
                 out.write(_tensor_bytes(item))
     return offset
@@ -170,15 +181,17 @@ def write_checkpoint(
     cast: torch.dtype | None = None,
     removed: set[str] = frozenset(),
     link: bool = False,
-) -> list[str]:
+) -> tuple[dict[str, str], list[str]]:
     """Write ``src`` into the (empty) folder ``dst`` with tensors replaced, added and removed.
 
-    Shards with no replaced or removed tensor (and no ``cast``) are copied byte for byte;
-    new tensors go to an extra shard so no original shard has to change. With
+    Shards with no replaced or removed tensor (and no ``cast``) are copied byte for byte,
+    and a shard whose tensors are only replaced by same-sized ones is copied and patched
+    in place (its header, order and metadata unchanged); new tensors go to an extra shard so no original shard has to change. With
     ``cast``, floating tensors are converted one at a time. With ``link``, unchanged
     shards are hard-linked instead of copied where the filesystem allows (the
     output then shares those files with the source: replace, never edit, them).
-    Returns the names of the shards that were rewritten.
+    Returns where each source shard went (the single file is renamed when an extra
+    shard joins it) and the output shards that were rewritten or patched.
     """
     unknown = sorted((set(changed) | set(removed)) - set(src.names()))
     if unknown:
@@ -186,11 +199,18 @@ def write_checkpoint(
     weight_map: dict[str, str] = {}
     total = 0
     rewritten = []
+    placed = {}
     for shard, infos in src.shards.items():
-        out_name = RENAMED_SINGLE if (added and not src.indexed) else shard
+        out_name = placed[shard] = RENAMED_SINGLE if (added and not src.indexed) else shard
         needs_cast = cast is not None and any(i.torch_dtype.is_floating_point and i.torch_dtype != cast for i in infos.values())
-        if not needs_cast and not (changed.keys() | removed) & infos.keys():
-            place_copy(src.path / shard, dst / out_name, link)
+        touched = changed.keys() & infos.keys()
+        if not needs_cast and not removed & infos.keys() and all(_same_layout(infos[n], changed[n]) for n in touched):
+            # Unchanged, or only same-sized tensors replaced: the original file with those bytes
+            # overwritten, so header, order and metadata stay exactly as they were.
+            place_copy(src.path / shard, dst / out_name, link and not touched)
+            if touched:
+                _patch(dst / out_name, [(infos[n], changed[n]) for n in touched])
+                rewritten.append(out_name)
             total += sum(i.end - i.start for i in infos.values())
         else:
             items = []
@@ -217,7 +237,19 @@ def write_checkpoint(
         index = {"metadata": {**src.index_meta, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return rewritten
+    return placed, rewritten
+
+
+def _same_layout(info: TensorInfo, tensor: torch.Tensor) -> bool:
+    return info.torch_dtype == tensor.dtype and info.shape == tuple(tensor.shape)
+
+
+def _patch(path: Path, edits: list[tuple[TensorInfo, torch.Tensor]]) -> None:
+    """Overwrite tensors in place in a copied shard (same dtype and shape, so the same byte ranges)."""
+    with open(path, "r+b") as f:
+        for info, tensor in edits:
+            f.seek(info.start)
+            f.write(_tensor_bytes(tensor))
 
 
 def place_copy(src: Path, dst: Path, link: bool = False) -> None:

@@ -270,6 +270,26 @@ def inspect(path: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the restored checkpoint.")
+@click.option("--link", is_flag=True, help="Hard-link the shards the bake did not change instead of copying them.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def unbake(path: str, output: str, link: bool, force: bool) -> None:
+    """Remove the last bake from PATH: write the checkpoint it was baked from, bit for bit.
+
+    \b
+    Example:
+      bake unbake out/cheerful -o out/base
+    """
+    from bake.undo import unbake as undo
+
+    restored = undo(path, output, force=force, link=link)
+    click.echo(f"wrote {output}: the checkpoint {path} was baked from")
+    if restored is not None:
+        click.echo(f"it is itself baked ({len(restored.get('history', [])) + 1} layer(s) left): bake inspect {output}")
+
+
+@main.command()
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--compare", "compare_with", help="A second model (e.g. the base) to show side by side.")

@@ -16,16 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
-
 from bake import remote
 from bake.architectures import Family, family_for, head_dim
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
 from bake.models import DTYPES, text_config
+from bake.undo import save_undo
 from bake.vectorfile import VectorSet, tensor_name
-
-ORIGINALS = Path("bake") / "original.safetensors"
 
 
 @dataclass
@@ -38,6 +35,8 @@ class FoldPlan:
     changed: dict[str, torch.Tensor] = field(default_factory=dict)
     added: dict[str, torch.Tensor] = field(default_factory=dict)
     removed: set[str] = field(default_factory=set)
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    """Fused tensors split into parts (relabelling), so unbake can join them again."""
     records: list[dict[str, Any]] = field(default_factory=list)
     relabel: dict[str, str] | None = None
     remote: dict[str, Any] | None = None
@@ -88,8 +87,9 @@ def _relabel(plan: FoldPlan, family: Family, cfg, prefix: str) -> None:
             name = f"{prefix}.{layer}.{fused}.weight"
             info = plan.ckpt.find(name)
             pieces = info.read().split(sizes(cfg), dim=0)
-            for part, piece in zip(parts, pieces):
-                plan.added[f"{prefix}.{layer}.{part}.weight"] = piece.to(plan.out_dtype or piece.dtype).clone()
+            plan.splits[name] = [f"{prefix}.{layer}.{part}.weight" for part in parts]
+            for part, piece in zip(plan.splits[name], pieces):
+                plan.added[part] = piece.to(plan.out_dtype or piece.dtype).clone()
             plan.removed.add(name)
         for module in relabel.zero_biases:
             plan.add_zero_bias(f"{prefix}.{layer}.{module}")
@@ -167,20 +167,19 @@ def fold_checkpoint(
 
     ``link`` hard-links unchanged shards instead of copying them; ``allow_remote_code``
     lets sites without a stock bias slot use a constant-bias module (``bake.remote``).
+    What the output no longer holds is kept in ``bake/undo`` (``bake.undo``).
     Returns what was done, for the manifest.
     """
     ckpt = Checkpoint.open(source)
     plan = plan_fold(ckpt, vectors, out_dtype, allow_remote_code)
-    rewritten = write_checkpoint(
+    placed, rewritten = write_checkpoint(
         ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed, link=link
     )
-    skip = {"config.json", "README.md", "bake.json"} | ({remote.MODELING_FILE} if plan.remote else set())
-    copied = copy_side_files(source, out, skip=skip)
+    written = [remote.MODELING_FILE] if plan.remote else []
+    copied = copy_side_files(source, out, skip={"config.json", "README.md", "bake.json", *written})
     if plan.remote:
         remote.write_code(out)
-    if plan.changed:  # what the fold overwrote, so the manifest can be checked (and the fold undone) exactly
-        (out / ORIGINALS).parent.mkdir(exist_ok=True)
-        save_file({name: ckpt.find(name).read() for name in plan.changed}, out / ORIGINALS, metadata={"format": "pt"})
+    undo = save_undo(plan, placed, rewritten, out, written)
     new_biases = sum(not r["had_bias"] and not r.get("remote_code") for r in plan.records)
     return {
         "family": family_for(text_config(source)).name,
@@ -193,4 +192,5 @@ def fold_checkpoint(
         "config_removed": sorted(k for k in ckpt.config if k not in plan.config),
         "shards_rewritten": rewritten,
         "files_copied": copied,
+        "undo": undo,
     }

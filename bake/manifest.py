@@ -17,7 +17,6 @@ from safetensors import safe_open
 
 from bake.checkpoint import Checkpoint
 from bake.errors import BakeError
-from bake.fold import ORIGINALS
 from bake.vectorfile import VectorSet, parse_name
 
 MANIFEST = "bake.json"
@@ -47,7 +46,8 @@ def check(path: str | Path, manifest: dict[str, Any]) -> list[str]:
     except (KeyError, TypeError) as e:
         raise BakeError(f"{str(path)!r}: the manifest lacks {e}: it is incomplete") from None
     ckpt = Checkpoint.open(path)
-    originals = safe_open(path / ORIGINALS, "pt") if (path / ORIGINALS).is_file() else None
+    kept = manifest["fold"].get("undo", {}).get("originals")
+    originals = safe_open(path / kept, "pt") if kept and (path / kept).is_file() else None
     for b in biases:
         info = ckpt.find(b["tensor"])
         if info is None:
@@ -58,7 +58,7 @@ def check(path: str | Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"{b['vector']} is missing from {manifest['vector_file']}")
             continue
         if b["had_bias"] and (originals is None or b["tensor"] not in originals.keys()):
-            problems.append(f"the original value of {b['tensor']} is missing from {ORIGINALS}")
+            problems.append(f"the original value of {b['tensor']} is missing from {kept or 'bake/undo'}")
             continue
         before = originals.get_tensor(b["tensor"]).to(torch.float32) if b["had_bias"] else torch.zeros_like(v)
         expected = (before + v / b.get("scale", 1.0)).to(info.torch_dtype)
