@@ -110,6 +110,21 @@ def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
     return groups
 
 
+def padded(group: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch right-padded: input ids, attention mask, and the mask of counted positions
+    (public so benchmarks can feed another collection method exactly the same tensors)."""
+    width = max(len(e.input_ids) for e in group)
+    ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(group), width), dtype=torch.long)
+    counted = torch.zeros((len(group), width), dtype=torch.bool)
+    for row, ex in enumerate(group):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        attention[row, :n] = 1
+        counted[row, :n] = torch.tensor(ex.counted)
+    return ids, attention, counted
+
+
 def _my_share(groups: list) -> list:
     """This rank's batches of a torch.distributed job (all of them in a single process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -150,15 +165,7 @@ def collect(
     handles.append(block(model, family, deepest).register_forward_hook(stopper))
     try:
         for group in tqdm(_my_share(batches(examples, batch_tokens)), desc=desc, unit="batch", leave=False):
-            width = max(len(e.input_ids) for e in group)
-            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(group), width), dtype=torch.long)
-            counted = torch.zeros((len(group), width), dtype=torch.bool)
-            for row, ex in enumerate(group):
-                n = len(ex.input_ids)
-                ids[row, :n] = torch.tensor(ex.input_ids)
-                attention[row, :n] = 1
-                counted[row, :n] = torch.tensor(ex.counted)
+            ids, attention, counted = padded(group, pad_id)
             mask_holder["mask"] = counted.to(device)
             try:
                 model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
