@@ -227,7 +227,7 @@ def fold(
             "format": "bake-manifest/1",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
-            "base": {"spec": source.spec, "identity": source.identity, "base_model_id": base_model_id},
+            "base": {"spec": source.spec, "identity": source.identity, "base_model_id": base_model_id, "license": source.license},
             "recipe": {"text": recipe.text, "parsed": recipe.model_dump(mode="json")} if recipe else None,
             "vectors": vectors.meta,
             "vector_file": VECTORS_IN_OUTPUT,

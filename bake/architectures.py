@@ -422,13 +422,13 @@ def portability(family: Family) -> str:
     return f"transformers: {transformers}; vLLM: {family.vllm}; llama.cpp: {family.llama_cpp}"
 
 
-def portability_table() -> str:
-    """The README's table, from this module's data (a test keeps the README in step)."""
+def portability_table(families: list[Family] | None = None) -> str:
+    """The README's table (or a model card's rows), from this module's data (a test keeps the README in step)."""
     rows = [
         "| family (`model_type`) | after block L (`resid_post`) | after attention (`resid_mid`) | transformers | vLLM | llama.cpp (GGUF) |",
         "|---|---|---|---|---|---|",
     ]
-    for f in FAMILIES:
+    for f in FAMILIES if families is None else families:
         stock = any(slot.bias for slot in f.sites.values())
         transformers = ("tested, as `LlamaForCausalLM`" if f.relabel else "tested") if stock else "only with `trust_remote_code` (tested)"
         types = ", ".join(f"`{t}`" for t in f.model_types)

@@ -7,7 +7,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from bake.architectures import family_named, portability
+from bake.architectures import family_named, portability_table
 
 TAGS = ["steering", "bake", "activation-steering"]
 REMOTE_TAGS = ["custom_code"]  # the Hub's tag for repositories whose model needs trust_remote_code
@@ -32,29 +32,92 @@ original weight is unchanged; the buffers are extra tensors in `model-bake-steer
 
 
 def _vector_rows(manifest: dict[str, Any]) -> list[str]:
-    rows = ["| name | layer | site | method | coefficient | norm | norm / mean residual norm | texts (tokens) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| name | layer | site | method | coefficient | norm | norm / mean residual norm |", "|---|---|---|---|---|---|---|"]
     for e in manifest["vectors"].get("entries", []):
-        counts = ", ".join(f"{role} {c['texts']} ({c['tokens']})" for role, c in e["counts"].items())
         rows.append(
             f"| {e['name']} | {e['layer']} | {e['site']} | {e['method']} | {e['coefficient']:g} | {e['norm']:.3g} | "
-            f"{e['relative_norm']:.3g} | {counts} |"
+            f"{e['relative_norm']:.3g} |"
         )
     return rows
 
 
+def _data_rows(manifest: dict[str, Any]) -> list[str]:
+    """Every text set a vector was measured on: enough to tell whether a rebuild used the same data."""
+    rows = ["| vector | role | source | texts | tokens counted | sha256 |", "|---|---|---|---|---|---|"]
+    for e in manifest["vectors"].get("entries", []):
+        for role, info in e["data"].items():
+            source = "sampled from the model" if info["kind"] == "model-sample" else info["kind"]
+            rows.append(f"| {e['name']} | {role} | {source} | {info['texts']} | {e['counts'][role]['tokens']} | `{info['sha256'][:16]}…` |")
+    return rows
+
+
+def _history_block(manifest: dict[str, Any]) -> str:
+    history = manifest.get("history") or []
+    if not history:
+        return ""
+    rows = [f"{i + 1}. {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'} "
+            f"(baked {h['created']}, layers {', '.join(str(b['layer']) for b in h['fold']['biases'])})"
+            for i, h in enumerate(history)]
+    return ("\n## History\n\nThis checkpoint was baked on top of an already baked one; earlier bakes, oldest first:\n\n"
+            + "\n".join(rows) + "\n\n`bake unbake` removes the latest bake exactly and restores the one below it.\n")
+
+
+def _loading_block(repo: str, family_name: str, remote: dict[str, Any] | None) -> str:
+    """How to run it in transformers, vLLM and llama.cpp, as far as each applies the steering."""
+    if remote:
+        return f"""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+```
+
+vLLM, TGI and llama.cpp do not run the constant-bias module: serve this checkpoint with transformers only.
+"""
+    family = family_named(family_name)
+    llama_cpp = family is not None and family.llama_cpp.startswith("loads it")
+    gguf = f"""
+**llama.cpp** (convert once; the biases map by name to `blk.N.ffn_down.bias` / `blk.N.attn_output.bias`):
+
+```bash
+python convert_hf_to_gguf.py {repo.split('/')[-1]} --outfile steered.gguf
+llama-cli -m steered.gguf -p "Tell me about your day."
+```
+""" if llama_cpp else f"\nllama.cpp: {family.llama_cpp if family else 'not checked'} for this family.\n"
+    return f"""**transformers**
+
+```python
+from transformers import pipeline
+pipe = pipeline("text-generation", model="{repo}")
+print(pipe([{{"role": "user", "content": "Tell me about your day."}}], max_new_tokens=40)[0]["generated_text"])
+```
+
+**vLLM** (OpenAI-compatible server; the steering is in the weights, no flags):
+
+```bash
+vllm serve {repo}
+curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+  -d '{{"model": "{repo}", "messages": [{{"role": "user", "content": "Tell me about your day."}}]}}'
+```
+{gguf}"""
+
+
 def _where_it_runs(family_name: str) -> str:
     family = family_named(family_name)
-    return ("Loads in " + portability(family) + ". \"(source)\" means read from the vLLM 0.33.0 and llama.cpp "
-            "0c1e570 sources, not tested.") if family else "Not recorded for this family."
+    if family is None:
+        return "Not recorded for this family."
+    return (portability_table([family]) + "\n\n\"(source)\" means read from the vLLM 0.33.0 and llama.cpp 0c1e570 "
+            "sources, not run; \"tested\" means verified by bake's tests.")
 
 
-def render(manifest: dict[str, Any]) -> str:
-    """README.md text: YAML front-matter for the Hub, then what was steered and how it was checked."""
+def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
+    """README.md text: YAML front-matter for the Hub, then what was steered, on what data, how it was checked
+    and how to run it (``repo_id``: the Hub repository it is pushed to, for the loading snippets)."""
     base = manifest["base"]
     fold = manifest["fold"]
     remote = fold.get("remote_code")
     data = ModelCardData(
         base_model=base.get("base_model_id"),
+        license=base.get("license"),
         tags=TAGS + (REMOTE_TAGS if remote else []),
         library_name="transformers",
         pipeline_tag="text-generation",
@@ -77,19 +140,22 @@ def render(manifest: dict[str, Any]) -> str:
 stream. Its family ({fold['family']}) has no stock bias that could carry it, so it
 needs the small module below and `trust_remote_code=True`.
 {_remote_block(remote)}"""
-        loader, load_kwargs = "`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`", ", trust_remote_code=True"
+        loader = "`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`"
     else:
         intro = f"""This checkpoint has activation-steering vectors **folded into its weights** by
 [bake](https://pypi.org/project/bake/): a constant vector added to the residual
 stream, stored as a bias. It needs no hooks, no extra code and no
 `trust_remote_code`; it loads and runs like its base model ({fold['family']} family)."""
-        loader, load_kwargs = "plain `AutoModelForCausalLM.from_pretrained`", ""
+        loader = "plain `AutoModelForCausalLM.from_pretrained`"
     zero_block = "" if remote and not fold["zero_biases_added"] else (
         f" {fold['zero_biases_added']} zero bias tensors were\nadded because that flag makes loaders create them "
         "(zeros, not uninitialised memory)."
     )
     recipe = manifest.get("recipe")
     recipe_block = f"\n## Recipe\n\n```yaml\n{recipe['text'].rstrip()}\n```\n" if recipe else ""
+    entries = manifest["vectors"].get("entries", [])
+    data_block = ("\n## Data\n\nWhat each vector was measured on (sha256 over the texts, in order):\n\n"
+                  + "\n".join(_data_rows(manifest)) + "\n") if entries else ""
     body = f"""
 # Steered {base.get('base_model_id') or base['spec']}
 
@@ -97,17 +163,19 @@ stream, stored as a bias. It needs no hooks, no extra code and no
 
 ## Steering
 
-{chr(10).join(_vector_rows(manifest))}
+{chr(10).join(_vector_rows(manifest)) if entries else "Vectors from a vector file (no recipe); see `bake.json`."}
 
 The bias acts at **every position**, the prompt and the first token included,
 so each vector was measured at every counted token of its texts (the first
 position, padding and special tokens excluded), i.e. where it will act.
+"Norm / mean residual norm" compares the vector with the typical size of the
+residual stream it is added to.
 
 Tensors written:
 {biases}
 
 Config changes: {changes}.{zero_block}
-{relabel_block}{recipe_block}
+{relabel_block}{data_block}
 ## Verification
 
 The checkpoint was reloaded from disk with {loader}
@@ -120,20 +188,19 @@ and compared with the base model steered by forward hooks, in {ver['dtype']}:
 | greedy continuations ({ver['greedy_tokens']} tokens) | {'identical' if ver['greedy_identical'] else 'different'} |
 | steering effect (max abs logit change vs base) | {ver['steering_effect']:.3g} |
 | result | {'passed' if ver['passed'] else 'FAILED'} |
-
+{_history_block(manifest)}
 ## Where the steering loads
 
 {_where_it_runs(fold['family'])}
 
 ## How to load
 
-```python
-from transformers import pipeline
-pipe = pipeline("text-generation", model="PATH_OR_REPO_ID"{load_kwargs})
-print(pipe("Tell me about your day.", max_new_tokens=40)[0]["generated_text"])
-```
+{_loading_block(repo_id or "PATH_OR_REPO_ID", fold['family'], remote)}{recipe_block}
+## Provenance
 
-Provenance (recipe, data hashes, package versions, vector norms) is in `bake.json`;
-the exact vectors are in `bake/vectors.safetensors` (`bake inspect` reads both).
+`bake.json` holds the recipe, the base model's identity, data hashes, package
+versions and every figure above; `bake/vectors.safetensors` holds the exact
+vectors. `bake inspect` checks the weights against both (it reports any edited
+bias), and `bake unbake` restores the base model bit for bit from `bake/undo/`.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content

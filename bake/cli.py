@@ -233,19 +233,25 @@ def verify(base: str, baked: str, vectors: str, atol: float | None) -> None:
 
 
 @main.command()
-@click.argument("path", type=click.Path(file_okay=False))
+@click.argument("path")
+@click.option("--revision", help="Branch, tag or commit, for a Hub repository.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-def inspect(path: str, as_json: bool) -> None:
-    """Show what is baked into a checkpoint, and check its weights still match the manifest (exit 1 if not).
+def inspect(path: str, revision: str | None, as_json: bool) -> None:
+    """Show what is baked into PATH_OR_REPO_ID, and check its weights still match the manifest (exit 1 if not).
 
     \b
     Example:
       bake inspect out/cheerful
+      bake inspect alice/smollm2-cheerful --revision v1.0.0
     """
     from bake import manifest as manifests
     from bake.architectures import family_named, portability
     from bake.verify import describe
 
+    if not Path(path).exists() and "/" in path and not path.startswith((".", "/")):
+        from bake.hub import download
+
+        path = str(download(path, revision))
     manifest = manifests.read(path)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
@@ -253,6 +259,8 @@ def inspect(path: str, as_json: bool) -> None:
     try:
         base = manifest["base"]
         lines = [f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)"]
+        lines += [f"  on top of earlier bake {i + 1}: {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'}"
+                  for i, h in enumerate(manifest.get("history", []))]
         lines.append(_vector_table(manifest["vectors"].get("entries", [])))  # a bare vector file has no entries
         lines += [f"  {b['vector']} -> {b['tensor']}" for b in manifest["fold"]["biases"]]
         lines.append(describe(manifest["verification"]))
@@ -267,6 +275,34 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo("\n".join(lines))
     if problems:
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository private (an existing one keeps its visibility).")
+@click.option("--commit-message", help="Commit message (default: names the vectors and the base model).")
+@click.option("--revision", "branch", default="main", show_default=True, help="Branch to commit to (created if needed).")
+@click.option("--tag", help="Tag the commit as a release, e.g. v1.2.0.")
+@click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded and where; contact nothing.")
+def push(path: str, repo_id: str, private: bool, commit_message: str | None, branch: str, tag: str | None, dry_run: bool) -> None:
+    """Publish the baked checkpoint PATH to the Hub repository REPO_ID in one commit, optionally tagged.
+
+    The token comes from HF_TOKEN or `hf auth login` and is never printed.
+
+    \b
+    Example:
+      bake push out/cheerful alice/smollm2-cheerful --tag v1.0.0 --dry-run
+    """
+    from bake import hub
+
+    plan = hub.plan_push(path, repo_id, branch=branch, tag=tag, private=private, commit_message=commit_message)
+    if dry_run:
+        click.echo(plan.describe())
+        return
+    pushed = hub.push(plan)
+    click.echo(f"pushed {len(plan.files)} files to {pushed['url']} ({branch}) as commit {pushed['commit'][:12]}"
+               + (f", tagged {tag}" if tag else ""))
 
 
 @main.command()

@@ -44,6 +44,19 @@ class ModelSource:
     spec: str
     path: Path
     identity: dict[str, Any] = field(default_factory=dict)
+    gguf_license: str | None = None
+
+    @property
+    def license(self) -> str | None:
+        """The base model's licence: its GGUF metadata, else its model card's front-matter (for the baked card)."""
+        if self.gguf_license or not (self.path / "README.md").is_file():
+            return self.gguf_license
+        from huggingface_hub import ModelCard
+
+        try:
+            return ModelCard.load(self.path / "README.md").data.license
+        except (ValueError, OSError):  # a README without valid front-matter
+            return None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -109,7 +122,7 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
         folder = snapshot_download(
             repo_id,
             revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"],
+            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "README.md"],
         )
     except LocalEntryNotFoundError:
         raise BakeError(f"cannot reach the Hugging Face Hub for {repo_id!r} and it is not cached: go online or give a local folder") from None
@@ -125,7 +138,7 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
     identity = {"kind": "gguf", "file": gguf.name, "sha256": digest}
     target = cache_dir() / "gguf" / digest[:24]
     if (target / "config.json").is_file():
-        return ModelSource(spec, target, identity)
+        return ModelSource(spec, target, identity, _gguf_license(gguf))
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise BakeError(f"reading GGUF files needs the {needed!r} package: pip install 'bake[gguf]'")
@@ -146,7 +159,16 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ModelSource(spec, target, identity)
+    return ModelSource(spec, target, identity, _gguf_license(gguf))
+
+
+def _gguf_license(gguf: Path) -> str | None:
+    if importlib.util.find_spec("gguf") is None:  # a cached dequantized copy works without it
+        return None
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get("general.license")
+    return field.contents() if field is not None else None
 
 
 def text_config(path: Path):

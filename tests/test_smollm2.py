@@ -70,3 +70,17 @@ def test_stock_pipeline_generates_more_cheerful_text(quickstart):
     base, steered = continuations(base_path), continuations(quickstart)
     assert steered != base
     assert cheer_rate(steered) > 2 * cheer_rate(base) and cheer_rate(steered) - cheer_rate(base) > 0.03, (base, steered)
+
+
+def test_card_carries_the_base_licence_the_data_hashes_and_the_recipe(quickstart):
+    """The licence comes from the GGUF's metadata (general.license); every text set is listed with its hash."""
+    from huggingface_hub import ModelCard
+
+    manifest = json.loads((quickstart / "bake.json").read_text())
+    card = ModelCard.load(quickstart / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (entry,) = manifest["vectors"]["entries"]
+    assert entry["data"].keys() == {"target", "background"}
+    for role, info in entry["data"].items():
+        assert f"| {entry['name']} | {role} |" in card.text and info["sha256"][:16] in card.text
+    assert manifest["recipe"]["text"].strip() in card.text
