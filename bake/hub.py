@@ -90,7 +90,7 @@ def push(plan: PushPlan) -> dict[str, Any]:
     Returns the repo URL, commit id and tag. Errors name the step that failed and
     what was already pushed (nothing, or the commit without its tag).
     """
-    import httpx2
+    from huggingface_hub.utils import httpx  # httpx in huggingface_hub 1.x, httpx2 in 2.x
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -113,7 +113,7 @@ def push(plan: PushPlan) -> dict[str, Any]:
             step = f"tag the commit {plan.tag!r}"
             api.create_tag(plan.repo_id, tag=plan.tag, revision=commit.oid, tag_message=plan.commit_message)
             plan.pushed["tag"] = plan.tag
-    except (httpx2.TransportError, ConnectionError) as e:  # ConnectionError: hf_xet's transfers fail that way
+    except (httpx.TransportError, ConnectionError) as e:  # ConnectionError: hf_xet's transfers fail that way
         raise BakeError(f"cannot reach {ENDPOINT} to {step} ({e.__class__.__name__}): check the network; {_so_far(plan)}") from None
     except HfHubHTTPError as e:
         raise BakeError(f"the Hub refused to {step} on {plan.repo_id!r}: {_why(e, plan.repo_id)}; {_so_far(plan)}") from None

@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 
-import httpx2
+from huggingface_hub.utils import httpx as httpx2  # the HTTP library huggingface_hub uses
 import huggingface_hub
 import pytest
 import torch
