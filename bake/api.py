@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import filecmp
 import functools
 import importlib.metadata
 import json
@@ -22,7 +23,7 @@ from bake.errors import BakeError
 from bake.fold import fold_checkpoint
 from bake.manifest import MANIFEST
 from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
-from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec
+from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec, parse_recipe
 from bake.vectorfile import VectorSet, tensor_name
 from bake.vectors import ROLES, steering_vector
 from bake.verify import compare, describe
@@ -228,7 +229,7 @@ def fold(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
             "base": {"spec": source.spec, "identity": source.identity, "base_model_id": base_model_id, "license": source.license},
-            "recipe": {"text": recipe.text, "parsed": recipe.model_dump(mode="json")} if recipe else None,
+            "recipe": {"text": recipe.text, "base_dir": str(recipe.base_dir), "parsed": recipe.model_dump(mode="json")} if recipe else None,
             "vectors": vectors.meta,
             "vector_file": VECTORS_IN_OUTPUT,
             "fold": fold_record,
@@ -300,3 +301,42 @@ def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allo
         recipe=recipe,
         allow_remote_code=allow_remote_code,
     )
+
+
+def rebuild(baked: str | Path, out: str | Path, force: bool = False, recipe_dir: str | Path | None = None) -> tuple[BakeResult, list[str]]:
+    """Bake again from a baked checkpoint's manifest (``bake run --from-manifest``).
+
+    Refused unless the base model and every text set are the ones recorded (by
+    identity and sha256), so the result can be the same checkpoint. Returns the
+    new bake and the files that differ from ``baked`` (the manifest itself, which
+    records the time, is not compared): empty means rebuilt bit for bit.
+    """
+    folder = Path(baked)
+    folder = folder.parent if folder.name == MANIFEST else folder
+    manifest = manifests.read(folder)
+    recorded = manifest.get("recipe")
+    if not recorded:
+        raise BakeError(f"{str(folder)!r} was baked from a vector file, not a recipe: rebuild it with "
+                        f"bake fold {manifest['base']['spec']} {folder / manifest['vector_file']}")
+    base_dir = Path(recipe_dir or recorded["base_dir"])
+    if not base_dir.is_dir():
+        raise BakeError(f"the recipe's folder {str(base_dir)!r} (where its data paths start) does not exist here: pass --recipe-dir")
+    recipe = parse_recipe(recorded["text"], base_dir, where=f"{folder / MANIFEST} (recipe)")
+    source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
+    if source.identity != manifest["base"]["identity"]:
+        raise BakeError(f"model {recipe.model!r} is not the base this was baked from ({source.identity} here, "
+                        f"{manifest['base']['identity']} recorded): use the same base model")
+    vectors = compute_vectors(recipe)
+    for old, new in zip(manifest["vectors"]["entries"], vectors.meta["entries"]):
+        for role, info in old["data"].items():
+            now = new["data"][role]["sha256"]
+            if now != info["sha256"]:
+                raise BakeError(f"steering {old['name']!r}: its {role} texts changed since the bake (sha256 {info['sha256'][:12]}… "
+                                f"recorded, {now[:12]}… now): restore them to rebuild the same checkpoint")
+    result = fold(recipe.model, vectors, out, dtype=recipe.dtype, force=force, verify=recipe.verify, preview=recipe.preview,
+                  base_model_id=recipe.base_model_id, revision=recipe.revision, recipe=recipe,
+                  allow_remote_code=manifest["fold"]["remote_code"] is not None)
+    files = {p.relative_to(d).as_posix() for d in (folder, Path(out)) for p in d.rglob("*") if p.is_file()} - {MANIFEST}
+    differ = sorted(f for f in files if not (folder / f).is_file() or not (Path(out) / f).is_file()
+                    or not filecmp.cmp(folder / f, Path(out) / f, shallow=False))
+    return result, differ

@@ -95,23 +95,39 @@ def _vector_table(entries: list[dict]) -> str:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (default: the recipe's 'output').")
+@click.option("--from-manifest", "from_manifest", type=click.Path(exists=True),
+              help="Rebuild a baked checkpoint from its bake.json (same base, same data) instead of a recipe.")
+@click.option("--recipe-dir", type=click.Path(file_okay=False),
+              help="With --from-manifest: where the recipe's data paths start, if not where it was baked.")
 @click.option("--allow-remote-code", is_flag=True,
               help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
                    "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def run(recipe: str, output: str | None, force: bool, allow_remote_code: bool) -> None:
+def run(recipe: str | None, output: str | None, from_manifest: str | None, recipe_dir: str | None, force: bool,
+        allow_remote_code: bool) -> None:
     """Compute the recipe's vectors, fold them, verify, and write a standalone checkpoint.
 
     \b
     Example:
       bake run recipes/quickstart.yaml -o out/cheerful
+      bake run --from-manifest out/cheerful -o out/cheerful-rebuilt
     """
     from bake import api
     from bake.recipe import load_recipe
     from bake.verify import describe
 
+    if (recipe is None) == (from_manifest is None):
+        raise click.UsageError("give a RECIPE or --from-manifest BAKED_FOLDER (one of them)")
+    if from_manifest:
+        if output is None:
+            raise click.UsageError("--from-manifest needs -o OUT")
+        result, differ = api.rebuild(from_manifest, output, force, recipe_dir)
+        click.echo(describe(result.verification))
+        click.echo(f"wrote {result.path}: " + ("bit-identical to the original (every file but bake.json)" if not differ
+                   else f"{len(differ)} file(s) differ from the original: {', '.join(differ[:5])}"))
+        return
     result = api.run(load_recipe(recipe), output, force, allow_remote_code=allow_remote_code)
     click.echo(_vector_table(result.manifest["vectors"]["entries"]))
     click.echo(describe(result.verification))
