@@ -141,6 +141,7 @@ def collect(
     batch_tokens: int = 4096,
     pad_id: int = 0,
     desc: str = "collecting",
+    kind: type[Moments] = Moments,
 ) -> dict[tuple[int, Site], Moments]:
     """Mean activations at each (layer, site) over the counted positions of ``examples``.
 
@@ -148,9 +149,10 @@ def collect(
     dropped before summing. The pass stops after the deepest requested block.
     Under torch.distributed (torchrun, accelerate launch) each rank takes every
     world-size-th batch and the sums are all-reduced: every rank gets the totals.
+    ``kind`` is the accumulator (a ``Moments`` subclass may keep more, e.g. second moments).
     """
     hidden = model.config.get_text_config().hidden_size
-    moments = {p: Moments.zeros(hidden) for p in points}
+    moments = {p: kind.zeros(hidden) for p in points}
     deepest = max(layer for layer, _ in points)
     mask_holder: dict[str, torch.Tensor] = {}
     device = model.get_input_embeddings().weight.device

@@ -106,7 +106,9 @@ class Steering(_Strict):
     layer: int = Field(ge=0, description="0-based block index; the vector is added after this block")
     site: Site = "resid_post"
     method: Method = "mean-centred"
-    coefficient: float = 1.0
+    coefficient: float | Literal["auto"] = Field(
+        default=1.0, description="'auto': the largest of evaluate.coefficients whose KL stays within evaluate.max_kl"
+    )
     target: TextSource | None = None
     background: Background | None = None
     positive: TextSource | None = None
@@ -116,10 +118,17 @@ class Steering(_Strict):
     chat: bool = False
     chat_prompt: str = "Say something."
 
+    @field_validator("coefficient", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value: Any) -> Any:
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"coefficient is a number or 'auto', not {value!r}")
+        return value
+
     @field_validator("coefficient")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | str) -> float | str:
+        if value != "auto" and not math.isfinite(value):
             raise ValueError("coefficient must be a finite number")
         return value
 
@@ -165,6 +174,87 @@ class PreviewSpec(_Strict):
     chat: bool = True
 
 
+Scorer = Literal["wordlist", "vader", "toxicity", "classifier", "logprob_gain", "activation_shift"]
+
+# Held-out defaults: none of these appear in the recipes' data. Kept small so an evaluation runs in minutes on CPU.
+DEFAULT_EVAL_PROMPTS = [
+    "How do I renew my passport?",
+    "Describe the process of doing laundry.",
+    "What should I know before adopting a cat?",
+    "My laptop battery drains quickly. What can I do?",
+    "Summarize the plot of a detective novel.",
+    "How do trains get their power?",
+]
+DEFAULT_NEUTRAL = [
+    "The meeting is scheduled for Tuesday at ten in the morning in the second floor conference room.",
+    "Copper conducts electricity well, which is why it is widely used in household wiring.",
+    "The recipe calls for two cups of flour, one teaspoon of salt and half a cup of water.",
+    "Trains leave the central station every fifteen minutes between six in the morning and midnight.",
+    "The report lists the number of visitors to the museum in each month of the previous year.",
+    "To change the printer cartridge, open the front panel and pull the old cartridge toward you.",
+    "The river flows north for about two hundred kilometres before it reaches the sea.",
+    "Applications for the program must be submitted by the end of March, together with two references.",
+    "The software update changes the default settings and fixes several minor problems with the display.",
+    "Most adult cats sleep between twelve and sixteen hours a day, usually in short periods.",
+    "The bridge was built in 1932 and was repaired after a flood damaged one of its supports.",
+    "Each chapter of the textbook ends with a short summary and a list of exercises.",
+]
+
+
+class ClassifierSpec(_Strict):
+    """A Hugging Face text-classification model (local folder or Hub id): the score is the mean probability of ``label``."""
+
+    model: str
+    label: str = Field(description="the class whose probability is the score, as the model's config names it (id2label)")
+
+
+class CompareSpec(_Strict):
+    """What ``bake compare`` needs beyond the steering entry: negative texts for ``contrast``, a prompt pair for ``actadd``."""
+
+    negative: TextSource | None = None
+    positive_prompt: str | None = None
+    negative_prompt: str | None = None
+
+
+class EvaluateSpec(_Strict):
+    """How ``bake sweep``/``compare``/``eval`` and ``coefficient: auto`` measure a steering: effect against fluency cost.
+
+    Effects (``scorers``; the first one is the headline in tables and plots): ``wordlist`` (rate of words specific to
+    the target texts in greedy replies to ``prompts``), ``vader`` (mean VADER compound sentiment), ``toxicity``
+    (alt-profanity-check probability), ``classifier`` (probability of a label), ``logprob_gain`` (nats per token of
+    held-out target text), ``activation_shift`` (held-out target vs neutral along the vector, in standard deviations).
+    Costs, always measured: KL(base ‖ steered) on ``neutral``, perplexity on ``background``, repetition of replies.
+    """
+
+    prompts: TextSource = Field(default_factory=lambda: TextSource(texts=DEFAULT_EVAL_PROMPTS))
+    chat: bool = Field(default=True, description="prompts as user turns of the chat template")
+    tokens: int = Field(default=32, ge=1, description="new tokens per greedy reply")
+    scorers: list[Scorer] = Field(default_factory=lambda: ["wordlist", "logprob_gain", "activation_shift"], min_length=1)
+    words: TextSource | None = Field(default=None, description="word list for 'wordlist' (default: derived from the target texts)")
+    top_words: int = Field(default=40, ge=1, description="size of the derived word list")
+    classifier: ClassifierSpec | None = None
+    neutral: TextSource = Field(default_factory=lambda: TextSource(texts=DEFAULT_NEUTRAL))
+    background: TextSource | None = Field(default=None, description="held-out text for perplexity (default: neutral)")
+    target: TextSource | None = Field(default=None, description="held-out target texts (default: the entry's own, in-sample)")
+    max_kl: float = Field(default=0.5, gt=0, description="KL budget (nats per token) for coefficient: auto and bake compare")
+    coefficients: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0], min_length=1)
+    compare: CompareSpec = Field(default_factory=CompareSpec)
+
+    @field_validator("coefficients")
+    @classmethod
+    def _positive_finite(cls, value: list[float]) -> list[float]:
+        bad = [c for c in value if not (math.isfinite(c) and c > 0)]
+        if bad:
+            raise ValueError(f"coefficients must be positive finite numbers, not {bad}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _classifier_given(self) -> "EvaluateSpec":
+        if "classifier" in self.scorers and self.classifier is None:
+            raise ValueError("scorer 'classifier' needs 'classifier: {model: PATH_OR_ID, label: LABEL}'")
+        return self
+
+
 class Recipe(_Strict):
     """A whole bake: one base model, one or more steering entries."""
 
@@ -172,6 +262,9 @@ class Recipe(_Strict):
     revision: str | None = None
     base_model_id: str | None = Field(default=None, description="Hub id named in the model card")
     output: str | None = None
+    output_format: Literal["hf", "gguf"] = Field(
+        default="hf", description="'gguf': write the GGUF base with the steering as bias tensors (llama.cpp, Ollama)"
+    )
     dtype: DType = "auto"
     seed: int = 0
     max_tokens: int = Field(default=256, ge=2, description="texts are truncated to this many tokens")
@@ -180,6 +273,7 @@ class Recipe(_Strict):
     steering: list[Steering] = Field(min_length=1)
     verify: VerifySpec = Field(default_factory=VerifySpec)
     preview: PreviewSpec = Field(default_factory=PreviewSpec)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
     allow_remote_code: bool = Field(
         default=False,
         description="bake sites with no stock bias slot (Gemma 2/3, OLMo 2) into a constant-bias module: the output "
@@ -188,6 +282,17 @@ class Recipe(_Strict):
 
     _text: str = PrivateAttr(default="")
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _gguf_output(self) -> "Recipe":
+        if self.output_format == "gguf":
+            if not self.model.lower().endswith(".gguf"):
+                raise ValueError("output_format 'gguf' needs a .gguf model (a file or pkg:PACKAGE/FILE.gguf): "
+                                 "a GGUF is written by adding biases to one")
+            if self.dtype != "auto" or self.allow_remote_code:
+                raise ValueError("output_format 'gguf' keeps the file's own tensor types and runs no transformers code: "
+                                 "remove dtype and allow_remote_code")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> "Recipe":
