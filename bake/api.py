@@ -7,6 +7,7 @@ import filecmp
 import functools
 import importlib.metadata
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,47 @@ def _role_sets(recipe: Recipe, entry: Steering, index: int, full_model, tokenize
     return sets
 
 
+@dataclass
+class MeasuredVectors:
+    """Each steering entry's vector at coefficient 1 (vectors scale linearly, so a sweep measures once)."""
+
+    points: list[tuple[int, Site]]
+    units: list[torch.Tensor]
+    entries: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    def scaled(self, coefficients: list[float], records: dict[int, dict[str, Any]] | None = None) -> VectorSet:
+        """The vector set at these per-entry coefficients (entries sharing a point add); ``records`` adds
+        fields to the entries' metadata (``coefficient: auto`` keeps its choice there)."""
+        vectors: dict[tuple[int, Site], torch.Tensor] = {}
+        entries = []
+        for i, (point, u, entry, c) in enumerate(zip(self.points, self.units, self.entries, coefficients)):
+            v = c * u
+            vectors[point] = vectors.get(point, torch.zeros_like(v)) + v
+            mean_norm = entry["mean_residual_norm"]
+            entries.append({**entry, "coefficient": c, "norm": float(v.norm()),
+                            "relative_norm": float(v.norm()) / mean_norm if mean_norm else 0.0, **(records or {}).get(i, {})})
+        return VectorSet(vectors, {**self.meta, "entries": entries})
+
+
 def compute_vectors(recipe: Recipe) -> VectorSet:
     """Measure every steering entry of ``recipe`` on its base model and return the vectors.
 
-    Entries sharing a (layer, site) add up. Only blocks 0..L of the deepest layer
+    Entries sharing a (layer, site) add up. ``coefficient: auto`` entries get the largest coefficient on ``evaluate.coefficients`` whose
+    KL(base ‖ steered) stays within ``evaluate.max_kl`` (``bake.sweep.choose_auto``).
+    """
+    measured = measure_vectors(recipe)
+    if any(e.coefficient == "auto" for e in recipe.steering):
+        from bake.sweep import choose_auto
+
+        return choose_auto(recipe, measured)
+    return measured.scaled([e.coefficient for e in recipe.steering])
+
+
+def measure_vectors(recipe: Recipe) -> MeasuredVectors:
+    """Every steering entry of ``recipe`` measured on its base model, at coefficient 1.
+
+    Only blocks 0..L of the deepest layer
     L are built and loaded; each distinct text set runs through them once, for all
     the points that need it. The full model is loaded only to sample a background
     that is not cached yet.
@@ -122,13 +160,13 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
         for key, (s, points) in needed.items()
     }
 
-    vectors: dict[tuple[int, Site], torch.Tensor] = {}
-    entries = []
+    points, units, entries = [], [], []
     for entry, sets in zip(recipe.steering, role_sets):
         point = (entry.layer, entry.site)
         moments = {role: measured[s.key][point] for role, s in sets.items()}
-        v = steering_vector(entry.method, moments, entry.coefficient)
-        vectors[point] = vectors.get(point, torch.zeros_like(v)) + v
+        u = steering_vector(entry.method, moments, 1.0)
+        points.append(point)
+        units.append(u)
         reference = moments.get("background") or next(iter(moments.values()))
         entries.append(
             {
@@ -137,11 +175,8 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
                 "site": entry.site,
                 "tensor": tensor_name(*point),
                 "method": entry.method,
-                "coefficient": entry.coefficient,
-                "norm": float(v.norm()),
-                "unscaled_norm": float(steering_vector(entry.method, moments, 1.0).norm()),
+                "unscaled_norm": float(u.norm()),
                 "mean_residual_norm": reference.mean_norm,
-                "relative_norm": float(v.norm()) / reference.mean_norm if reference.mean_norm else 0.0,
                 # Tokens as the collection counted them (after any all-reduce across ranks).
                 "counts": {role: {"texts": s.info["texts"], "tokens": moments[role].count} for role, s in sets.items()},
                 "data": {role: s.info for role, s in sets.items()},
@@ -151,10 +186,9 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
         "format": "bake-vectors/1",
         "model": {"spec": source.spec, "identity": source.identity, "model_type": cfg.model_type},
         "hidden_size": cfg.hidden_size,
-        "entries": entries,
         "versions": _versions(),
     }
-    return VectorSet(vectors, meta)
+    return MeasuredVectors(points, units, entries, meta)
 
 
 @dataclass
@@ -203,6 +237,12 @@ def fold(
     stock bias slot into a constant-bias module (``bake.remote``): the output then loads
     only with ``trust_remote_code=True`` and is verified loaded that way.
     """
+    if str(out).lower().endswith(".gguf"):  # the GGUF base with the steering as bias tensors (bake.gguf_export)
+        from bake import gguf_export
+
+        if dtype != "auto" or link or allow_remote_code or (verify is not None and verify.scope != "all"):
+            raise BakeError("dtype, link, verify scope and remote code apply to a checkpoint folder: drop them for a .gguf output")
+        return gguf_export.fold(model, vectors, out, force=force, verify=verify, base_model_id=base_model_id, recipe=recipe)
     verify = verify or VerifySpec()
     source = resolve_model(model, revision, recipe.base_dir if recipe else None)
     out = Path(out)
@@ -275,15 +315,24 @@ def _check_foldable(recipe: Recipe, allow_remote_code: bool = False) -> None:
             raise BakeError(f"steering.{i}.site: {e}") from None
 
 
-def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allow_remote_code: bool = False) -> BakeResult:
+def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allow_remote_code: bool = False,
+        output_format: str | None = None) -> BakeResult:
     """The whole recipe: compute the vectors, fold, verify, write, with base vs steered samples.
 
     ``allow_remote_code`` (or ``allow_remote_code: true`` in the recipe) allows a constant-bias module.
+    A target ending in ``.gguf``, or ``output_format`` / the recipe's ``output_format`` "gguf", writes
+    the GGUF base with the steering as bias tensors instead (``bake.gguf_export``).
     """
     allow_remote_code = allow_remote_code or recipe.allow_remote_code
     target = out or (recipe.resolve(recipe.output) if recipe.output else None)
     if target is None:
         raise BakeError("no output folder: pass -o OUT or set 'output' in the recipe")
+    if (output_format or recipe.output_format) == "gguf" or str(target).lower().endswith(".gguf"):
+        from bake import gguf_export
+
+        if allow_remote_code:
+            raise BakeError("--allow-remote-code bakes transformers code, which llama.cpp cannot run: drop it for GGUF output")
+        return gguf_export.run(recipe, target, force)
     if Path(target).exists() and not force:
         raise BakeError(f"output {str(target)!r} already exists: choose another path or pass --force to replace it")
     _check_foldable(recipe, allow_remote_code)
@@ -340,3 +389,57 @@ def rebuild(baked: str | Path, out: str | Path, force: bool = False, recipe_dir:
     differ = sorted(f for f in files if not (folder / f).is_file() or not (Path(out) / f).is_file()
                     or not filecmp.cmp(folder / f, Path(out) / f, shallow=False))
     return result, differ
+
+
+def _replace_files(folder: Path, texts: dict[str, str]) -> None:
+    """Write every file beside its target first, then rename each over it: a reader sees an old or a new
+    file, never half of one, and a failed write leaves the old files."""
+    temps = {name: folder / f".{name}.tmp" for name in texts}
+    try:
+        for name, text in texts.items():
+            temps[name].write_text(text)
+        for name, tmp in temps.items():
+            os.replace(tmp, folder / name)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, tokens: int | None = None) -> dict[str, Any]:
+    """Measure a baked checkpoint against the base it was baked from (``bake eval``): effect and cost figures
+    (``bake.evaluate``) with the settings of its recipe's ``evaluate`` section, or the defaults for a bake from a
+    vector file. The figures go into its ``bake.json`` under ``evaluation`` and its model card."""
+    from bake.evaluate import Evaluator, build_data
+    from bake.recipe import EvaluateSpec
+
+    folder = Path(path)
+    manifest = manifests.read(folder)
+    recorded = manifest.get("recipe")
+    recipe = parse_recipe(recorded["text"], Path(recorded["base_dir"]), where=f"{folder / MANIFEST} (recipe)") if recorded else None
+    spec = recipe.evaluate if recipe else EvaluateSpec()
+    spec = spec.model_copy(update={"tokens": tokens}) if tokens else spec
+    source = resolve_model(manifest["base"]["spec"], recipe.revision if recipe else None, recipe.base_dir if recipe else None)
+    if source.identity != manifest["base"]["identity"]:
+        raise BakeError(f"base model {manifest['base']['spec']!r} is not the one {str(folder)!r} was baked from "
+                        f"({source.identity} here, {manifest['base']['identity']} recorded): evaluate where that base is available")
+    tokenizer = load_tokenizer(folder)
+    base = load_model(source.path, dtype=torch.float32)
+    data = build_data(spec, tokenizer, recipe, recipe.steering[0] if recipe else None, source.key, lambda: base, prompts)
+    vectors = VectorSet.load(folder / manifest["vector_file"])
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.seed if recipe else 0)
+        evaluator = Evaluator(base, tokenizer, data, list(vectors.vectors))
+        steered = evaluator.measure(load_model(folder, dtype=torch.float32), vectors)
+    figures = {side: {k: v for k, v in f.items() if k != "replies"} for side, f in (("base", evaluator.base), ("steered", steered))}
+    manifest["evaluation"] = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "headline": data.headline,
+        "max_kl": spec.max_kl,
+        "within_budget": steered["kl"] <= spec.max_kl,
+        **figures,
+        "data": data.info,
+        "skipped": data.skipped,
+        "samples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(data.prompts, evaluator.base["replies"], steered["replies"])],
+    }
+    _replace_files(folder, {MANIFEST: json.dumps(manifest, indent=2) + "\n", "README.md": card.render(manifest)})
+    return manifest["evaluation"]

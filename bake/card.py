@@ -8,6 +8,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from bake.architectures import family_named, portability_table
+from bake.evaluate import LABELS
 
 TAGS = ["steering", "bake", "activation-steering"]
 REMOTE_TAGS = ["custom_code"]  # the Hub's tag for repositories whose model needs trust_remote_code
@@ -49,6 +50,20 @@ def _data_rows(manifest: dict[str, Any]) -> list[str]:
             source = "sampled from the model" if info["kind"] == "model-sample" else info["kind"]
             rows.append(f"| {e['name']} | {role} | {source} | {info['texts']} | {e['counts'][role]['tokens']} | `{info['sha256'][:16]}…` |")
     return rows
+
+
+def _evaluation_block(manifest: dict[str, Any]) -> str:
+    """The figures of ``bake eval`` (manifest["evaluation"]), when it was run."""
+    ev = manifest.get("evaluation")
+    if not ev:
+        return ""
+    fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
+    rows = [f"| {LABELS.get(k, k)} | {fmt(ev['base'].get(k))} | {fmt(v)} |" for k, v in ev["steered"].items()]
+    budget = "within" if ev["within_budget"] else "**over**"
+    return (f"\n## Evaluation\n\nMeasured by `bake eval` ({ev['created']}) on {ev['data']['prompts']} held-out prompts "
+            f"({ev['data']['tokens']} greedy tokens each) and {ev['data']['neutral_texts']} neutral texts; the KL is {budget} "
+            f"the budget of {ev['max_kl']:g}. Details and sample replies are in `bake.json` (`evaluation`).\n\n"
+            "| measure | base | steered |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _history_block(manifest: dict[str, Any]) -> str:
@@ -188,7 +203,7 @@ and compared with the base model steered by forward hooks, in {ver['dtype']}:
 | greedy continuations ({ver['greedy_tokens']} tokens) | {'identical' if ver['greedy_identical'] else 'different'} |
 | steering effect (max abs logit change vs base) | {ver['steering_effect']:.3g} |
 | result | {'passed' if ver['passed'] else 'FAILED'} |
-{_history_block(manifest)}
+{_evaluation_block(manifest)}{_history_block(manifest)}
 ## Where the steering loads
 
 {_where_it_runs(fold['family'])}

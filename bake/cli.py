@@ -78,7 +78,7 @@ def _side_by_side(samples: list[tuple[str, str, str]], labels: tuple[str, str] =
 
 def _warn_not_portable(manifest: dict) -> None:
     """After writing a constant-bias module (--allow-remote-code): say how it loads, and where it does not."""
-    module = manifest["fold"].get("remote_code")
+    module = manifest.get("fold", {}).get("remote_code")  # a GGUF bake has no "fold" record
     if module:
         click.echo(f"NOTE: {module['class']} is {module['note']} (see README.md)")
 
@@ -91,12 +91,17 @@ def _vector_table(entries: list[dict]) -> str:
             f"{e['name']:<16} {e['layer']:>5} {e['site']:<10} {e['method']:<13} {e['coefficient']:>7g} "
             f"{e['norm']:>9.3f} {e['relative_norm']:>8.3f} {tokens}"
         )
+        if "auto" in e:
+            a = e["auto"]
+            rows.append(f"  coefficient auto: {a['chosen']:g}, the largest of {len(a['grid'])} on the grid with KL {a['kl']:.3g} "
+                        f"<= max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> {a['perplexity']:.3g})")
     return "\n".join(rows)
 
 
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Output folder (default: the recipe's 'output').")
+@click.option("-o", "--output", type=click.Path(),
+              help="Output folder, or FILE.gguf for a GGUF base (default: the recipe's 'output').")
 @click.option("--from-manifest", "from_manifest", type=click.Path(exists=True),
               help="Rebuild a baked checkpoint from its bake.json (same base, same data) instead of a recipe.")
 @click.option("--recipe-dir", type=click.Path(file_okay=False),
@@ -104,17 +109,23 @@ def _vector_table(entries: list[dict]) -> str:
 @click.option("--allow-remote-code", is_flag=True,
               help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
                    "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.")
+@click.option("--format", "output_format", type=click.Choice(["hf", "gguf"]),
+              help="gguf: write the .gguf base with the steering as bias tensors, for llama.cpp and Ollama "
+                   "(default: the recipe's output_format, or gguf when OUT ends in .gguf).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def run(recipe: str | None, output: str | None, from_manifest: str | None, recipe_dir: str | None, force: bool,
-        allow_remote_code: bool) -> None:
+        allow_remote_code: bool, output_format: str | None) -> None:
     """Compute the recipe's vectors, fold them, verify, and write a standalone checkpoint.
 
     \b
     Example:
       bake run recipes/quickstart.yaml -o out/cheerful
       bake run --from-manifest out/cheerful -o out/cheerful-rebuilt
+      bake run recipes/quickstart.yaml -o out/cheerful.gguf
     """
     from bake import api
+    from bake.gguf_export import describe as describe_gguf
+    from bake.gguf_export import is_gguf
     from bake.recipe import load_recipe
     from bake.verify import describe
 
@@ -128,9 +139,9 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
         click.echo(f"wrote {result.path}: " + ("bit-identical to the original (every file but bake.json)" if not differ
                    else f"{len(differ)} file(s) differ from the original: {', '.join(differ[:5])}"))
         return
-    result = api.run(load_recipe(recipe), output, force, allow_remote_code=allow_remote_code)
+    result = api.run(load_recipe(recipe), output, force, allow_remote_code=allow_remote_code, output_format=output_format)
     click.echo(_vector_table(result.manifest["vectors"]["entries"]))
-    click.echo(describe(result.verification))
+    click.echo((describe_gguf if is_gguf(result.path) else describe)(result.verification))
     if result.preview:
         click.echo("\n" + _side_by_side(result.preview))
     click.echo(f"wrote {result.path}")
@@ -193,7 +204,7 @@ def import_cv(files: tuple[str, ...], output: str, scale: tuple[float, ...], for
 @main.command()
 @click.argument("model")
 @click.argument("vectors", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder, or FILE.gguf when MODEL is a .gguf.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Output dtype; auto keeps the source's.")
 @click.option("--base-model-id", help="Hub id of the base model, for the model card.")
@@ -211,8 +222,11 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
     \b
     Example:
       bake fold HuggingFaceTB/SmolLM2-135M-Instruct cheerful.safetensors -o out/cheerful
+      bake fold SmolLM2-135M-Instruct.Q4_1.gguf cheerful.safetensors -o out/cheerful.gguf
     """
     from bake import api
+    from bake.gguf_export import describe as describe_gguf
+    from bake.gguf_export import is_gguf
     from bake.vectorfile import VectorSet
     from bake.verify import describe
 
@@ -220,7 +234,7 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
 
     result = api.fold(model, VectorSet.load(vectors), output, dtype=dtype, force=force, base_model_id=base_model_id,
                       link=link, verify=VerifySpec(scope=verify_scope), allow_remote_code=allow_remote_code)
-    click.echo(describe(result.verification))
+    click.echo((describe_gguf if is_gguf(result.path) else describe)(result.verification))
     click.echo(f"wrote {result.path}")
     _warn_not_portable(result.manifest)
 
@@ -259,11 +273,20 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
     Example:
       bake inspect out/cheerful
       bake inspect alice/smollm2-cheerful --revision v1.0.0
+      bake inspect out/cheerful.gguf
     """
     from bake import manifest as manifests
     from bake.architectures import family_named, portability
     from bake.verify import describe
 
+    if path.lower().endswith(".gguf") and Path(path).is_file():  # a steered GGUF carries its manifest as metadata
+        from bake import gguf_export
+
+        manifest, report, problems = gguf_export.inspect(path)
+        click.echo(json.dumps(manifest, indent=2) if as_json else report)
+        if problems and not as_json:
+            raise SystemExit(1)
+        return
     if not Path(path).exists() and "/" in path and not path.startswith((".", "/")):
         from bake.hub import download
 
@@ -367,3 +390,107 @@ def generate(model: str, prompt: str, compare_with: str | None, tokens: int, cha
         return
     other = continuation(compare_with)
     click.echo(_side_by_side([(prompt, other, text)], labels=(compare_with, model)))
+
+
+def _numbers(kind: type, option: str, text: str | None) -> list | None:
+    """A comma-separated list option (``--layers 6,9,12``), parsed or refused naming the option."""
+    if text is None:
+        return None
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__} values", param_hint=option) from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"{text!r}: give finite {kind.__name__} values separated by commas", param_hint=option)
+    return values
+
+
+def _print_report(report) -> None:
+    click.echo(report.table)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"wrote {report.path}: " + ", ".join(p.name for p in sorted(report.path.iterdir())))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the tables and plots.")
+@click.option("--layers", help="Comma-separated 0-based blocks, e.g. 6,9,12,15 (default: the entry's layer).")
+@click.option("--coefficients", help="Comma-separated coefficients, e.g. 0.5,1,2 (default: the recipe's evaluate.coefficients).")
+@click.option("--entry", help="The steering entry to sweep (default: the first).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def sweep(recipe: str, output: str, layers: str | None, coefficients: str | None, entry: str | None, force: bool) -> None:
+    """Measure effect and cost at every layer x coefficient, steering in memory (nothing is baked).
+
+    Activations are collected once for all layers; every coefficient reuses them. Writes sweep.csv,
+    sweep.md, sweep.json, effect_vs_kl.png and coefficient.png.
+
+    \b
+    Example:
+      bake sweep recipes/quickstart.yaml --layers 6,9,12,15 --coefficients 0.5,1,1.5,2 -o out/sweep
+    """
+    from bake import sweep as sweeps
+    from bake.recipe import load_recipe
+
+    _print_report(sweeps.sweep(load_recipe(recipe), output, _numbers(int, "--layers", layers),
+                               _numbers(float, "--coefficients", coefficients), entry, force))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the table and plot.")
+@click.option("--entry", help="The steering entry whose data and layer are used (default: the first).")
+@click.option("--negative", type=click.Path(exists=True, dir_okay=False),
+              help="Negative texts for contrast (.txt, one per line; default: evaluate.compare.negative).")
+@click.option("--prompt-pair", nargs=2, metavar="POS NEG", help="ActAdd's prompt pair (default: evaluate.compare's).")
+@click.option("--max-kl", type=float, callback=lambda ctx, param, v: _positive(param, v),
+              help="KL budget every method is calibrated to (default: evaluate.max_kl).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+def compare(recipe: str, output: str, entry: str | None, negative: str | None, prompt_pair: tuple[str, str] | None,
+            max_kl: float | None, force: bool) -> None:
+    """Compare mean-centred, uncentred mean, ActAdd and contrast vectors on the same data and layer,
+    each at the largest coefficient whose KL stays within the same budget.
+
+    \b
+    Example:
+      bake compare recipes/quickstart.yaml -o out/compare
+    """
+    from bake import sweep as sweeps
+    from bake.recipe import load_recipe
+
+    _print_report(sweeps.compare(load_recipe(recipe), output, entry, negative, prompt_pair or None, max_kl, force))
+
+
+@main.command("eval")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompts", multiple=True,
+              help="A held-out prompt, or a .txt file of them (one per line); repeatable (default: the recipe's evaluate.prompts).")
+@click.option("--tokens", type=click.IntRange(min=1), help="New tokens per reply (default: the recipe's evaluate.tokens).")
+def evaluate(path: str, prompts: tuple[str, ...], tokens: int | None) -> None:
+    """Measure the baked checkpoint PATH against its base: effect and fluency cost, written into its
+    bake.json (evaluation) and model card.
+
+    \b
+    Example:
+      bake eval out/cheerful
+      bake eval out/cheerful --prompts my_prompts.txt
+    """
+    from bake import api
+
+    texts = []
+    for p in prompts:
+        if not p.endswith(".txt"):
+            texts.append(p)
+        elif Path(p).is_file():
+            texts += [line.strip() for line in Path(p).read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            raise click.BadParameter(f"prompt file {p!r} not found", param_hint="--prompts")
+    ev = api.evaluate_checkpoint(path, texts or None, tokens)
+    rows = [f"{'measure':<18} {'base':>10} {'steered':>10}"]
+    rows += [f"{k:<18} {'' if ev['base'].get(k) is None else format(ev['base'][k], '.4g'):>10} {'' if v is None else format(v, '.4g'):>10}"
+             for k, v in ev["steered"].items()]
+    click.echo("\n".join(rows))
+    click.echo(f"KL {ev['steered']['kl']:.3g} is {'within' if ev['within_budget'] else 'OVER'} the budget {ev['max_kl']:g}")
+    for name, why in ev["skipped"].items():
+        click.echo(f"note: {name} not measured: {why}")
+    click.echo(f"wrote the evaluation into {Path(path) / 'bake.json'} and {Path(path) / 'README.md'}")

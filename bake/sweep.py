@@ -1,0 +1,290 @@
+"""Choosing a steering by measurement: layer x coefficient sweeps, ``coefficient: auto``, method comparison.
+
+Everything steers the base model in memory with hooks (``bake.verify.steered``); nothing is baked. A
+vector scales linearly with its coefficient, so activations are collected once (one pass for all
+layers of a sweep, all methods of a comparison) and every coefficient reuses them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from bake import plots
+from bake.api import MeasuredVectors, measure_vectors
+from bake.architectures import family_for
+from bake.checkpoint import staged_output
+from bake.errors import BakeError
+from bake.evaluate import COSTS, EvalData, Evaluator, build_data, target_source
+from bake.models import load_model, load_tokenizer, resolve_model, text_config
+from bake.recipe import Recipe, Steering, TextSource
+from bake.vectorfile import VectorSet
+from bake.verify import steered
+
+
+
+def _progress(items, desc: str):
+    """A progress bar on stderr over a grid."""
+    return tqdm(items, desc=desc, leave=False)
+
+
+def _entry(recipe: Recipe, name: str | None) -> Steering:
+    """The steering entry to work on: the named one, or the first."""
+    if name is None:
+        return recipe.steering[0]
+    for entry in recipe.steering:
+        if entry.name == name:
+            return entry
+    raise BakeError(f"no steering entry named {name!r}: the recipe has {', '.join(e.name for e in recipe.steering)}")
+
+
+class _Lab:
+    """The full base model, its tokenizer and an evaluator: what every experiment here steers and measures."""
+
+    def __init__(self, recipe: Recipe, entry: Steering, points=(), effects: bool = True):
+        source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
+        self.model = load_model(source.path, dtype=torch.float32)
+        self.family = family_for(self.model.config)
+        tokenizer = load_tokenizer(source.path)
+        self.data: EvalData = build_data(recipe.evaluate, tokenizer, recipe, entry, source.key, lambda: self.model)
+        with torch.random.fork_rng():
+            torch.manual_seed(recipe.seed)
+            self.evaluator = Evaluator(self.model, tokenizer, self.data, list(points), effects)
+
+    def measure(self, vectors: VectorSet) -> dict[str, Any]:
+        with steered(self.model, self.family, vectors):
+            return self.evaluator.measure(self.model, vectors)
+
+    def kl(self, vectors: VectorSet) -> dict[str, float]:
+        with steered(self.model, self.family, vectors):
+            return self.evaluator.costs(self.model)
+
+
+def choose_auto(recipe: Recipe, measured: MeasuredVectors) -> VectorSet:
+    """``coefficient: auto``: each such entry (in order, with the entries before it in place) gets the largest
+    coefficient of ``evaluate.coefficients`` whose KL(base ‖ steered) is within ``evaluate.max_kl``; the grid,
+    its KL and perplexity figures and the choice go into the entry's metadata (and so the manifest) as ``auto``."""
+    spec = recipe.evaluate
+    autos = [i for i, e in enumerate(recipe.steering) if e.coefficient == "auto"]
+    coefficients = [0.0 if e.coefficient == "auto" else e.coefficient for e in recipe.steering]
+    lab = _Lab(recipe, recipe.steering[autos[0]], effects=False)
+    records: dict[int, dict[str, Any]] = {}
+    for i in autos:
+        grid = []
+        for c in _progress(spec.coefficients, f"auto coefficient for {recipe.steering[i].name}"):
+            trial = coefficients.copy()
+            trial[i] = c
+            grid.append({"coefficient": c, **lab.kl(measured.scaled(trial))})
+        fits = [g for g in grid if g["kl"] <= spec.max_kl]
+        if not fits:
+            best = min(grid, key=lambda g: g["kl"])
+            raise BakeError(f"steering.{i}.coefficient: auto: no coefficient in evaluate.coefficients {spec.coefficients} keeps KL "
+                            f"within evaluate.max_kl {spec.max_kl:g} (smallest KL {best['kl']:.3g} at {best['coefficient']:g}): "
+                            "add smaller coefficients or raise max_kl")
+        chosen = max(fits, key=lambda g: g["coefficient"])
+        coefficients[i] = chosen["coefficient"]
+        records[i] = {"auto": {"max_kl": spec.max_kl, "chosen": chosen["coefficient"], "kl": chosen["kl"],
+                               "perplexity": chosen["perplexity"], "base_perplexity": lab.evaluator.base["perplexity"],
+                               "grid": grid, "neutral_texts": lab.data.info["neutral_texts"]}}
+    return measured.scaled(coefficients, records)
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def tables(rows: list[dict[str, Any]], keys: list[str]) -> tuple[str, str]:
+    """The same rows as CSV (full precision) and as a markdown table (4 significant digits)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, keys, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_number(r.get(k)) for k in keys) + " |" for r in rows]
+    return buffer.getvalue(), "\n".join(lines) + "\n"
+
+
+def _write(stage: Path, stem: str, rows: list[dict[str, Any]], keys: list[str], record: dict[str, Any]) -> str:
+    csv_text, markdown = tables(rows, keys)
+    (stage / f"{stem}.csv").write_text(csv_text)
+    (stage / f"{stem}.md").write_text(markdown)
+    (stage / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return markdown
+
+
+@dataclass
+class Report:
+    """What a sweep or comparison measured: the rows, the base, the markdown table and the files written."""
+
+    path: Path
+    rows: list[dict[str, Any]]
+    base: dict[str, Any]
+    table: str
+    data: EvalData
+    files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _base_row(base: dict[str, Any], **labels: Any) -> dict[str, Any]:
+    return {**labels, "coefficient": 0.0, "norm": 0.0, "relative_norm": 0.0, **{k: v for k, v in base.items() if k != "replies"}}
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise BakeError(f"output {str(out)!r} already exists: choose another path or pass --force to replace it")
+
+
+def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coefficients: list[float] | None = None,
+          entry_name: str | None = None, force: bool = False) -> Report:
+    """Measure one steering entry at every layer x coefficient: effect and cost per cell, against the base.
+
+    Defaults: the entry's own layer, ``evaluate.coefficients``. Writes ``sweep.csv``/``.md``/``.json`` and
+    ``effect_vs_kl.png``, ``coefficient.png`` to ``out`` (staged, renamed at the end).
+    """
+    out = Path(out)
+    _check_out(out, force)
+    plots.require()
+    entry = _entry(recipe, entry_name)
+    layers = sorted(set(layers or [entry.layer]))
+    coefficients = sorted(set(coefficients or recipe.evaluate.coefficients))
+    blocks = text_config(resolve_model(recipe.model, recipe.revision, recipe.base_dir).path).num_hidden_layers
+    outside = [layer for layer in layers if not 0 <= layer < blocks]
+    if outside:
+        raise BakeError(f"layers {outside} are outside the model's blocks 0..{blocks - 1}: pick layers in range")
+    grid = [entry.model_copy(update={"name": f"{entry.name}.{layer}", "layer": layer, "coefficient": 1.0}) for layer in layers]
+    measured = measure_vectors(recipe.model_copy(update={"steering": grid}))
+    lab = _Lab(recipe, entry, measured.points)
+    rows = []
+    cells = [(i, c) for i in range(len(layers)) for c in coefficients]
+    for i, c in _progress(cells, "sweep"):
+        vectors = VectorSet({measured.points[i]: c * measured.units[i]})
+        norm = abs(c) * measured.entries[i]["unscaled_norm"]
+        rows.append({"layer": layers[i], "coefficient": c, "norm": norm,
+                     "relative_norm": norm / measured.entries[i]["mean_residual_norm"], **lab.measure(vectors)})
+    keys = ["layer", "coefficient", "norm", "relative_norm"] + list(COSTS) + lab.data.scorers
+    base = lab.evaluator.base
+    record = {"entry": entry.name, "site": entry.site, "method": entry.method, "layers": layers, "coefficients": coefficients,
+              "max_kl": recipe.evaluate.max_kl, "data": lab.data.info, "skipped": lab.data.skipped, "base": base, "rows": rows}
+    with staged_output(out, force) as stage:
+        table = _write(stage, "sweep", [_base_row(base, layer="base")] + rows, keys, record)
+        files = plots.sweep_plots(rows, base, lab.data.headline, recipe.evaluate.max_kl, stage)
+    return Report(out, rows, base, table, lab.data, [out / p.name for p in files], _notes(lab.data))
+
+
+def _notes(data: EvalData) -> list[str]:
+    notes = [f"{name} not measured: {why}" for name, why in data.skipped.items()]
+    if data.info.get("target", "").startswith("the steering entry's own"):
+        notes.append("logprob_gain and activation_shift use the entry's own target texts (in-sample): set evaluate.target to hold some out")
+    return notes
+
+
+def calibrate(kl_at: Callable[[float], float], budget: float, start: float, ratio: float = 1.05,
+              steps: int = 24) -> tuple[float, list[tuple[float, float]]]:
+    """The largest coefficient whose KL is within ``budget``, assuming KL grows with the coefficient: double or
+    halve from ``start`` until the budget is bracketed, then bisect geometrically to within ``ratio``.
+    Returns it and every (coefficient, KL) tried."""
+    trace: list[tuple[float, float]] = []
+
+    def within(c: float) -> bool:
+        trace.append((c, kl_at(c)))
+        return trace[-1][1] <= budget
+
+    lo = hi = None
+    c = start
+    for _ in range(steps):
+        if within(c):
+            lo = c
+            if hi is not None:
+                break
+            c *= 2
+        else:
+            hi = c
+            if lo is not None:
+                break
+            c /= 2
+    if lo is None:
+        raise BakeError(f"KL exceeds the budget {budget:g} even at coefficient {c:.3g}: raise max_kl")
+    while hi is not None and hi / lo > ratio:
+        mid = math.sqrt(lo * hi)
+        if within(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, trace
+
+
+def _compare_entries(entry: Steering, recipe: Recipe, negative: str | None, prompt_pair: tuple[str, str] | None) -> tuple[list[Steering], dict[str, str]]:
+    """The four methods on the entry's data at its layer and site; methods without their data are skipped, with why."""
+    target = target_source(entry)
+    if entry.method == "actadd":
+        raise BakeError(f"steering {entry.name!r} is actadd: compare needs texts that show the behaviour (an entry with target or positive texts)")
+    spec = recipe.evaluate.compare
+    neg = TextSource(file=str(Path(negative).resolve())) if negative else spec.negative or entry.negative
+    pair = prompt_pair or ((spec.positive_prompt, spec.negative_prompt) if spec.positive_prompt and spec.negative_prompt else None)
+    common = {"layer": entry.layer, "site": entry.site, "coefficient": 1.0, "chat": entry.chat, "chat_prompt": entry.chat_prompt}
+    entries = [Steering(name="mean-centred", method="mean-centred", target=target, background=entry.background, **common),
+               Steering(name="mean", method="mean", target=target, **common)]
+    skipped = {}
+    if pair:
+        entries.append(Steering(name="actadd", method="actadd", positive_prompt=pair[0], negative_prompt=pair[1], **common))
+    else:
+        skipped["actadd"] = "no prompt pair: pass --prompt-pair POS NEG or set evaluate.compare.positive_prompt/negative_prompt"
+    if neg is not None:
+        entries.append(Steering(name="contrast", method="contrast", positive=target, negative=neg, **common))
+    else:
+        skipped["contrast"] = "no negative texts: pass --negative FILE or set evaluate.compare.negative"
+    return entries, skipped
+
+
+# Points on each method's curve, as fractions of its calibrated coefficient (the last one is at the budget).
+CURVE = (0.25, 0.5, 0.75, 1.0)
+
+
+def compare(recipe: Recipe, out: str | Path, entry_name: str | None = None, negative: str | None = None,
+            prompt_pair: tuple[str, str] | None = None, max_kl: float | None = None, force: bool = False) -> Report:
+    """Mean-centred vs uncentred mean vs ActAdd vs contrast on the same data, layer and site, each at the
+    largest coefficient whose KL is within the same budget (``max_kl`` or ``evaluate.max_kl``).
+
+    Writes ``compare.csv``/``.md``/``.json`` (rows at the budget) and ``compare.png`` (effect vs KL curves
+    and effect at the budget) to ``out``.
+    """
+    out = Path(out)
+    _check_out(out, force)
+    plots.require()
+    entry = _entry(recipe, entry_name)
+    budget = max_kl or recipe.evaluate.max_kl
+    entries, skipped = _compare_entries(entry, recipe, negative, prompt_pair)
+    measured = measure_vectors(recipe.model_copy(update={"steering": entries}))
+    point = measured.points[0]
+    lab = _Lab(recipe, entry, [point])
+    curves: dict[str, list[dict[str, Any]]] = {}
+    searches = {}
+    for m, u in zip(measured.entries, measured.units):
+        start = 0.25 * m["mean_residual_norm"] / m["unscaled_norm"]  # a vector a quarter of the residual's size
+        c, searches[m["method"]] = calibrate(lambda x: lab.kl(VectorSet({point: x * u}))["kl"], budget, start)
+        curves[m["method"]] = [{"method": m["method"], "fraction": f, "coefficient": f * c, "norm": f * c * m["unscaled_norm"],
+                                "relative_norm": f * c * m["unscaled_norm"] / m["mean_residual_norm"],
+                                **lab.measure(VectorSet({point: f * c * u}))} for f in _progress(CURVE, m["method"])]
+    rows = [curve[-1] for curve in curves.values()]
+    keys = ["method", "coefficient", "norm", "relative_norm"] + list(COSTS) + lab.data.scorers
+    base = lab.evaluator.base
+    record = {"entry": entry.name, "layer": entry.layer, "site": entry.site, "max_kl": budget, "data": lab.data.info,
+              "skipped_methods": skipped, "skipped": lab.data.skipped, "base": base, "rows": rows, "curves": curves,
+              "searches": {k: [{"coefficient": c, "kl": kl} for c, kl in v] for k, v in searches.items()}}
+    with staged_output(out, force) as stage:
+        table = _write(stage, "compare", [_base_row(base, method="base")] + rows, keys, record)
+        files = [plots.compare_plot(curves, base, lab.data.headline, budget, stage / "compare.png")]
+    notes = _notes(lab.data) + [f"{m} not compared: {why}" for m, why in skipped.items()]
+    return Report(out, rows, base, table, lab.data, [out / p.name for p in files], notes)

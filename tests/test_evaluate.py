@@ -1,0 +1,381 @@
+"""Measuring a steering: each measure against an independent computation, scorers on known texts,
+coefficient: auto, sweeps, comparisons, plots and bake eval (tiny random models; SmolLM2 in test_smollm2_measure.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bake
+from bake.api import measure_vectors
+from bake.architectures import family_for
+from bake.cli import main
+from bake.errors import BakeError
+from bake.evaluate import (
+    Evaluator,
+    Spread,
+    build_data,
+    classifier_scorer,
+    derive_words,
+    repetition,
+    separation,
+    toxicity_scorer,
+    vader_scorer,
+    word_rate,
+)
+from bake.models import load_model, load_tokenizer
+from bake.recipe import EvaluateSpec, parse_recipe
+from bake.sweep import calibrate, compare
+from bake.vectorfile import VectorSet
+from bake.verify import steered
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TARGET = ["the happy dog is wonderful today", "a great day with the sun and tea", "i love the bright happy star",
+          "wonderful good happy day", "the king is happy and the team is great"]
+NEUTRAL = ["the ship and the star are here", "it was night and the rain was on the castle", "a question about the planet and the ball"]
+GLOOMY = ["the sad dog is terrible today", "an awful night with rain", "i hate the dark", "bad sad night"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _recipe(model: Path, folder: Path, coefficient="1.0", evaluate: str = "") -> bake.Recipe:
+    text = f"""model: {model}
+background: {{sample: {{sequences: 6, tokens: 10}}}}
+steering:
+  - {{name: happy, layer: 1, coefficient: {coefficient}, target: {{texts: {json.dumps(TARGET)}}}}}
+evaluate:
+  tokens: 6
+  prompts: [tell me about your day, what is the weather]
+  neutral: {json.dumps(NEUTRAL)}
+{evaluate}"""
+    return parse_recipe(text, folder)
+
+
+def _kl_by_hand(model, tokenizer, texts: list[str], vectors: VectorSet) -> float:
+    """KL(base ‖ steered) per predicted position, text by text, with torch's own kl_div (every token after <bos>)."""
+    total, n = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text).input_ids])
+        with torch.inference_mode():
+            base = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            with steered(model, family_for(model.config), vectors):
+                other = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        total += float(torch.nn.functional.kl_div(other, base, log_target=True, reduction="sum"))
+        n += ids.shape[1] - 1
+    return total / n
+
+
+def _nll_by_hand(model, tokenizer, texts: list[str]) -> tuple[float, int]:
+    """Total NLL of every token after <bos>, from transformers' own loss."""
+    total, n = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text).input_ids])
+        with torch.inference_mode():
+            total += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+        n += ids.shape[1] - 1
+    return total, n
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    path = tiny_models["llama"]
+    return path, load_model(path, dtype=torch.float32), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def unit(llama, tmp_path_factory) -> VectorSet:
+    """The recipe's vector at coefficient 1."""
+    return bake.compute_vectors(_recipe(llama[0], tmp_path_factory.mktemp("unit")))
+
+
+def test_kl_is_zero_at_coefficient_zero_grows_with_it_and_matches_torch(llama, unit):
+    _, model, tok = llama
+    data = build_data(EvaluateSpec(neutral=NEUTRAL, scorers=["wordlist"], words=["happy"]), tok)
+    ev = Evaluator(model, tok, data, effects=False)
+    u = unit.vectors[(1, "resid_post")]
+    kls = []
+    for c in (0.0, 0.5, 1.0, 2.0, 4.0):
+        vs = VectorSet({(1, "resid_post"): c * u})
+        with steered(model, family_for(model.config), vs):
+            kls.append(ev.costs(model)["kl"])
+        assert kls[-1] == pytest.approx(_kl_by_hand(model, tok, NEUTRAL, vs), rel=1e-4, abs=1e-9)
+    assert kls[0] == 0.0
+    assert all(a < b for a, b in zip(kls, kls[1:])), kls
+    nll, n = _nll_by_hand(model, tok, NEUTRAL)
+    assert ev.base["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+
+
+def test_logprob_gain_is_the_mean_log_probability_change_of_the_target_tokens(llama, unit, tmp_path):
+    path, model, tok = llama
+    recipe = _recipe(path, tmp_path, evaluate="  scorers: [logprob_gain]\n")
+    data = build_data(recipe.evaluate, tok, recipe, recipe.steering[0])
+    ev = Evaluator(model, tok, data)
+    vs = VectorSet({(1, "resid_post"): 2.0 * unit.vectors[(1, "resid_post")]})
+    with steered(model, family_for(model.config), vs):
+        figures = ev.measure(model, vs)
+        nll_steered, n = _nll_by_hand(model, tok, TARGET)
+    nll_base, _ = _nll_by_hand(model, tok, TARGET)
+    assert figures["logprob_gain"] == pytest.approx((nll_base - nll_steered) / n, rel=1e-4)
+    assert ev.base["logprob_gain"] == 0.0
+    assert data.info["target"].startswith("the steering entry's own texts")
+
+
+def test_vader_orders_positive_neutral_negative():
+    score = vader_scorer()
+    happy, plain, sad = score(["What a wonderful, happy day! I love it."]), score(["The train leaves at nine."]), score(["This is awful, sad and terrible."])
+    assert happy > 0.5 and plain == 0.0 and sad < -0.5
+
+
+def test_toxicity_orders_insults_above_polite_text():
+    score = toxicity_scorer()
+    rude, polite = score(["shut up, you stupid idiot"]), score(["thank you for the lovely afternoon"])
+    assert rude > 0.8 > 0.2 > polite
+
+
+def test_word_rate_and_repetition_on_known_texts():
+    assert word_rate(["Happy happy day, said the dog!"], ["happy", "dog"]) == pytest.approx(3 / 6)
+    assert word_rate([], ["happy"]) == 0.0
+    assert repetition(["one two three four five"]) == 0.0
+    # "a b c a b c a b": 6 trigrams, 3 distinct -> half repeat; averaged with a reply that has none.
+    assert repetition(["a b c a b c a b", "one two three"]) == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_derived_word_list_is_the_words_specific_to_the_target():
+    target = ["what a wonderful sunny day", "a wonderful party with cake", "sunny skies and cake for everyone", "the party is wonderful"]
+    reference = ["the report is due on the day after", "a meeting with the team", "the day and the report", "a table and the chairs"]
+    # "wonderful" (3 times, never in the reference) first; ties alphabetical; k cuts the list.
+    assert derive_words(target, reference, k=3) == ["wonderful", "cake", "party"]
+    # "a" (twice in each) and "the", "day" (more frequent in the reference) are not specific; "skies" is seen once.
+    assert derive_words(target, reference, k=20) == ["wonderful", "cake", "party", "sunny"]
+
+
+def test_activation_shift_is_d_prime_along_the_vector():
+    torch.manual_seed(0)
+    hidden = 8
+    offset = torch.randn(hidden, dtype=torch.float64) * 5
+    direction = torch.zeros(hidden, dtype=torch.float64)
+    direction[3] = 1.0
+    target_acts = offset + 1.5 * direction + torch.randn(400, hidden, dtype=torch.float64)
+    reference_acts = offset + torch.randn(300, hidden, dtype=torch.float64) * 2
+    target, reference = Spread.zeros(hidden), Spread.zeros(hidden)
+    target.add(target_acts[:150])
+    target.add(target_acts[150:])
+    reference.add(reference_acts)
+    pt, pr = target_acts[:, 3], reference_acts[:, 3]
+    expected = float((pt.mean() - pr.mean()) / torch.sqrt((pt.var(unbiased=False) + pr.var(unbiased=False)) / 2))
+    v = 7.0 * direction.float()  # any length: only the direction counts
+    assert separation(target, reference, v) == pytest.approx(expected, rel=1e-9)
+    assert separation(target, reference, -v) == pytest.approx(-expected, rel=1e-9)
+    assert expected > 0.5
+
+
+def _tiny_classifier(path: Path) -> Path:
+    """A tiny Llama sequence classifier trained in a second to tell happy words from sad ones."""
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import make_tokenizer, tiny_config
+
+    tok = make_tokenizer()
+    config = tiny_config("llama", num_labels=2, id2label={0: "GLOOMY", 1: "CHEERFUL"}, label2id={"GLOOMY": 0, "CHEERFUL": 1})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    texts, labels = TARGET + GLOOMY, [1] * len(TARGET) + [0] * len(GLOOMY)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(**batch, labels=torch.tensor(labels)).loss
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_classifier_scorer_is_the_mean_label_probability(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    path = _tiny_classifier(tmp_path / "clf")
+    score = classifier_scorer(str(path), "CHEERFUL")
+    cheerful, gloomy = score(["a wonderful happy day"]), score(["a sad and awful night"])
+    assert cheerful > 0.5 > gloomy
+    model, tok = AutoModelForSequenceClassification.from_pretrained(path).eval(), load_tokenizer(path)
+    with torch.inference_mode():
+        probs = [torch.softmax(model(**tok(t, return_tensors="pt")).logits[0], -1)[1].item() for t in ("a wonderful happy day", "i hate the dark")]
+    assert score(["a wonderful happy day", "i hate the dark"]) == pytest.approx(sum(probs) / 2, rel=1e-5)
+    with pytest.raises(BakeError, match="no label 'POSITIVE'.*CHEERFUL"):
+        classifier_scorer(str(path), "POSITIVE")
+
+
+def test_auto_picks_the_largest_grid_coefficient_within_the_kl_budget(llama, unit, tmp_path):
+    path, model, tok = llama
+    grid = [0.5, 1.0, 2.0, 4.0, 8.0]
+    u = unit.vectors[(1, "resid_post")]
+    kls = [_kl_by_hand(model, tok, NEUTRAL, VectorSet({(1, "resid_post"): c * u})) for c in grid]
+    budget = (kls[2] + kls[3]) / 2  # 2.0 fits, 4.0 does not
+    recipe = _recipe(path, tmp_path, "auto", f"  max_kl: {budget!r}\n  coefficients: {grid}\n")
+    vs = bake.compute_vectors(recipe)
+    (entry,) = vs.meta["entries"]
+    assert entry["coefficient"] == 2.0 and entry["auto"]["chosen"] == 2.0
+    assert entry["auto"]["kl"] <= budget
+    assert [g["kl"] for g in entry["auto"]["grid"]] == pytest.approx(kls, rel=1e-4)
+    torch.testing.assert_close(vs.vectors[(1, "resid_post")], 2.0 * u)
+    with pytest.raises(BakeError, match=r"steering.0.coefficient: auto: no coefficient .* within evaluate.max_kl"):
+        bake.compute_vectors(_recipe(path, tmp_path, "auto", f"  max_kl: {kls[0] / 2!r}\n  coefficients: {grid}\n"))
+
+
+def test_run_with_auto_records_the_choice_in_manifest_card_and_inspect(llama, tmp_path):
+    path = llama[0]
+    (tmp_path / "r.yaml").write_text(_recipe(path, tmp_path, "auto", "  max_kl: 0.02\n  coefficients: [0.5, 1, 2, 4]\n").text)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads((out / "bake.json").read_text())["vectors"]["entries"]
+    chosen = entry["auto"]["chosen"]
+    assert entry["coefficient"] == chosen and entry["auto"]["kl"] <= 0.02
+    assert all(g["kl"] > 0.02 for g in entry["auto"]["grid"] if g["coefficient"] > chosen)
+    assert "coefficient auto: " in result.output
+    assert f"| happy | 1 | resid_post | mean-centred | {chosen:g} |" in (out / "README.md").read_text()
+    inspected = CliRunner().invoke(main, ["inspect", str(out)])
+    assert inspected.exit_code == 0 and f"coefficient auto: {chosen:g}" in inspected.output
+
+
+def test_sweep_collects_once_writes_tables_and_png_plots(llama, tmp_path, monkeypatch):
+    import matplotlib.image
+
+    import bake.api
+
+    calls = []
+    real_collect = bake.api.collect
+    monkeypatch.setattr(bake.api, "collect", lambda *a, **k: calls.append(a[3]) or real_collect(*a, **k))
+    (tmp_path / "r.yaml").write_text(_recipe(llama[0], tmp_path, evaluate="  scorers: [wordlist, vader, logprob_gain, activation_shift]\n").text)
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "r.yaml"), "--layers", "0,2", "--coefficients", "1,3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    # One pass per text set (target, background), each recording both layers.
+    assert calls == [[(0, "resid_post"), (2, "resid_post")]] * 2
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(r["layer"], r["coefficient"]) for r in rows] == [("base", "0.0"), ("0", "1.0"), ("0", "3.0"), ("2", "1.0"), ("2", "3.0")]
+    record = json.loads((out / "sweep.json").read_text())
+    for row, measured in zip(rows[1:], record["rows"]):
+        assert float(row["kl"]) == pytest.approx(measured["kl"]) and float(row["vader"]) == pytest.approx(measured["vader"])
+    assert float(rows[0]["kl"]) == 0.0 and float(rows[2]["kl"]) > float(rows[1]["kl"]) > 0
+    # One direction per layer, whatever the coefficient (up to float32 rounding of the scaled vector).
+    assert float(rows[1]["activation_shift"]) == pytest.approx(float(rows[2]["activation_shift"]), rel=1e-5)
+    assert (out / "sweep.md").read_text().count("\n") == 2 + len(rows)
+    for name in ("effect_vs_kl.png", "coefficient.png"):
+        raw = (out / name).read_bytes()
+        assert raw.startswith(PNG) and len(raw) > 1000
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sweep")]  # staged folder renamed, nothing left over
+
+
+def test_sweep_refuses_bad_layers_and_existing_output_before_any_work(llama, tmp_path):
+    (tmp_path / "r.yaml").write_text(_recipe(llama[0], tmp_path).text)
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "r.yaml"), "--layers", "1,9", "-o", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "layers [9] are outside the model's blocks 0..3" in result.output
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "r.yaml"), "--layers", "one", "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "--layers" in result.output
+    (tmp_path / "s").mkdir()
+    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "s")])
+    assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_calibrate_finds_the_largest_coefficient_within_the_budget():
+    tried = []
+    c, trace = calibrate(lambda x: tried.append(x) or x**2, budget=2.0, start=0.1)
+    assert c**2 <= 2.0 and c > math.sqrt(2.0) / 1.05
+    assert trace == [(x, x**2) for x in tried]
+    with pytest.raises(BakeError, match="exceeds the budget"):
+        calibrate(lambda x: 1.0, budget=0.5, start=1.0)
+
+
+def test_compare_calibrates_every_method_to_the_same_budget(llama, tmp_path):
+    budget = 0.03
+    recipe = _recipe(llama[0], tmp_path, evaluate=f"  scorers: [wordlist, logprob_gain]\n  max_kl: {budget}\n"
+                     f"  compare: {{negative: {{texts: {json.dumps(GLOOMY)}}}, positive_prompt: love, negative_prompt: hate}}\n")
+    report = compare(recipe, tmp_path / "cmp")
+    assert [r["method"] for r in report.rows] == ["mean-centred", "mean", "actadd", "contrast"]
+    record = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    measured = measure_vectors(recipe.model_copy(update={"steering": recipe.steering}))
+    mean_centred_unit = measured.units[0].float()
+    for row in report.rows:
+        assert row["kl"] <= budget
+        above = [s["kl"] for s in record["searches"][row["method"]] if row["coefficient"] < s["coefficient"] <= 1.05 * row["coefficient"]]
+        assert above and min(above) > budget  # tight: 5% more would break the budget
+    # The mean-centred row is the recipe's own vector at the calibrated coefficient: its KL, recomputed by hand.
+    _, model, tok = llama
+    row = report.rows[0]
+    vs = VectorSet({(1, "resid_post"): row["coefficient"] * mean_centred_unit})
+    assert row["kl"] == pytest.approx(_kl_by_hand(model, tok, NEUTRAL, vs), rel=1e-4)
+    raw = (tmp_path / "cmp" / "compare.png").read_bytes()
+    assert raw.startswith(PNG) and len(raw) > 1000
+    rows = list(csv.DictReader((tmp_path / "cmp" / "compare.csv").open()))
+    assert [r["method"] for r in rows] == ["base", "mean-centred", "mean", "actadd", "contrast"]
+
+
+def test_compare_without_negative_texts_or_prompt_pair_says_what_it_left_out(llama, tmp_path):
+    report = compare(_recipe(llama[0], tmp_path, evaluate="  scorers: [wordlist]\n  max_kl: 0.03\n"), tmp_path / "cmp")
+    assert [r["method"] for r in report.rows] == ["mean-centred", "mean"]
+    assert any(n.startswith("actadd not compared: no prompt pair") for n in report.notes)
+    assert any(n.startswith("contrast not compared: no negative texts") for n in report.notes)
+
+
+def test_eval_writes_figures_into_manifest_and_card_and_keeps_the_weights(llama, tmp_path):
+    path, model, tok = llama
+    (tmp_path / "r.yaml").write_text(_recipe(path, tmp_path, "2.0", "  scorers: [wordlist, activation_shift]\n  max_kl: 0.5\n").text)
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "-o", str(out)]).exit_code == 0
+    weights = (out / "model.safetensors").read_bytes() if (out / "model.safetensors").exists() else None
+    result = CliRunner().invoke(main, ["eval", str(out), "--prompts", "tell me a story", "--prompts", "how is the weather"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "bake.json").read_text())
+    ev = manifest["evaluation"]
+    assert [s["prompt"] for s in ev["samples"]] == ["tell me a story", "how is the weather"]
+    vectors = VectorSet.load(out / "bake" / "vectors.safetensors")
+    # The baked checkpoint's KL is the hook-steered base's (the fold is exact).
+    assert ev["steered"]["kl"] == pytest.approx(_kl_by_hand(model, tok, NEUTRAL, vectors), rel=1e-3)
+    assert ev["within_budget"] == (ev["steered"]["kl"] <= 0.5)
+    assert ev["base"]["kl"] == 0.0 and ev["steered"]["activation_shift"] is not None
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" in card and f"| {ev['steered']['kl']:.4g} |" in card
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    if weights is not None:
+        assert (out / "model.safetensors").read_bytes() == weights
+    assert CliRunner().invoke(main, ["inspect", str(out)]).exit_code == 0
+
+
+def test_eval_refuses_a_missing_prompt_file(llama, tmp_path):
+    result = CliRunner().invoke(main, ["eval", str(tmp_path), "--prompts", "nope.txt"])
+    assert result.exit_code == 2 and "prompt file 'nope.txt' not found" in result.output
+
+
+@pytest.mark.parametrize(
+    "evaluate, path, needle",
+    [
+        ("{scorer: [vader]}", "evaluate.scorer", "unknown field"),
+        ("{scorers: [sentiment]}", "evaluate.scorers.0", "wordlist"),
+        ("{scorers: [classifier]}", "evaluate", "needs 'classifier"),
+        ("{max_kl: 0}", "evaluate.max_kl", "greater than 0"),
+        ("{coefficients: [1, -2]}", "evaluate.coefficients", "positive finite"),
+        ("{compare: {negatives: x.txt}}", "evaluate.compare.negatives", "unknown field"),
+    ],
+)
+def test_evaluate_section_errors_name_the_field(tmp_path, evaluate, path, needle):
+    with pytest.raises(BakeError) as err:
+        parse_recipe(f"model: m\nsteering:\n  - {{name: a, layer: 1, target: [x]}}\nevaluate: {evaluate}\n", tmp_path)
+    assert f"{path}: " in str(err.value) and needle in str(err.value), str(err.value)
+
+
+def test_coefficient_is_a_number_or_auto(tmp_path):
+    parse = lambda c: parse_recipe(f"model: m\nsteering:\n  - {{name: a, layer: 1, coefficient: {c}, target: [x]}}\n", tmp_path)  # noqa: E731
+    assert parse("auto").steering[0].coefficient == "auto" and parse("-2").steering[0].coefficient == -2.0
+    with pytest.raises(BakeError, match=r"steering.0.coefficient: coefficient is a number or 'auto', not 'automatic'"):
+        parse("automatic")
