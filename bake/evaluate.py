@@ -308,7 +308,7 @@ class Evaluator:
         self.tokenizer, self.data, self.effects = tokenizer, data, effects
         self.pad = tokenizer.pad_token_id
         self._neutral = list(_predictions(base, data.neutral, self.pad))
-        self._target_nll = _nll(base, data.target, self.pad) if data.target and "logprob_gain" in data.scorers else None
+        self._target_nll = _nll(base, data.target, self.pad) if effects and data.target and "logprob_gain" in data.scorers else None
         self.spreads: dict[str, dict[tuple[int, Site], Spread]] = {}
         if points and data.target and "activation_shift" in data.scorers:
             family = family_for(base.config)
