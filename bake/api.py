@@ -424,7 +424,7 @@ def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, toke
                         f"({source.identity} here, {manifest['base']['identity']} recorded): evaluate where that base is available")
     tokenizer = load_tokenizer(folder)
     base = load_model(source.path, dtype=torch.float32)
-    data = build_data(spec, tokenizer, recipe, recipe.steering[0] if recipe else None, source.key, lambda: base, prompts)
+    data = build_data(spec, tokenizer, recipe, recipe.steering[0] if recipe else None, source.key, lambda: base, prompts, need_effect=False)
     vectors = VectorSet.load(folder / manifest["vector_file"])
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed if recipe else 0)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 from bake.activations import Moments, batches, collect, padded
 from bake.architectures import Site, family_for
-from bake.data import Example, load_texts, sample_background, sequences_to_examples, tokenize
+from bake.data import Example, load_texts, sample_background, tokenize
 from bake.errors import BakeError
 from bake.models import cache_dir, prompt_ids
 from bake.recipe import EvaluateSpec, Recipe, Steering, TextSource
@@ -166,14 +166,13 @@ class EvalData:
     """The neutral texts framed like the target texts (as replies in chat mode): activation shift's baseline."""
     words: list[str] | None = None
     classifier: tuple[str, str] | None = None
-    max_kl: float = 0.5
     info: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
     @property
-    def headline(self) -> str:
+    def headline(self) -> str | None:
         """The effect shown in tables and plots: the first scorer that can be measured."""
-        return self.scorers[0]
+        return self.scorers[0] if self.scorers else None
 
 
 def _examples(tokenizer, texts: list[str], what: str, max_tokens: int, chat: bool = False, chat_prompt: str = "") -> list[Example]:
@@ -207,10 +206,11 @@ def build_data(
     model_key: str = "",
     model_factory: Callable[[], Any] | None = None,
     prompts: list[str] | None = None,
+    need_effect: bool = True,
 ) -> EvalData:
     """Read and tokenize what ``spec`` names (relative to ``recipe``); ``entry`` is the steering whose target
     texts give the word list and the default held-out target. Scorers that cannot be measured without a
-    target are dropped and listed in ``skipped``."""
+    target are dropped and listed in ``skipped``; unless ``need_effect``, costs alone are a valid evaluation."""
     max_tokens = recipe.max_tokens if recipe else 256
     read = lambda source, what: load_texts(source, recipe, what)  # noqa: E731
     prompts = prompts or read(spec.prompts, "evaluate.prompts")
@@ -223,7 +223,7 @@ def build_data(
         "prompts": len(prompts), "tokens": spec.tokens, "chat": spec.chat, "neutral_texts": len(neutral_texts),
         "background": "evaluate.background" if spec.background else "evaluate.neutral",
     }
-    data = EvalData(prompts, spec.chat, spec.tokens, list(spec.scorers), neutral, background, max_kl=spec.max_kl, info=info)
+    data = EvalData(prompts, spec.chat, spec.tokens, list(spec.scorers), neutral, background, info=info)
     if spec.classifier:
         path = recipe.resolve(spec.classifier.model) if recipe else Path(spec.classifier.model)
         data.classifier = (str(path) if path.exists() else spec.classifier.model, spec.classifier.label)
@@ -251,7 +251,7 @@ def build_data(
         if name in needs and not needs[name]:
             data.skipped[name] = "no target texts or word list: give evaluate.target / evaluate.words"
             data.scorers.remove(name)
-    if not data.scorers:
+    if not data.scorers and need_effect:
         raise BakeError(f"evaluate.scorers: none can be measured here ({'; '.join(f'{k}: {v}' for k, v in data.skipped.items())})")
     if data.words is not None:
         info["word_list"] = data.words

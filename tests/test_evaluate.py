@@ -379,3 +379,22 @@ def test_coefficient_is_a_number_or_auto(tmp_path):
     assert parse("auto").steering[0].coefficient == "auto" and parse("-2").steering[0].coefficient == -2.0
     with pytest.raises(BakeError, match=r"steering.0.coefficient: coefficient is a number or 'auto', not 'automatic'"):
         parse("automatic")
+
+
+def test_eval_of_a_bake_from_a_vector_file_measures_the_costs_and_says_what_it_could_not(llama, unit, tmp_path):
+    path, model, tok = llama
+    vectors = VectorSet({(1, "resid_post"): 2.0 * unit.vectors[(1, "resid_post")]})
+    vectors.save(tmp_path / "v.safetensors")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(main, ["fold", str(path), str(tmp_path / "v.safetensors"), "-o", str(out)]).exit_code == 0
+    result = CliRunner().invoke(main, ["eval", str(out)])
+    assert result.exit_code == 0, result.output
+    ev = json.loads((out / "bake.json").read_text())["evaluation"]
+    assert set(ev["steered"]) == {"kl", "perplexity", "repetition"} and ev["headline"] is None
+    assert set(ev["skipped"]) == {"wordlist", "logprob_gain", "activation_shift"}
+    assert "note: wordlist not measured" in result.output
+    # Costs on the built-in neutral texts (words outside the tiny vocabulary are <unk>, not counted), as the hook-steered base's.
+    evaluator = Evaluator(model, tok, build_data(EvaluateSpec(), tok, need_effect=False), effects=False)
+    with steered(model, family_for(model.config), vectors):
+        assert ev["steered"]["kl"] == pytest.approx(evaluator.costs(model)["kl"], rel=1e-3)
+    assert ev["base"]["perplexity"] == pytest.approx(evaluator.base["perplexity"], rel=1e-5)
