@@ -93,8 +93,8 @@ def _vector_table(entries: list[dict]) -> str:
         )
         if "auto" in e:
             a = e["auto"]
-            rows.append(f"  coefficient auto: {a['chosen']:g}, the largest of {len(a['grid'])} on the grid with KL {a['kl']:.3g} "
-                        f"<= max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> {a['perplexity']:.3g})")
+            rows.append(f"  coefficient auto: {a['chosen']:g}, the largest of the {len(a['grid'])} on the grid whose KL ({a['kl']:.3g}) "
+                        f"is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> {a['perplexity']:.3g})")
     return "\n".join(rows)
 
 

@@ -369,7 +369,7 @@ class Evaluator:
         if "activation_shift" in self.data.scorers and vectors is not None:
             figures["activation_shift"] = self.activation_shift(vectors)
         figures.update(self._generation_figures(model))
-        return figures
+        return {k: figures[k] for k in [*COSTS, *self.data.scorers, "replies"] if k in figures}
 
 
 # Cost columns of every table, before the effects (in the recipe's scorer order).
