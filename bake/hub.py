@@ -138,14 +138,14 @@ def _so_far(plan: PushPlan) -> str:
     return "nothing was pushed"
 
 
-def download(repo_id: str, revision: str | None = None) -> Path:
-    """A local copy of a baked checkpoint on the Hub (every file, to check the weights against the manifest)."""
+def download(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
+    """A local copy of a Hub repository (by default every file: inspecting checks all the weights)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
     except LocalEntryNotFoundError:
         raise BakeError(f"cannot reach the Hugging Face Hub for {repo_id!r} and it is not cached: go online or give a local folder") from None
     except HfHubHTTPError as e:
-        raise BakeError(f"the Hub refused {repo_id!r} ({_why(e, repo_id)}): check the id and your token") from None
+        raise BakeError(f"the Hub refused {repo_id!r} ({_why(e, repo_id)}): check the id, revision and your token") from None

@@ -115,20 +115,10 @@ def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None 
 
 
 def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from bake.hub import download
 
-    try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "README.md"],
-        )
-    except LocalEntryNotFoundError:
-        raise BakeError(f"cannot reach the Hugging Face Hub for {repo_id!r} and it is not cached: go online or give a local folder") from None
-    except HfHubHTTPError as e:
-        raise BakeError(f"Hub refused {repo_id!r} ({e.__class__.__name__}): check the id, revision and your token") from None
-    path = Path(folder)
+    # bake/*: a baked base keeps its own vectors and undo data, which a bake on top of it carries on.
+    path = download(repo_id, revision, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "README.md", "bake/*"])
     return ModelSource(repo_id, path, {"kind": "hub", "repo_id": repo_id, "commit": path.name})
 
 

@@ -257,3 +257,20 @@ def test_inspect_a_pushed_release_by_repo_id(fake_hub, baked, tmp_path, monkeypa
     assert "base: acme/tiny-llama" in result.output and "weights: match the manifest" in result.output
     missing = CliRunner().invoke(main, ["inspect", "alice/no-such-model"])
     assert missing.exit_code == 1 and "alice/no-such-model" in missing.output and "Traceback" not in missing.output
+
+
+def test_a_hub_model_resolves_to_its_downloaded_snapshot(fake_hub, baked, tmp_path, monkeypatch):
+    """A Hub id as a model spec: the weights, config, tokenizer and card are downloaded, the commit recorded."""
+    from bake.models import resolve_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    hub = fake_hub()
+    assert _push(baked, "alice/tiny-cheer").exit_code == 0
+    source = resolve_model("alice/tiny-cheer")
+    assert source.identity == {"kind": "hub", "repo_id": "alice/tiny-cheer", "commit": hub.commits[0]["oid"]}
+    for name in ("config.json", "model-base.safetensors", "model-bake-steering.safetensors", "tokenizer.json", "README.md"):
+        assert (source.path / name).read_bytes() == hub.commits[0]["files"][name], name
+    for name in ("bake/vectors.safetensors", "bake/undo/headers.json", "bake/undo/config.json"):  # a bake on top carries them on
+        assert (source.path / name).read_bytes() == hub.commits[0]["files"][name], name
+    with pytest.raises(bake.BakeError, match="'alice/missing'"):
+        resolve_model("alice/missing")
