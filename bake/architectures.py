@@ -80,7 +80,7 @@ class Family:
     vllm: str = "not checked yet"
     llama_cpp: str = "not checked yet"
     """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering; "(source)" means read
-    from vLLM 0.33.0 and llama.cpp 0c1e570 sources, not tested here."""
+    from vLLM 0.33.0 and llama.cpp 0c1e570 sources, not tested here ("tested": tests/test_hf_to_gguf.py)."""
 
     def slot(self, site: Site, config: Config | None = None) -> Slot:
         """The slot for ``site``; refuses with the alternatives when there is none."""
@@ -291,7 +291,7 @@ FAMILIES: tuple[Family, ...] = (
         sites=_llama_like(),
         notes="Llama, SmolLM2/3 and other `llama` checkpoints: `mlp_bias` also creates gate/up biases, written as zeros.",
         vllm="loads it (source)",
-        llama_cpp="loads it (source)",
+        llama_cpp="loads it (tested: convert_hf_to_gguf.py, then llama.cpp)",
     ),
     Family(
         name="Granite",

