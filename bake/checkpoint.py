@@ -253,12 +253,30 @@ def _patch(path: Path, edits: list[tuple[TensorInfo, torch.Tensor]]) -> None:
 
 
 def place_copy(src: Path, dst: Path, link: bool = False) -> None:
-    """A byte-identical ``dst``: a hard link when allowed and possible, else a streamed copy."""
+    """A byte-identical ``dst``: a hard link when allowed and possible, else an in-kernel copy."""
     if link:
         try:
             os.link(src, dst)
             return
         except OSError:  # another filesystem, or links not supported
+            pass
+    kernel_copy(src, dst)
+
+
+def kernel_copy(src: Path, dst: Path) -> None:
+    """Copy with ``copy_file_range`` as ``cp`` does (a reflink or server-side copy where the filesystem offers
+    one, no bytes through user space), falling back to ``shutil.copyfile`` where the call is missing or refused."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            with open(src, "rb") as fin, open(dst, "wb") as fout:
+                left = os.fstat(fin.fileno()).st_size
+                while left > 0:
+                    done = os.copy_file_range(fin.fileno(), fout.fileno(), min(left, 1 << 30))
+                    if done == 0:  # the file shrank under us: let the fallback copy what is there
+                        raise OSError("short copy")
+                    left -= done
+            return
+        except OSError:  # EXDEV on old kernels, ENOSYS, EINVAL on some filesystems
             pass
     shutil.copyfile(src, dst)
 
@@ -272,7 +290,7 @@ def copy_side_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
     copied = []
     for p in sorted(src.iterdir()):
         if p.is_file() and p.name not in skip and p.name != INDEX and not p.name.endswith(_FOREIGN_WEIGHTS):
-            shutil.copyfile(p, dst / p.name)
+            kernel_copy(p, dst / p.name)
             copied.append(p.name)
     return copied
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bake import manifest as manifests
-from bake.checkpoint import INDEX, Checkpoint, TensorInfo, copy_side_files, header_bytes, place_copy, read_header, staged_output
+from bake.checkpoint import INDEX, Checkpoint, TensorInfo, copy_side_files, header_bytes, kernel_copy, place_copy, read_header, staged_output
 from bake.errors import BakeError
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
         copy_side_files(path, stage, skip=set(_KEPT_VERBATIM) | set(undo["written"]))
         for name in _KEPT_VERBATIM:
             if (folder / name).is_file():
-                shutil.copyfile(folder / name, stage / name)
+                kernel_copy(folder / name, stage / name)
         if (folder / "bake").is_dir():
             shutil.copytree(folder / "bake", stage / "bake")
     return manifests.read(out) if (Path(out) / manifests.MANIFEST).is_file() else None
