@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -90,6 +91,33 @@ def test_sharded_source_rewrites_only_what_changes(tmp_path, model_type):
         holder = json.loads((src / INDEX).read_text())["weight_map"]["transformer.h.1.mlp.c_proj.bias"]
         assert rewritten == {holder}
     assert set(index["weight_map"].values()) == {p.name for p in out.glob("model*.safetensors")}
+
+
+@pytest.mark.parametrize("kernel", ["used", "refused", "missing"])
+def test_copies_are_byte_identical_with_or_without_copy_file_range(tmp_path, monkeypatch, kernel):
+    """The fold copies with os.copy_file_range as cp does; where the kernel refuses it (EXDEV, ENOSYS) or the
+    platform has none, the streamed copy must give the same bytes."""
+    import os
+
+    src = save_tiny(tmp_path / "src", tiny_config("llama"), max_shard_size="20KB")
+    calls = []
+    if kernel == "missing" or not hasattr(os, "copy_file_range"):
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        real = os.copy_file_range
+
+        def spy(*args):
+            calls.append(args)
+            if kernel == "refused":
+                raise OSError(18, "Invalid cross-device link")
+            return real(*args)
+
+        monkeypatch.setattr(os, "copy_file_range", spy)
+    bake.fold(str(src), _vectors(32, [(1, "resid_post")]), tmp_path / "out")
+    assert bool(calls) == (kernel != "missing" and sys.platform == "linux")
+    for shard in sorted(src.glob("model-*.safetensors")):
+        assert (tmp_path / "out" / shard.name).read_bytes() == shard.read_bytes()
+    assert (tmp_path / "out" / "config.json").exists()
 
 
 def test_dtype_cast_writes_every_float_tensor_in_the_new_dtype(tmp_path, tiny_models):
