@@ -74,6 +74,12 @@ def repetition(texts: list[str], n: int = 3) -> float:
     return sum(rates) / len(rates) if rates else 0.0
 
 
+def reply_length(texts: list[str]) -> float:
+    """Mean words per reply: what a concise steering shortens (replies stop at the token budget, so set
+    ``evaluate.tokens`` above the base model's usual reply length)."""
+    return sum(len(words_of(t)) for t in texts) / len(texts) if texts else 0.0
+
+
 def _need(module: str, package: str):
     import importlib
 
@@ -315,17 +321,7 @@ class Evaluator:
             for name, examples in (("target", data.target), ("reference", data.reference)):
                 self.spreads[name] = collect(base, family, examples, sorted(set(points)), EVAL_BATCH_TOKENS, self.pad,
                                              desc=f"activations ({name})", kind=Spread)
-        self._scorers: dict[str, Callable[[list[str]], float]] = {}
-        if effects:
-            for name in data.scorers:
-                if name == "wordlist":
-                    self._scorers[name] = lambda texts: word_rate(texts, data.words)
-                elif name == "vader":
-                    self._scorers[name] = vader_scorer()
-                elif name == "toxicity":
-                    self._scorers[name] = toxicity_scorer()
-                elif name == "classifier":
-                    self._scorers[name] = classifier_scorer(*data.classifier)
+        self._scorers = {name: TEXT_SCORERS[name](data) for name in data.scorers if effects and name in TEXT_SCORERS}
         self.base: dict[str, Any] = {"kl": 0.0, "perplexity": self._perplexity(base, self._neutral)}
         if effects:
             self.base.update(self._generation_figures(base))
@@ -372,6 +368,14 @@ class Evaluator:
         return {k: figures[k] for k in [*COSTS, *self.data.scorers, "replies"] if k in figures}
 
 
+# Scorers of generated replies: each builds its function of the reply texts from the evaluation data.
+TEXT_SCORERS: dict[str, Callable[[EvalData], Callable[[list[str]], float]]] = {
+    "wordlist": lambda data: lambda texts: word_rate(texts, data.words),
+    "vader": lambda data: vader_scorer(),
+    "toxicity": lambda data: toxicity_scorer(),
+    "classifier": lambda data: classifier_scorer(*data.classifier),
+    "length": lambda data: reply_length,
+}
 # Cost columns of every table, before the effects (in the recipe's scorer order).
 COSTS = ("kl", "perplexity", "repetition")
 # What each figure is, for tables, plots and the model card.
@@ -383,6 +387,7 @@ LABELS = {
     "vader": "VADER sentiment of replies (-1..1)",
     "toxicity": "offensiveness probability of replies",
     "classifier": "classifier probability of replies",
+    "length": "words per reply",
     "logprob_gain": "log-prob gain of held-out target text, nats/token",
     "activation_shift": "activation shift of held-out target text (d')",
 }

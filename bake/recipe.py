@@ -174,7 +174,7 @@ class PreviewSpec(_Strict):
     chat: bool = True
 
 
-Scorer = Literal["wordlist", "vader", "toxicity", "classifier", "logprob_gain", "activation_shift"]
+Scorer = Literal["wordlist", "vader", "toxicity", "classifier", "length", "logprob_gain", "activation_shift"]
 
 # Held-out defaults: none of these appear in the recipes' data. Kept small so an evaluation runs in minutes on CPU.
 DEFAULT_EVAL_PROMPTS = [
@@ -221,8 +221,9 @@ class EvaluateSpec(_Strict):
 
     Effects (``scorers``; the first one is the headline in tables and plots): ``wordlist`` (rate of words specific to
     the target texts in greedy replies to ``prompts``), ``vader`` (mean VADER compound sentiment), ``toxicity``
-    (alt-profanity-check probability), ``classifier`` (probability of a label), ``logprob_gain`` (nats per token of
-    held-out target text), ``activation_shift`` (held-out target vs neutral along the vector, in standard deviations).
+    (alt-profanity-check probability), ``classifier`` (probability of a label), ``length`` (words per reply),
+    ``logprob_gain`` (nats per token of held-out target text), ``activation_shift`` (held-out target vs neutral
+    along the vector, in standard deviations).
     Costs, always measured: KL(base ‖ steered) on ``neutral``, perplexity on ``background``, repetition of replies.
     """
 

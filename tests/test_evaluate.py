@@ -24,6 +24,7 @@ from bake.evaluate import (
     classifier_scorer,
     derive_words,
     repetition,
+    reply_length,
     separation,
     toxicity_scorer,
     vader_scorer,
@@ -144,6 +145,8 @@ def test_word_rate_and_repetition_on_known_texts():
     assert repetition(["one two three four five"]) == 0.0
     # "a b c a b c a b": 6 trigrams, 3 distinct -> half repeat; averaged with a reply that has none.
     assert repetition(["a b c a b c a b", "one two three"]) == pytest.approx((0.5 + 0.0) / 2)
+    assert reply_length(["Mercury.", "It's the closest planet to the Sun.", ""]) == pytest.approx((1 + 7 + 0) / 3)
+    assert reply_length([]) == 0.0
 
 
 def test_derived_word_list_is_the_words_specific_to_the_target():
