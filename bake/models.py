@@ -7,16 +7,18 @@ cache), so folding, verification and manifests all work on one kind of input.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -194,8 +196,40 @@ def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None 
     if "trust_remote_code" not in kwargs and remote.is_steered(path):
         remote.check_code(path)
         kwargs["trust_remote_code"] = True
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", **kwargs)
+    if layers is None:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", **kwargs).eval()
+    with _held_load_report() as report:
+        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", output_loading_info=True, **kwargs)
+        if not (info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]):
+            report.records.clear()  # only the later blocks' weights were left out, as intended
     return model.eval()
+
+
+class _HeldRecords(logging.Filter):
+    """Holds back transformers' loading report: a truncated model leaves the later blocks' weights
+    "UNEXPECTED" on purpose, and a page-long warning about that would hide real problems."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+@contextlib.contextmanager
+def _held_load_report() -> Iterator[_HeldRecords]:
+    """Records of transformers' model-loading logger are held back and emitted at the end unless cleared."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held = _HeldRecords()
+    logger.addFilter(held)
+    try:
+        yield held
+    finally:
+        logger.removeFilter(held)
+        for record in held.records:
+            logger.handle(record)
 
 
 def load_tokenizer(path: Path):

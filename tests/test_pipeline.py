@@ -99,6 +99,33 @@ def test_truncated_collection_equals_full_model_collection(tiny_models):
         assert torch.equal(a[p].total, b[p].total)
 
 
+def test_truncated_load_holds_back_only_the_expected_load_report(tiny_models, tmp_path):
+    """The later blocks' weights are left out on purpose, so transformers' page-long load report is not shown;
+    a weight missing from the blocks kept still shows it."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        load_model(tiny_models["llama"], dtype=torch.float32, layers=2)
+        assert not any("LOAD REPORT" in m for m in seen)
+        broken = tmp_path / "broken"
+        shutil.copytree(tiny_models["llama"], broken)
+        tensors = load_file(broken / "model.safetensors")
+        del tensors["model.layers.0.mlp.down_proj.weight"]
+        save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+        load_model(broken, dtype=torch.float32, layers=2)
+        assert any("LOAD REPORT" in m and "down_proj" in m for m in seen)
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_two_process_gloo_collection_equals_single_process(tiny_models, tmp_path):
     """torchrun with 2 CPU ranks (gloo) splits the batches and all-reduces the sums: same vector."""
     import os
