@@ -106,12 +106,15 @@ def test_truncated_load_holds_back_only_the_expected_load_report(tiny_models, tm
     import shutil
 
     from safetensors.torch import load_file, save_file
+    from transformers.utils import logging as hf_logging
 
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
     logger = logging.getLogger("transformers.modeling_utils")
     logger.addHandler(handler)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # the library's default (the CLI, run earlier in this session, silences it)
     try:
         load_model(tiny_models["llama"], dtype=torch.float32, layers=2)
         assert not any("LOAD REPORT" in m for m in seen)
@@ -124,6 +127,7 @@ def test_truncated_load_holds_back_only_the_expected_load_report(tiny_models, tm
         assert any("LOAD REPORT" in m and "down_proj" in m for m in seen)
     finally:
         logger.removeHandler(handler)
+        hf_logging.set_verbosity(verbosity)
 
 
 def test_two_process_gloo_collection_equals_single_process(tiny_models, tmp_path):
