@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import filecmp
 import functools
-import importlib.metadata
 import json
 import os
 from dataclasses import dataclass, field
@@ -45,13 +44,7 @@ class _TextSet:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("bake", "torch", "transformers", "safetensors", "huggingface_hub"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
+    return manifests.package_versions("bake", "torch", "transformers", "safetensors", "huggingface_hub")
 
 
 def _role_sets(recipe: Recipe, entry: Steering, index: int, full_model, tokenizer, source: ModelSource) -> dict[str, _TextSet]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from bake.architectures import Site
 from bake.checkpoint import default_mode
 from bake.errors import BakeError
 from bake.gguf_architectures import LLAMA_CPP, bias_name, lookup
+from bake.manifest import package_versions
 from bake.models import package_file, sha256_file
 from bake.vectorfile import VectorSet, tensor_name
 
@@ -401,13 +401,7 @@ def inspect(path: str | Path) -> tuple[dict[str, Any], str, list[str]]:
 
 
 def _versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("bake", "gguf", "torch", "transformers", "llama_cpp_python"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
+    return package_versions("bake", "gguf", "torch", "transformers", "llama_cpp_python")
 
 
 def _dequantized(model: str, recipe: "Recipe | None") -> Path:

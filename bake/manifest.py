@@ -8,6 +8,7 @@ vectors (and the original values the fold overwrote) and compares bit for bit.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 from typing import Any
@@ -78,3 +79,14 @@ def check(path: str | Path, manifest: dict[str, Any]) -> list[str]:
         elif hashlib.sha256(code.read_bytes()).hexdigest() != module["sha256"]:
             problems.append(f"{module['file']} differs from the file baked (sha256 {module['sha256'][:16]}…): the code was changed after baking")
     return problems
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ``packages`` for a manifest's provenance (ones not installed are left out)."""
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
