@@ -17,10 +17,11 @@ from bake import card, remote
 from bake import manifest as manifests
 from bake.activations import Moments, collect
 from bake.architectures import Site, family_for
-from bake.checkpoint import staged_output
+from bake.checkpoint import check_output, folder_bytes, staged_output
 from bake.data import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
 from bake.errors import BakeError
 from bake.fold import fold_checkpoint
+from bake.gguf_export import is_steered_gguf
 from bake.manifest import MANIFEST
 from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
 from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec, parse_recipe
@@ -236,11 +237,13 @@ def fold(
         if dtype != "auto" or link or allow_remote_code or (verify is not None and verify.scope != "all"):
             raise BakeError("dtype, link, verify scope and remote code apply to a checkpoint folder: drop them for a .gguf output")
         return gguf_export.fold(model, vectors, out, force=force, verify=verify, base_model_id=base_model_id, recipe=recipe)
+    check_output(out, force, manifests.is_bake_folder)  # before resolving (a download) or any work
     verify = verify or VerifySpec()
     source = resolve_model(model, revision, recipe.base_dir if recipe else None)
     out = Path(out)
     out_dtype = _out_dtype(dtype, source)
-    with staged_output(out, force) as stage:
+    needed = 0 if link else folder_bytes(source.path)
+    with staged_output(out, force, ours=manifests.is_bake_folder, sources=[source.path], needed=needed) as stage:
         fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype, link=link, allow_remote_code=allow_remote_code)
         blocks = 1 + max(layer for layer, _ in vectors.vectors) if verify.scope == "steered" else None
         # Remote code only for a constant-bias module: then loaded exactly as its users must load it.
@@ -271,7 +274,7 @@ def fold(
             "preview": [{"prompt": p, "base": b, "steered": s} for p, b, s in samples],
             "history": _history(source.path),
         }
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (stage / MANIFEST).write_text(manifests.dumps(manifest))
         (stage / "README.md").write_text(card.render(manifest))
     return BakeResult(out, manifest, samples)
 
@@ -295,9 +298,10 @@ def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | 
     return verify_paths(source.path, Path(baked), vectors, spec.prompts, spec.tokens, spec.atol)
 
 
-def _check_foldable(recipe: Recipe, allow_remote_code: bool = False) -> None:
-    """Refuse a recipe whose vectors could not be baked, before spending time computing them."""
+def _check_foldable(recipe: Recipe, target: str | Path, force: bool, allow_remote_code: bool = False) -> None:
+    """Refuse a recipe whose vectors could not be baked, or baked to ``target``, before spending time computing them."""
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
+    check_output(target, force, manifests.is_bake_folder, [source.path], folder_bytes(source.path))
     remote.refuse_steered_source(source.config, f"model {recipe.model!r}")
     cfg = text_config(source.path)
     family = family_for(cfg)
@@ -320,15 +324,15 @@ def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allo
     target = out or (recipe.resolve(recipe.output) if recipe.output else None)
     if target is None:
         raise BakeError("no output folder: pass -o OUT or set 'output' in the recipe")
-    if (output_format or recipe.output_format) == "gguf" or str(target).lower().endswith(".gguf"):
+    gguf = (output_format or recipe.output_format) == "gguf" or str(target).lower().endswith(".gguf")
+    check_output(target, force, is_steered_gguf if gguf else manifests.is_bake_folder)
+    if gguf:
         from bake import gguf_export
 
         if allow_remote_code:
             raise BakeError("--allow-remote-code bakes transformers code, which llama.cpp cannot run: drop it for GGUF output")
         return gguf_export.run(recipe, target, force)
-    if Path(target).exists() and not force:
-        raise BakeError(f"output {str(target)!r} already exists: choose another path or pass --force to replace it")
-    _check_foldable(recipe, allow_remote_code)
+    _check_foldable(recipe, target, force, allow_remote_code)
     vectors = compute_vectors(recipe)
     return fold(
         recipe.model,
@@ -355,6 +359,7 @@ def rebuild(baked: str | Path, out: str | Path, force: bool = False, recipe_dir:
     """
     folder = Path(baked)
     folder = folder.parent if folder.name == MANIFEST else folder
+    check_output(out, force, manifests.is_bake_folder, [folder])
     manifest = manifests.read(folder)
     recorded = manifest.get("recipe")
     if not recorded:
@@ -434,5 +439,5 @@ def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, toke
         "skipped": data.skipped,
         "samples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(data.prompts, evaluator.base["replies"], steered["replies"])],
     }
-    _replace_files(folder, {MANIFEST: json.dumps(manifest, indent=2) + "\n", "README.md": card.render(manifest)})
+    _replace_files(folder, {MANIFEST: manifests.dumps(manifest), "README.md": card.render(manifest)})
     return manifest["evaluation"]

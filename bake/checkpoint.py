@@ -9,14 +9,17 @@ temporary folder beside the target and renamed into place at the end.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -36,6 +39,30 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+
+
+def plain_name(name: str) -> str:
+    """A file name read from a manifest or index: one plain name inside its folder, nothing that reaches out."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError(f"{name!r} is not a plain file name (no separators, no '..')")
+    return name
+
+
+def inner_path(name: str) -> str:
+    """A relative path read from a manifest (``bake/vectors.safetensors``): plain names joined by '/'."""
+    if not isinstance(name, str) or not name or name.startswith("/"):
+        raise ValueError(f"{name!r} is not a relative path inside the folder")
+    for part in name.split("/"):
+        plain_name(part)
+    return name
+
+
+def inside(folder: Path, name: str, what: str = "manifest") -> Path:
+    """``folder / name`` once it is known to stay in ``folder`` with every symlink resolved."""
+    path = Path(folder) / name
+    if not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise BakeError(f"{str(folder)!r}: the {what} names {name!r}, which leads outside the folder: refusing to use it")
+    return path
 
 
 @dataclass(frozen=True)
@@ -112,6 +139,11 @@ class Checkpoint:
         elif (path / INDEX).is_file():
             index = json.loads((path / INDEX).read_text())
             names, indexed, index_meta = sorted(set(index["weight_map"].values())), True, index.get("metadata", {})
+            for name in names:
+                try:
+                    inside(path, plain_name(name), INDEX)
+                except ValueError as e:
+                    raise BakeError(f"{str(path / INDEX)!r}: weight_map: {e}: refusing to read it") from None
         else:
             found = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
             hint = " (only pickle weights found: convert to safetensors first; bake never loads pickles)" if found else ""
@@ -302,27 +334,209 @@ def default_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
-@contextlib.contextmanager
-def staged_output(target: Path, force: bool = False) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; rename it to ``target`` only on success.
+class OutputExists(BakeError):
+    """An output that is already there: the one refusal, worded ``force=True`` by the library, ``--force`` by the CLI."""
 
-    Any failure leaves no output folder (and an existing one untouched).
+    def __init__(self, target: Path, what: str = "already exists") -> None:
+        self.target, self.what = Path(target), what
+        super().__init__(self.hint("force=True"))
+
+    def hint(self, flag: str) -> str:
+        return f"output {str(self.target)!r} {self.what}: choose another path or pass {flag} to replace it"
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def _what_is(path: Path) -> str:
+    if path.is_symlink():
+        return f"a symlink to {os.readlink(path)!r}"
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir())
+        return f"a folder of {len(names)} entries ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "an empty folder"
+    return f"a file of {path.stat().st_size} bytes"
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the top-level files of ``path``: about what a copy of the checkpoint writes."""
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding ``path`` (a module function so tests can stand in a full disk)."""
+    return shutil.disk_usage(path).free
+
+
+def check_output(target: str | Path, force: bool, ours: Callable[[Path], bool], sources: Iterable[str | Path] = (),
+                 needed: int = 0) -> None:
+    """Refuse, before any work, an output bake must not write; every writer calls this first.
+
+    Never the source, inside it or around it (symlinks resolved), never the working folder, never under a file
+    or on a read-only filesystem, never without ``needed`` bytes free; an existing output only with ``force`` and
+    only when ``ours(target)`` says bake wrote it.
     """
     target = Path(target)
-    if target.exists() and not force:
-        raise BakeError(f"output {str(target)!r} already exists: choose another path or pass --force to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    full = Path(os.path.abspath(target))
+    resolved = full.resolve()
+    for src in sources:
+        s = Path(src).resolve()
+        if _inside(resolved, s) or _inside(s, resolved):
+            where = "is" if resolved == s else "is inside" if _inside(resolved, s) else "contains"
+            raise BakeError(f"output {str(target)!r} {where} the source {str(src)!r}: write to a new path outside it")
+    if os.path.lexists(full) and _inside(Path.cwd().resolve(), resolved):
+        raise BakeError(f"output {str(target)!r} is or contains the current folder: write to a new path outside it")
+    anchor = _existing_ancestor(full)
+    if not anchor.is_dir():
+        raise BakeError(f"output {str(target)!r}: {str(anchor)!r} is a file, not a folder: choose a path under a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK) or os.statvfs(anchor).f_flag & os.ST_RDONLY:
+        raise BakeError(f"output {str(target)!r}: the folder {str(anchor)!r} is read-only: choose a writable path")
+    if os.path.lexists(full):
+        if not force:
+            raise OutputExists(target)
+        if full.is_symlink() or not ours(full):
+            raise BakeError(f"output {str(target)!r} is {_what_is(full)}, not an output bake wrote: --force replaces only "
+                            "bake's own outputs; remove it yourself or choose another path")
+    free = free_bytes(anchor)
+    if needed > free:
+        raise BakeError(f"output {str(target)!r}: needs about {needed} bytes but {str(anchor)!r} has {free} free: "
+                        "free some space or choose another disk")
+    _clear_stale(full)
+
+
+def _staging_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"^\.{re.escape(name)}\.(?:tmp|old)-(\d+)-[A-Za-z0-9_]+$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _clear_stale(target: Path) -> None:
+    """Staging left beside ``target`` by a killed run: removed when its process is gone (the name says whose it
+    is), refused while that process still runs (another bake is writing the same output)."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    pattern = _staging_pattern(target.name)
+    for p in parent.iterdir():
+        m = pattern.match(p.name)
+        if not m or int(m[1]) == os.getpid():
+            continue
+        if _alive(int(m[1])):
+            raise BakeError(f"another bake run (pid {m[1]}) is writing {str(target)!r} now ({p.name} beside it): "
+                            "wait for it or choose another path")
+        _remove(p)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+_RACED = "was created by another run while this one worked (nothing was replaced)"
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+if _renameat2 is not None:
+    _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst`` atomically, failing with FileExistsError if anything is at ``dst``.
+
+    Linux ``renameat2(RENAME_NOREPLACE)``; where the filesystem or libc lacks it, a hard link for a file
+    (fails if ``dst`` exists) and for a folder an empty ``mkdir(dst)`` taken as a lock and then replaced.
+    """
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), str(dst))
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if src.is_dir():
+        os.mkdir(dst)  # FileExistsError when taken: this run lost
+        os.rename(src, dst)  # replaces only the empty folder just made
+    else:
+        os.link(src, dst)
+        os.unlink(src)
+
+
+def _publish(staging: Path, target: Path, force: bool, ours: Callable[[Path], bool]) -> None:
+    """The final step: ``staging`` becomes ``target``; an existing one is replaced only with ``force``, and only
+    if it is still bake's (it may have changed while this run worked)."""
+    if force and os.path.lexists(target):
+        if target.is_symlink() or not ours(target):
+            raise BakeError(f"output {str(target)!r} became {_what_is(target)} while bake worked, not an output bake "
+                            "wrote: nothing was replaced")
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent)) / "x"
+        os.rename(target, old)
+        try:
+            rename_noreplace(staging, target)
+        except FileExistsError:
+            raise OutputExists(target, _RACED) from None
+        finally:
+            if os.path.lexists(target):
+                _remove(old.parent)
+            else:
+                os.rename(old, target)
+                _remove(old.parent)
+        return
+    try:
+        rename_noreplace(staging, target)
+    except FileExistsError:
+        raise OutputExists(target, _RACED) from None
+
+
+@contextlib.contextmanager
+def staged_output(target: str | Path, force: bool = False, *, ours: Callable[[Path], bool],
+                  sources: Iterable[str | Path] = (), file: bool = False, needed: int = 0) -> Iterator[Path]:
+    """Yield an empty temporary folder (or, with ``file``, file path) beside ``target``; it becomes ``target``
+    only on success (``check_output`` first, ``rename_noreplace`` last).
+
+    Any failure, Ctrl-C or SIGTERM leaves no output (and an existing one untouched); the staging name carries
+    the pid, so one left by a SIGKILL is recognised by the next run (``_clear_stale``).
+    """
+    check_output(target, force, ours, sources, needed)
+    target = Path(os.path.abspath(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{target.name}.tmp-{os.getpid()}-"
+        if file:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
+            os.close(fd)
+            staging = Path(name)
+        else:
+            staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    except OSError as e:
+        raise BakeError(f"cannot write beside {str(target)!r} ({e.strerror}): choose a writable path") from None
     try:
         yield staging
-        default_mode(staging, directory=True)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "x")
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        default_mode(staging, directory=not file)
+        _publish(staging, target, force, ours)
+    except OSError as e:
+        _remove(staging)
+        if e.errno == errno.ENOSPC:
+            raise BakeError(f"the disk is full writing {str(target)!r} ({free_bytes(target.parent)} bytes free): "
+                            "nothing was written; free some space or choose another disk") from None
+        raise
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
         raise

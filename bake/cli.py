@@ -5,22 +5,47 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
 import textwrap
+import threading
 from pathlib import Path
 
 import click
 
+from bake.checkpoint import OutputExists, check_output
 from bake.errors import BakeError
 
 
+TERMINATED = 143
+"""Exit code after SIGTERM (128 + 15, as a shell reports a process the signal ended)."""
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so staging is removed exactly as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    raise _Terminated
+
+
 class _Group(click.Group):
-    """Turns BakeError into click's one-line ``Error: ...`` with exit code 1."""
+    """Turns BakeError into click's one-line ``Error: ...`` with exit code 1, and SIGTERM into one line and 143."""
 
     def invoke(self, ctx: click.Context):
+        main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
         try:
             return super().invoke(ctx)
+        except OutputExists as e:
+            raise click.ClickException(e.hint("--force")) from None
         except BakeError as e:
             raise click.ClickException(str(e)) from None
+        except _Terminated:
+            click.echo("Error: stopped by SIGTERM: nothing was written (staging removed)", err=True)
+            raise SystemExit(TERMINATED) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _positive(param: click.Parameter, value: float | None) -> float | None:
@@ -164,13 +189,13 @@ def vector(recipe: str, output: str, force: bool) -> None:
     """
     from bake import api
     from bake.recipe import load_recipe
+    from bake.vectorfile import is_vector_file
 
-    if Path(output).exists() and not force:
-        raise BakeError(f"{output!r} already exists: choose another path or pass --force")
+    check_output(output, force, is_vector_file)
     rank = _start_distributed()
     vectors = api.compute_vectors(load_recipe(recipe))
     if rank == 0:
-        vectors.save(output)
+        vectors.save(output, force)
         click.echo(_vector_table(vectors.meta["entries"]))
         click.echo(f"wrote {output}")
 
@@ -192,11 +217,11 @@ def import_cv(files: tuple[str, ...], output: str, scale: tuple[float, ...], for
       bake fold HuggingFaceTB/SmolLM2-135M-Instruct happy.safetensors -o out/happy
     """
     from bake.controlvector import describe, read_control_vector
+    from bake.vectorfile import is_vector_file
 
-    if Path(output).exists() and not force:
-        raise BakeError(f"{output!r} already exists: choose another path or pass --force")
+    check_output(output, force, is_vector_file, files)
     vectors = read_control_vector(files, scale)
-    vectors.save(output)
+    vectors.save(output, force)
     click.echo(describe(vectors))
     click.echo(f"wrote {output}")
 

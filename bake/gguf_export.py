@@ -26,10 +26,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,10 +37,10 @@ import torch
 
 from bake import llamacpp
 from bake.architectures import Site
-from bake.checkpoint import default_mode
+from bake.checkpoint import check_output, staged_output
 from bake.errors import BakeError
 from bake.gguf_architectures import LLAMA_CPP, bias_name, lookup
-from bake.manifest import package_versions
+from bake.manifest import GGUFManifest, package_versions, validate
 from bake.models import package_file, sha256_file
 from bake.vectorfile import VectorSet, tensor_name
 
@@ -310,8 +308,17 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], Any]:
         raise BakeError(f"{str(path)!r}: {MANIFEST_KEY} or {VERIFICATION_KEY} is not valid JSON: the metadata was edited") from None
     if not isinstance(manifest, dict):
         raise BakeError(f"{str(path)!r}: {MANIFEST_KEY} is not a bake manifest: use --json to see it")
+    validate(manifest, f"{str(path)!r}: {MANIFEST_KEY}", GGUFManifest)
     manifest["verification"] = verification
     return manifest, reader
+
+
+def is_steered_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF bake wrote (its metadata holds a bake manifest): what ``--force`` may replace."""
+    try:
+        return is_gguf(path) and path.is_file() and _reader(path).fields.get(MANIFEST_KEY) is not None
+    except BakeError:
+        return False
 
 
 def _check_bias(b: dict[str, Any], reader, tensors: dict) -> str | None:
@@ -443,10 +450,7 @@ def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False
     out = Path(out)
     if not is_gguf(out):
         raise BakeError(f"output {str(out)!r} does not end in .gguf: name the GGUF file to write")
-    if out.exists() and not force:
-        raise BakeError(f"output {str(out)!r} already exists: choose another path or pass --force to replace it")
-    if out.exists() and out.resolve() == source.resolve():
-        raise BakeError(f"output {str(out)!r} is the source file: write the steered model to a new file")
+    check_output(out, force, is_steered_gguf, [source], source.stat().st_size)
     reader = _reader(source)
     where = repr(str(source))
     arch, biases = plan(reader, vectors, where)
@@ -466,11 +470,7 @@ def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False
                    **_digests(reader, counts["kv_count"], counts["tensor_count"],
                               {b.tensor for b in biases if b.original is not None})},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    staged = Path(tmp)
-    try:
+    with staged_output(out, force, ours=is_steered_gguf, sources=[source], needed=source.stat().st_size, file=True) as staged:
         verification_at = _write(source, reader, staged, biases, manifest, vectors)
         del reader
         report = _verify(model, source, staged, vectors, verify or VerifySpec(), recipe,
@@ -478,11 +478,6 @@ def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False
         if not report["passed"]:
             raise BakeError(describe(report) + "".join(f"; {p}" for p in report["file_problems"]) + ": nothing was written")
         _patch_verification(staged, verification_at, report)
-        default_mode(staged, directory=False)
-        os.replace(staged, out)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
     manifest["verification"] = report
     return BakeResult(out, manifest)
 
@@ -493,8 +488,7 @@ def run(recipe: "Recipe", out: str | Path, force: bool = False) -> "BakeResult":
     from bake.api import compute_vectors
     from bake.models import load_tokenizer, prompt_ids
 
-    if Path(out).exists() and not force:
-        raise BakeError(f"output {str(out)!r} already exists: choose another path or pass --force to replace it")
+    check_output(out, force, is_steered_gguf)
     check_points(recipe.model, [(e.layer, e.site) for e in recipe.steering], recipe.base_dir)
     result = fold(recipe.model, compute_vectors(recipe), out, force=force, verify=recipe.verify,
                   base_model_id=recipe.base_model_id, recipe=recipe)

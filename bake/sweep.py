@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from bake import plots
 from bake.api import MeasuredVectors, measure_vectors
 from bake.architectures import family_for
-from bake.checkpoint import staged_output
+from bake.checkpoint import check_output, staged_output
 from bake.errors import BakeError
 from bake.evaluate import COSTS, EvalData, Evaluator, build_data, target_source
 from bake.models import load_model, load_tokenizer, resolve_model, text_config
@@ -141,9 +141,9 @@ def _base_row(base: dict[str, Any], **labels: Any) -> dict[str, Any]:
     return {**labels, "coefficient": 0.0, "norm": 0.0, "relative_norm": 0.0, **{k: v for k, v in base.items() if k != "replies"}}
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise BakeError(f"output {str(out)!r} already exists: choose another path or pass --force to replace it")
+def is_report_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder ``sweep`` or ``compare`` wrote (its JSON record is there): what ``--force`` may replace."""
+    return any((path / f"{kind}.json").is_file() and (path / f"{kind}.md").is_file() for kind in ("sweep", "compare"))
 
 
 def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coefficients: list[float] | None = None,
@@ -154,7 +154,7 @@ def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coef
     ``effect_vs_kl.png``, ``coefficient.png`` to ``out`` (staged, renamed at the end).
     """
     out = Path(out)
-    _check_out(out, force)
+    check_output(out, force, is_report_folder)
     plots.require()
     entry = _entry(recipe, entry_name)
     layers = sorted(set(layers or [entry.layer]))
@@ -177,7 +177,7 @@ def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coef
     base = lab.evaluator.base
     record = {"entry": entry.name, "site": entry.site, "method": entry.method, "layers": layers, "coefficients": coefficients,
               "max_kl": recipe.evaluate.max_kl, "data": lab.data.info, "skipped": lab.data.skipped, "base": base, "rows": rows}
-    with staged_output(out, force) as stage:
+    with staged_output(out, force, ours=is_report_folder) as stage:
         table = _write(stage, "sweep", [_base_row(base, layer="base")] + rows, keys, record)
         files = plots.sweep_plots(rows, base, lab.data.headline, recipe.evaluate.max_kl, stage)
     return Report(out, rows, base, table, lab.data, [out / p.name for p in files], _notes(lab.data))
@@ -261,7 +261,7 @@ def compare(recipe: Recipe, out: str | Path, entry_name: str | None = None, nega
     and effect at the budget) to ``out``.
     """
     out = Path(out)
-    _check_out(out, force)
+    check_output(out, force, is_report_folder)
     plots.require()
     entry = _entry(recipe, entry_name)
     budget = max_kl or recipe.evaluate.max_kl
@@ -283,7 +283,7 @@ def compare(recipe: Recipe, out: str | Path, entry_name: str | None = None, nega
     record = {"entry": entry.name, "layer": entry.layer, "site": entry.site, "max_kl": budget, "data": lab.data.info,
               "skipped_methods": skipped, "skipped": lab.data.skipped, "base": base, "rows": rows, "curves": curves,
               "searches": {k: [{"coefficient": c, "kl": kl} for c, kl in v] for k, v in searches.items()}}
-    with staged_output(out, force) as stage:
+    with staged_output(out, force, ours=is_report_folder) as stage:
         table = _write(stage, "compare", [_base_row(base, method="base")] + rows, keys, record)
         files = [plots.compare_plot(curves, base, lab.data.headline, budget, stage / "compare.png")]
     notes = _notes(lab.data) + [f"{m} not compared: {why}" for m, why in skipped.items()]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bake import manifest as manifests
-from bake.checkpoint import INDEX, Checkpoint, TensorInfo, copy_side_files, header_bytes, kernel_copy, place_copy, read_header, staged_output
+from bake.checkpoint import INDEX, Checkpoint, TensorInfo, check_output, copy_side_files, folder_bytes, header_bytes, kernel_copy, place_copy, read_header, staged_output
 from bake.errors import BakeError
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
     restored checkpoint when it was itself baked (one layer of history removed).
     """
     path = Path(path)
+    check_output(out, force, manifests.is_bake_folder, [path])
     manifest = manifests.read(path)
     undo = manifest.get("fold", {}).get("undo")
     if undo is None:
@@ -103,10 +104,13 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
     folder = path / undo["folder"]
     originals = read_header(path / undo["originals"])[0] if undo["originals"] else {}
     headers = json.loads((path / HEADERS).read_text())
-    with staged_output(Path(out), force) as stage:
+    if not isinstance(headers, dict) or set(headers) != {s for s, p in undo["shards"].items() if p["rewritten"]}:
+        raise BakeError(f"{str(path / HEADERS)!r} does not list the rewritten shards of the manifest: it cannot be unbaked")
+    needed = 0 if link else folder_bytes(path)
+    with staged_output(Path(out), force, ours=manifests.is_bake_folder, sources=[path], needed=needed) as stage:
         for shard, placed in undo["shards"].items():
             if placed["rewritten"]:
-                _rebuild(stage / shard, headers[shard].encode(), ckpt, originals, undo["splits"])
+                _rebuild(stage / shard, str(headers[shard]).encode(), ckpt, originals, undo["splits"])
             else:
                 place_copy(path / placed["file"], stage / shard, link)
         copy_side_files(path, stage, skip=set(_KEPT_VERBATIM) | set(undo["written"]))

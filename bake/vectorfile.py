@@ -9,9 +9,7 @@ added. JSON metadata lives under the safetensors metadata key ``bake``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from bake.architectures import Site
-from bake.checkpoint import default_mode
+from bake.checkpoint import staged_output
 from bake.errors import BakeError
 
 _NAME = re.compile(r"^layer\.(\d+)(\.mid)?$")
@@ -37,6 +35,15 @@ def parse_name(name: str) -> Point:
     if not m:
         raise BakeError(f"vector file tensor {name!r} is not named layer.<L> or layer.<L>.mid: rename it")
     return int(m[1]), "resid_mid" if m[2] else "resid_post"
+
+
+def is_vector_file(path: Path) -> bool:
+    """Whether ``path`` is a vector file bake wrote (safetensors with ``bake`` metadata): what ``--force`` may replace."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return "bake" in (f.metadata() or {})
+    except (SafetensorError, OSError):
+        return False
 
 
 @dataclass
@@ -70,20 +77,12 @@ class VectorSet:
             if not 0 <= layer < num_layers:
                 raise BakeError(f"{where}: layer {layer} is outside the model's blocks 0..{num_layers - 1}: pick a layer in range")
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file beside the target, then rename)."""
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write atomically and without replacing anything but, with ``force``, a vector file (``staged_output``)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {tensor_name(*p): v for p, v in sorted(self.vectors.items())}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
+        with staged_output(path, force, ours=is_vector_file, file=True) as tmp:
             save_file(tensors, tmp, metadata={"bake": json.dumps(self.meta, sort_keys=True)})
-            default_mode(Path(tmp), directory=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod
