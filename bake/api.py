@@ -237,7 +237,8 @@ def fold(
         if dtype != "auto" or link or allow_remote_code or (verify is not None and verify.scope != "all"):
             raise BakeError("dtype, link, verify scope and remote code apply to a checkpoint folder: drop them for a .gguf output")
         return gguf_export.fold(model, vectors, out, force=force, verify=verify, base_model_id=base_model_id, recipe=recipe)
-    check_output(out, force, manifests.is_bake_folder)  # before resolving (a download) or any work
+    local = [model] if Path(model).exists() else []
+    check_output(out, force, manifests.is_bake_folder, local)  # before resolving (perhaps a download) or any work
     verify = verify or VerifySpec()
     source = resolve_model(model, revision, recipe.base_dir if recipe else None)
     out = Path(out)

@@ -58,9 +58,12 @@ def inner_path(name: str) -> str:
 
 
 def inside(folder: Path, name: str, what: str = "manifest") -> Path:
-    """``folder / name`` once it is known to stay in ``folder`` with every symlink resolved."""
+    """``folder / name`` once it is known to stay in ``folder`` with every symlink resolved (a Hub cache snapshot's
+    files are symlinks into the same repository's ``blobs/``, which counts as inside)."""
     path = Path(folder) / name
-    if not path.resolve().is_relative_to(Path(folder).resolve()):
+    root = Path(folder).resolve()
+    roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
+    if not any(path.resolve().is_relative_to(r) for r in roots):
         raise BakeError(f"{str(folder)!r}: the {what} names {name!r}, which leads outside the folder: refusing to use it")
     return path
 

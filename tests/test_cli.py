@@ -370,6 +370,14 @@ def test_existing_output_needs_force(tiny_models, tmp_path, command):
     assert tree_digest(out) == existing
     assert sorted(p.name for p in out.parent.iterdir()) == ["baked"]
 
+    # --force replaces only an output bake wrote (one with a bake.json), never someone else's folder.
+    assert "not an output bake wrote" in assert_one_line_error(invoke(*args, "-o", out, "--force"))
+    assert tree_digest(out) == existing
+    shutil.rmtree(out)
+    assert_ok(invoke(*args, "-o", out))
+    (out / "keep.txt").write_text("mine")
+    existing = tree_digest(out)
+
     # --force with input that fails leaves the existing folder as it was.
     bad = write_recipe(tmp_path, src, name="bad.yaml", layer=99)
     bad_vec = VectorSet({(9, "resid_post"): torch.ones(32)}).save(tmp_path / "bad.safetensors")

@@ -313,6 +313,11 @@ def test_existing_output_needs_force(tmp_path):
     line = one_line_error(invoke("import-cv", cv, "-o", out))
     assert "already exists" in line and "--force" in line
     assert out.read_bytes() == b"keep me"
+    # --force replaces only a vector file bake wrote, never someone else's file.
+    assert "not an output bake wrote" in one_line_error(invoke("import-cv", cv, "-o", out, "--force"))
+    assert out.read_bytes() == b"keep me"
+    out.unlink()
+    VectorSet({(3, "resid_post"): torch.ones(32)}).save(out)
     assert_ok(invoke("import-cv", cv, "-o", out, "--force"))
     assert set(VectorSet.load(out).vectors) == {(1, "resid_post")}
 
