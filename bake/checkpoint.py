@@ -64,7 +64,8 @@ def inside(folder: Path, name: str, what: str = "manifest") -> Path:
     root = Path(folder).resolve()
     roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
     if not any(path.resolve().is_relative_to(r) for r in roots):
-        raise BakeError(f"{str(folder)!r}: the {what} names {name!r}, which leads outside the folder: refusing to use it")
+        raise BakeError(f"{str(folder)!r}: the {what} names {name!r}, which leads outside the folder: "
+                        "refusing to use it")
     return path
 
 
@@ -338,7 +339,8 @@ def default_mode(path: Path, directory: bool) -> None:
 
 
 class OutputExists(BakeError):
-    """An output that is already there: the one refusal, worded ``force=True`` by the library, ``--force`` by the CLI."""
+    """An output that is already there: the one refusal, worded ``force=True`` by the library, ``--force`` by
+    the CLI."""
 
     def __init__(self, target: Path, what: str = "already exists") -> None:
         self.target, self.what = Path(target), what
@@ -364,7 +366,8 @@ def _what_is(path: Path) -> str:
         return f"a symlink to {os.readlink(path)!r}"
     if path.is_dir():
         names = sorted(p.name for p in path.iterdir())
-        return f"a folder of {len(names)} entries ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "an empty folder"
+        more = ", ..." if len(names) > 3 else ""
+        return f"a folder of {len(names)} entries ({', '.join(names[:3])}{more})" if names else "an empty folder"
     return f"a file of {path.stat().st_size} bytes"
 
 
@@ -398,15 +401,16 @@ def check_output(target: str | Path, force: bool, ours: Callable[[Path], bool], 
         raise BakeError(f"output {str(target)!r} is or contains the current folder: write to a new path outside it")
     anchor = _existing_ancestor(full)
     if not anchor.is_dir():
-        raise BakeError(f"output {str(target)!r}: {str(anchor)!r} is a file, not a folder: choose a path under a folder")
+        raise BakeError(f"output {str(target)!r}: {str(anchor)!r} is a file, not a folder: "
+                        "choose a path under a folder")
     if not os.access(anchor, os.W_OK | os.X_OK) or os.statvfs(anchor).f_flag & os.ST_RDONLY:
         raise BakeError(f"output {str(target)!r}: the folder {str(anchor)!r} is read-only: choose a writable path")
     if os.path.lexists(full):
         if not force:
             raise OutputExists(target)
         if full.is_symlink() or not ours(full):
-            raise BakeError(f"output {str(target)!r} is {_what_is(full)}, not an output bake wrote: --force replaces only "
-                            "bake's own outputs; remove it yourself or choose another path")
+            raise BakeError(f"output {str(target)!r} is {_what_is(full)}, not an output bake wrote: --force "
+                            "replaces only bake's own outputs; remove it yourself or choose another path")
     free = free_bytes(anchor)
     if needed > free:
         raise BakeError(f"output {str(target)!r}: needs about {needed} bytes but {str(anchor)!r} has {free} free: "

@@ -8,18 +8,18 @@ special token or, in chat mode, anything outside the assistant's reply.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from bake.checkpoint import OutputExists, staged_output
 from bake.errors import BakeError
 from bake.recipe import ModelSample, Recipe, TextSource
 
@@ -177,8 +177,6 @@ def sample_background(model_factory, tokenizer, model_key: str, spec: ModelSampl
                 # A sequence ends at its first end-of-text token; what follows is padding.
                 end = next((i for i, t in enumerate(row[1:], 1) if t in stops), len(row))
                 sequences.append(row[:end])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump({"settings": json.loads(key_src), "sequences": sequences}, f)
-    os.replace(f.name, path)
+    with contextlib.suppress(OutputExists), staged_output(path, True, ours=lambda p: True, file=True) as tmp:
+        tmp.write_text(json.dumps({"settings": json.loads(key_src), "sequences": sequences}))  # a cache entry is ours
     return sequences, key

@@ -470,7 +470,8 @@ def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False
                    **_digests(reader, counts["kv_count"], counts["tensor_count"],
                               {b.tensor for b in biases if b.original is not None})},
     }
-    with staged_output(out, force, ours=is_steered_gguf, sources=[source], needed=source.stat().st_size, file=True) as staged:
+    size = source.stat().st_size
+    with staged_output(out, force, ours=is_steered_gguf, sources=[source], needed=size, file=True) as staged:
         verification_at = _write(source, reader, staged, biases, manifest, vectors)
         del reader
         report = _verify(model, source, staged, vectors, verify or VerifySpec(), recipe,

@@ -85,7 +85,8 @@ class RecipeRecord(_Open):
 
 
 class Manifest(BaseModel):
-    """``bake.json`` of a Hugging Face checkpoint folder: the contract inspect, unbake, rebuild, push and the card read."""
+    """``bake.json`` of a Hugging Face checkpoint folder: the contract inspect, unbake, rebuild, push and the card
+    read."""
 
     model_config = ConfigDict(extra="forbid")
     format: Literal["bake-manifest/1"]

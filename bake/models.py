@@ -14,8 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from bake import remote
+from bake.checkpoint import OutputExists, staged_output
 from bake.errors import BakeError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -136,21 +135,18 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
             raise BakeError(f"reading GGUF files needs the {needed!r} package: pip install 'bake[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
-        model.config.__dict__.pop("_is_quantized", None)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    try:  # a cache entry is always bake's own: a broken one is replaced
+        with staged_output(target, force=True, ours=lambda p: True) as staging:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
+            model.hf_quantizer = None
+            model.config.__dict__.pop("quantization_config", None)
+            model.config.__dict__.pop("_is_quantized", None)
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    except OutputExists:  # another run cached the same file meanwhile
+        pass
     return ModelSource(spec, target, identity, _gguf_license(gguf))
 
 

@@ -142,7 +142,8 @@ def _base_row(base: dict[str, Any], **labels: Any) -> dict[str, Any]:
 
 
 def is_report_folder(path: Path) -> bool:
-    """Whether ``path`` is a folder ``sweep`` or ``compare`` wrote (its JSON record is there): what ``--force`` may replace."""
+    """Whether ``path`` is a folder ``sweep`` or ``compare`` wrote (its record is there): what ``--force`` may
+    replace."""
     return any((path / f"{kind}.json").is_file() and (path / f"{kind}.md").is_file() for kind in ("sweep", "compare"))
 
 

@@ -38,7 +38,8 @@ def parse_name(name: str) -> Point:
 
 
 def is_vector_file(path: Path) -> bool:
-    """Whether ``path`` is a vector file bake wrote (safetensors with ``bake`` metadata): what ``--force`` may replace."""
+    """Whether ``path`` is a vector file bake wrote (safetensors with ``bake`` metadata): what ``--force`` may
+    replace."""
     try:
         with safe_open(path, framework="pt") as f:
             return "bake" in (f.metadata() or {})

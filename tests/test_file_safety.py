@@ -300,7 +300,7 @@ def test_two_concurrent_folds_to_one_output_one_wins(world):
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> Path:
     """A GPT-2 big enough (tens of MB) that a fold's staging lives long enough to be signalled."""
-    return save_tiny(tmp_path_factory.mktemp("slow") / "gpt2", tiny_config("gpt2", n_embd=256, n_layer=12, n_head=4))
+    return save_tiny(tmp_path_factory.mktemp("slow") / "gpt2", tiny_config("gpt2", n_embd=512, n_layer=4, n_head=4))
 
 
 def _wait_for_staging(folder: Path, proc: subprocess.Popen) -> Path:
@@ -313,7 +313,7 @@ def _wait_for_staging(folder: Path, proc: subprocess.Popen) -> Path:
 
 
 def test_sigterm_removes_the_staging_and_exits_143(slow_model, tmp_path):
-    vec = VectorSet({(3, "resid_post"): torch.ones(256)}).save(tmp_path / "v.safetensors")
+    vec = VectorSet({(1, "resid_post"): torch.linspace(-4, 4, 512)}).save(tmp_path / "v.safetensors")
     before = tree_digest(slow_model)
     proc = _bake("fold", str(slow_model), str(vec), "-o", str(tmp_path / "out"))
     _wait_for_staging(tmp_path, proc)
@@ -326,7 +326,7 @@ def test_sigterm_removes_the_staging_and_exits_143(slow_model, tmp_path):
 
 
 def test_staging_left_by_sigkill_is_removed_by_the_next_run(slow_model, tmp_path):
-    vec = VectorSet({(3, "resid_post"): torch.ones(256)}).save(tmp_path / "v.safetensors")
+    vec = VectorSet({(1, "resid_post"): torch.linspace(-4, 4, 512)}).save(tmp_path / "v.safetensors")
     proc = _bake("fold", str(slow_model), str(vec), "-o", str(tmp_path / "out"))
     staging = _wait_for_staging(tmp_path, proc)
     proc.kill()
@@ -367,8 +367,8 @@ def _edit(folder: Path, change) -> None:
 
 
 HOSTILE = {
-    "shard escapes": lambda m: m["fold"]["undo"]["shards"].update({"../../../x.safetensors": {"file": "../../../../etc/hostname",
-                                                                                              "rewritten": False}}),
+    "shard escapes": lambda m: m["fold"]["undo"]["shards"].update(
+        {"../../../x.safetensors": {"file": "../../../../etc/hostname", "rewritten": False}}),
     "absolute shard file": lambda m: next(iter(m["fold"]["undo"]["shards"].values())).update(file="/etc/hostname"),
     "vector file escapes": lambda m: m.update(vector_file="../../v.safetensors"),
     "undo folder absolute": lambda m: m["fold"]["undo"].update(folder="/etc"),
@@ -424,7 +424,8 @@ def fuzz_bake(tmp_path_factory, tiny_models) -> tuple[Path, str]:
     return root, (root / "baked" / "bake.json").read_text()
 
 
-@settings(derandomize=True, max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(derandomize=True, max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(where=st.sampled_from(_PATHS), value=st.one_of(_NAMES, _JSON), shard_value=_NAMES)
 def test_fuzzed_manifest_ends_in_bake_error_and_writes_nowhere_else(fuzz_bake, where, value, shard_value):
     """Random hostile values at the places a manifest names files: unbake and inspect end in a BakeError (or work),
