@@ -453,3 +453,26 @@ def test_fuzzed_manifest_ends_in_bake_error_and_writes_nowhere_else(fuzz_bake, w
     finally:
         shutil.rmtree(out, ignore_errors=True)
         (folder / "bake.json").write_text(text)
+
+
+# --- GGUF outputs follow the same rules -----------------------------------------------------------------------
+
+def test_gguf_output_rules(tmp_path):
+    pytest.importorskip("gguf", reason="GGUF output needs the gguf package (the test extra installs it)")
+    from test_gguf_export import write_gguf
+
+    src = write_gguf(tmp_path / "llama.gguf", "llama")
+    vec = VectorSet({(1, "resid_post"): torch.linspace(-1, 1, 32)}).save(tmp_path / "v.safetensors")
+    theirs = tmp_path / "theirs.gguf"
+    shutil.copyfile(src, theirs)  # a GGUF, but not one bake wrote
+    before = tree_digest(tmp_path)
+    assert "is the source" in one_error_line(invoke("fold", src, vec, "-o", src, "--force"))
+    assert "not an output bake wrote" in one_error_line(invoke("fold", src, vec, "-o", theirs, "--force"))
+    assert tree_digest(tmp_path) == before
+    out = tmp_path / "out.gguf"
+    assert invoke("fold", src, vec, "-o", out).exit_code == 0
+    assert "--force" in one_error_line(invoke("fold", src, vec, "-o", out))
+    result = invoke("fold", src, vec, "-o", out, "--force")  # a steered GGUF bake wrote is replaced
+    assert result.exit_code == 0, result.output
+    assert set(tree_digest(tmp_path)) == set(before) | {"out.gguf"}
+    no_staging(tmp_path)
