@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from bake import manifest as manifests
 from bake.checkpoint import (INDEX, Checkpoint, TensorInfo, check_output, copy_side_files, folder_bytes, header_bytes,
-                             kernel_copy, place_copy, read_header, staged_output)
+                             inside, kernel_copy, place_copy, read_header, staged_output)
 from bake.errors import BakeError
 
 if TYPE_CHECKING:
@@ -108,6 +108,8 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
     if not isinstance(headers, dict) or set(headers) != {s for s, p in undo["shards"].items() if p["rewritten"]}:
         raise BakeError(f"{str(path / HEADERS)!r} does not list the rewritten shards of the manifest: "
                         "it cannot be unbaked")
+    for p in [*path.iterdir(), *(folder / "bake").rglob("*")]:  # no symlink may bring in a file from elsewhere
+        inside(path, p.relative_to(path).as_posix(), "folder")
     needed = 0 if link else folder_bytes(path)
     with staged_output(Path(out), force, ours=manifests.is_bake_folder, sources=[path], needed=needed) as stage:
         for shard, placed in undo["shards"].items():

@@ -395,6 +395,14 @@ def test_a_symlink_leading_out_of_the_folder_is_refused(baked, world):
     assert "leads outside the folder" in one_error_line(invoke("inspect", baked))
 
 
+def test_unbake_copies_no_file_from_outside_through_a_symlink(baked, world):
+    (world["tmp"] / "secret.txt").write_text("not for the output")
+    (baked / "notes.txt").symlink_to(world["tmp"] / "secret.txt")
+    line = one_error_line(invoke("unbake", baked, "-o", world["tmp"] / "restored"))
+    assert "notes.txt" in line and "leads outside the folder" in line, line
+    assert not (world["tmp"] / "restored").exists()
+
+
 def test_index_entries_must_be_plain_names(world):
     src = world["root"] / "sharded"
     save_tiny(src, tiny_config("gpt2"), max_shard_size="100KB")
