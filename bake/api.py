@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import filecmp
 import functools
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -391,17 +391,12 @@ def rebuild(baked: str | Path, out: str | Path, force: bool = False, recipe_dir:
 
 
 def _replace_files(folder: Path, texts: dict[str, str]) -> None:
-    """Write every file beside its target first, then rename each over it: a reader sees an old or a new
-    file, never half of one, and a failed write leaves the old files."""
-    temps = {name: folder / f".{name}.tmp" for name in texts}
-    try:
+    """Stage every file beside its target first, then rename each over it (``staged_output``): a reader sees an
+    old or a new file, never half of one, and a failed write leaves the old files. The folder is a bake output
+    (its manifest was read), so its files are bake's to replace."""
+    with contextlib.ExitStack() as stack:
         for name, text in texts.items():
-            temps[name].write_text(text)
-        for name, tmp in temps.items():
-            os.replace(tmp, folder / name)
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+            stack.enter_context(staged_output(folder / name, True, ours=lambda p: True, file=True)).write_text(text)
 
 
 def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, tokens: int | None = None) -> dict[str, Any]:
