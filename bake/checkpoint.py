@@ -513,10 +513,11 @@ def _publish(staging: Path, target: Path, force: bool, ours: Callable[[Path], bo
 
 
 @contextlib.contextmanager
-def staged_output(target: str | Path, force: bool = False, *, ours: Callable[[Path], bool],
+def staged_output(target: str | Path, force: bool = False, *, ours: Callable[[Path], bool] = lambda path: False,
                   sources: Iterable[str | Path] = (), file: bool = False, needed: int = 0) -> Iterator[Path]:
     """Yield an empty temporary folder (or, with ``file``, file path) beside ``target``; it becomes ``target``
-    only on success (``check_output`` first, ``rename_noreplace`` last).
+    only on success (``check_output`` first, ``rename_noreplace`` last); ``ours`` says what ``force`` may replace
+    (by default nothing).
 
     Any failure, Ctrl-C or SIGTERM leaves no output (and an existing one untouched); the staging name carries
     the pid, so one left by a SIGKILL is recognised by the next run (``_clear_stale``).
