@@ -147,6 +147,12 @@ def is_report_folder(path: Path) -> bool:
     return any((path / f"{kind}.json").is_file() and (path / f"{kind}.md").is_file() for kind in ("sweep", "compare"))
 
 
+def _check_out(recipe: Recipe, out: Path, force: bool) -> None:
+    """Refuse the output before any work: first as a path, then (once the model is resolved) against the source."""
+    check_output(out, force, is_report_folder)
+    check_output(out, force, is_report_folder, [resolve_model(recipe.model, recipe.revision, recipe.base_dir).path])
+
+
 def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coefficients: list[float] | None = None,
           entry_name: str | None = None, force: bool = False) -> Report:
     """Measure one steering entry at every layer x coefficient: effect and cost per cell, against the base.
@@ -155,7 +161,7 @@ def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coef
     ``effect_vs_kl.png``, ``coefficient.png`` to ``out`` (staged, renamed at the end).
     """
     out = Path(out)
-    check_output(out, force, is_report_folder)
+    _check_out(recipe, out, force)
     plots.require()
     entry = _entry(recipe, entry_name)
     layers = sorted(set(layers or [entry.layer]))
@@ -262,7 +268,7 @@ def compare(recipe: Recipe, out: str | Path, entry_name: str | None = None, nega
     and effect at the budget) to ``out``.
     """
     out = Path(out)
-    check_output(out, force, is_report_folder)
+    _check_out(recipe, out, force)
     plots.require()
     entry = _entry(recipe, entry_name)
     budget = max_kl or recipe.evaluate.max_kl

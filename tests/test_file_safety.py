@@ -162,6 +162,16 @@ def test_vector_outputs_replace_only_vector_files(world, command):
     assert "already exists" in one_error_line(invoke(*args, "-o", world["vec"]))
 
 
+@pytest.mark.parametrize("command", ["sweep", "compare"])
+def test_report_outputs_follow_the_same_rules(world, command):
+    recipe = world["tmp"] / "r.yaml"
+    recipe.write_text(f"model: {world['src']}\nsteering:\n  - {{name: a, layer: 1, target: [hello there]}}\n")
+    before = tree_digest(world["tmp"])
+    assert "is inside the source" in one_error_line(invoke(command, recipe, "-o", world["src"] / "report"))
+    assert "not an output bake wrote" in one_error_line(invoke(command, recipe, "-o", world["root"], "--force"))
+    assert tree_digest(world["tmp"]) == before
+
+
 def test_unbake_never_writes_into_the_baked_folder(world):
     baked = world["tmp"] / "baked"
     bake.fold(str(world["src"]), _vectors(), baked)
