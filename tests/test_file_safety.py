@@ -442,7 +442,8 @@ def fuzz_bake(tmp_path_factory, tiny_models) -> tuple[Path, str]:
     return root, (root / "baked" / "bake.json").read_text()
 
 
-@settings(derandomize=True, max_examples=200, deadline=None,
+# A longer fuzz: BAKE_FUZZ_EXAMPLES=5000 python -m pytest tests/test_file_safety.py -k fuzzed
+@settings(derandomize=True, max_examples=int(os.environ.get("BAKE_FUZZ_EXAMPLES", "200")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(where=st.sampled_from(_PATHS), value=st.one_of(_NAMES, _JSON), shard_value=_NAMES)
 def test_fuzzed_manifest_ends_in_bake_error_and_writes_nowhere_else(fuzz_bake, where, value, shard_value):
