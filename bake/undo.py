@@ -104,7 +104,10 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
     ckpt = Checkpoint.open(path)
     folder = path / undo["folder"]
     originals = read_header(path / undo["originals"])[0] if undo["originals"] else {}
-    headers = json.loads((path / HEADERS).read_text())
+    try:
+        headers = json.loads((path / HEADERS).read_text())
+    except (OSError, ValueError):  # missing, unreadable or not JSON: refused below like a wrong one
+        headers = None
     if not isinstance(headers, dict) or set(headers) != {s for s, p in undo["shards"].items() if p["rewritten"]}:
         raise BakeError(f"{str(path / HEADERS)!r} does not list the rewritten shards of the manifest: "
                         "it cannot be unbaked")

@@ -398,6 +398,14 @@ def test_hostile_manifest_names_are_refused(baked, world, case, command):
     assert tree_digest(world["tmp"]) == before
 
 
+@pytest.mark.parametrize("headers", ["not json", "[]", '{"../x.safetensors": "{}"}'])
+def test_a_broken_undo_record_is_refused(baked, world, headers):
+    (baked / "bake" / "undo" / "headers.json").write_text(headers)
+    line = one_error_line(invoke("unbake", baked, "-o", world["tmp"] / "restored"))
+    assert "headers.json" in line and "does not list the rewritten shards" in line, line
+    assert not (world["tmp"] / "restored").exists()
+
+
 def test_a_symlink_leading_out_of_the_folder_is_refused(baked, world):
     vectors = baked / "bake" / "vectors.safetensors"
     shutil.move(vectors, world["tmp"] / "elsewhere.safetensors")
