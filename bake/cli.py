@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 
@@ -13,14 +14,44 @@ import click
 from bake.errors import BakeError
 
 
+# Exit codes: 0 done; 1 bad input (BakeError) or a check that failed (verification, inspect); 2 usage error
+# (bad option value, missing argument, unknown option or command); 130 interrupted (Ctrl-C).
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _one_line(text: str) -> str:
+    """Messages from other libraries can span lines: the CLI's promise is one line per error."""
+    return " ".join(text.split())
+
+
 class _Group(click.Group):
-    """Turns BakeError into click's one-line ``Error: ...`` with exit code 1."""
+    """Every error ends in one ``Error: ...`` line on stderr: BakeError with exit code 1, and click's usage
+    errors with exit code 2 (click's own form is a usage block above the line, which hides the message)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except BakeError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_one_line(str(e))) from None
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False  # errors are shown here, then the process exits with their code
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # plain ``bake``: the help, as click shows it
+            e.show()
+            sys.exit(EXIT_USAGE)
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx else "bake"
+            click.echo(f"Error: {_one_line(e.format_message()).rstrip('.')} (see '{command} --help')", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as e:
+            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort as e:
+            click.echo("Error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED if isinstance(e.__context__, KeyboardInterrupt) else 1)
 
 
 def _positive(param: click.Parameter, value: float | None) -> float | None:

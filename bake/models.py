@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from bake import remote
+from bake.checkpoint import require_safetensors
 from bake.errors import BakeError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -105,6 +106,7 @@ def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None 
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BakeError(f"{spec!r} is a folder without config.json: give a Hugging Face model folder")
+        require_safetensors(path)
         config = (path / "config.json").read_bytes()
         return ModelSource(
             spec, path.resolve(), {"kind": "local", "path": str(path.resolve()), "config_sha256": hashlib.sha256(config).hexdigest()}
@@ -121,6 +123,7 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
 
     # bake/*: a baked base keeps its own vectors and undo data, which a bake on top of it carries on.
     path = download(repo_id, revision, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "README.md", "bake/*"])
+    require_safetensors(path)
     return ModelSource(repo_id, path, {"kind": "hub", "repo_id": repo_id, "commit": path.name})
 
 
@@ -136,11 +139,15 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
             raise BakeError(f"reading GGUF files needs the {needed!r} package: pip install 'bake[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bake.gguf_export import _reader
+
+    _reader(gguf)  # a truncated or broken file is refused in one line here, not by a traceback from transformers
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     use_safetensors=True)
         # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
@@ -163,14 +170,28 @@ def _gguf_license(gguf: Path) -> str | None:
     return field.contents() if field is not None else None
 
 
-def text_config(path: Path):
-    """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
+def _auto_config(path: Path):
+    """transformers' config of a model folder, or one line saying why it cannot be read."""
+    import transformers
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path).get_text_config()
-    except (ValueError, KeyError, OSError) as e:
-        raise BakeError(f"{str(path)!r}: transformers cannot read its config.json ({e}): upgrade transformers or fix the file") from None
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        try:
+            model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if isinstance(model_type, str) and model_type not in transformers.CONFIG_MAPPING:
+            why = f"its model_type {model_type!r} is unknown to transformers {transformers.__version__}"
+        else:
+            why = f"transformers cannot read its config.json ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        raise BakeError(f"{str(path)!r}: {why}: upgrade transformers or fix config.json") from None
+
+
+def text_config(path: Path):
+    """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
+    return _auto_config(path).get_text_config()
 
 
 def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any):
@@ -183,9 +204,11 @@ def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None 
     collecting at block L costs memory and time in proportion to (L+1)/N.
     On a GPU machine the model keeps its own dtype and is spread with device_map="auto".
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    require_safetensors(path)
+    kwargs["use_safetensors"] = True
+    config = _auto_config(path)
     if layers is not None:
         text = config.get_text_config()
         text.num_hidden_layers = layers
