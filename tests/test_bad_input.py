@@ -261,6 +261,13 @@ def _(w, d):
     return Case(["sweep", recipe(d, w.llama, layer="yes"), "-o", "OUT"], ["steering.0.layer", "yes/no"])
 
 
+for _name, _extra in [("recipe: coefficient 1e30", ""), ("recipe: coefficient 1e30 in bfloat16", "dtype: bfloat16\n")]:
+    def _huge(w: World, d: Path, _extra=_extra) -> Case:
+        path = recipe(d, w.llama, extra=_extra, entry="    coefficient: 1.0e+30\n")
+        return Case(["run", path, "-o", "OUT"], ["verification FAILED", "lower the coefficient of steering 'happy' (1e+30)"])
+    case(_name)(_huge)
+
+
 # Vector files: fold refuses them before any fold or verification runs.
 for _name, _tensors, _meta, _words in [
     ("vectors: NaN", {"layer.1": torch.tensor([1.0] * 31 + [float("nan")])}, "{}", ["NaN", "layer.1"]),
@@ -536,6 +543,21 @@ def test_bad_input(world, tmp_path, monkeypatch, name):
     assert tree_digest(outs / "EXISTING") == existing
     assert {p: tree_digest(p) for p in sources} == sources, "a source file changed"
     assert not world.marker.exists(), "a pickle was loaded"
+
+
+def test_a_shard_truncated_after_its_header_was_read_ends_the_copy(world, tmp_path):
+    """The copy and read loops stop at end of file with the file and tensor named (they used to spin forever
+    on the empty reads of a file that shrank, or was short from the start, under a header that was trusted)."""
+    from bake.checkpoint import Checkpoint
+    from bake.errors import BakeError
+
+    shutil.copytree(world.llama, tmp_path / "m")
+    ckpt = Checkpoint.open(tmp_path / "m")
+    info = max(ckpt.shards["model.safetensors"].values(), key=lambda i: i.end)
+    _truncate(info.file, 0.9)
+    for action in (lambda: info.copy_to(open(tmp_path / "copy", "wb")), info.read):
+        with pytest.raises(BakeError, match=rf"model.safetensors' is truncated: tensor {re.escape(info.name)} "):
+            action()
 
 
 def test_the_catalogue_is_large_enough():
