@@ -76,8 +76,8 @@ class TensorInfo:
         return flat.view(self.torch_dtype).reshape(self.shape)
 
     def _truncated(self, at: int) -> BakeError:
-        return BakeError(f"{str(self.file)!r} is truncated: tensor {self.name} needs bytes up to {self.end} but the file "
-                         f"ends at {at}: download or copy the file again")
+        return BakeError(f"{str(self.file)!r} is truncated: tensor {self.name} needs bytes up to {self.end} but "
+                         f"the file ends at {at}: download or copy the file again")
 
 
 def _unreadable(path: Path, why: str) -> BakeError:
@@ -94,14 +94,14 @@ def header_bytes(path: Path) -> bytes:
                 raise _unreadable(path, f"{size} bytes, shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", prefix)
             if n > size - 8:
-                raise _unreadable(path, f"truncated: the header needs {n} bytes, the file has {size - 8} after the length")
+                raise _unreadable(path, f"truncated: the header needs {n} bytes, the file has {size - 8} after it")
             return f.read(n)
     except OSError as e:
         raise _unreadable(path, e.__class__.__name__) from None
 
 
 def _tensor_info(path: Path, name: str, h: Any, base: int, size: int) -> TensorInfo:
-    """One header entry, checked: a known dtype, a shape of sizes, and a data range inside the file that fits the shape."""
+    """One header entry, checked: a known dtype, a shape of sizes, a data range inside the file that fits the shape."""
     if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
         raise _unreadable(path, f"tensor {name!r} is not described by dtype, shape and data_offsets")
     dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
@@ -157,9 +157,10 @@ def require_safetensors(path: Path) -> None:
         named = json.loads((path / "config.json").read_text()).get("transformers_weights")
     except (OSError, ValueError, AttributeError):  # no or unreadable config: the config reader reports it
         return
-    if named is not None and not (isinstance(named, str) and named.endswith((".safetensors", ".safetensors.index.json"))):
-        raise BakeError(f"{str(path / 'config.json')!r} points transformers at weights {named!r}, not a safetensors file: "
-                        "bake never loads pickles; remove transformers_weights or convert the weights")
+    safe = isinstance(named, str) and named.endswith((".safetensors", ".safetensors.index.json"))
+    if named is not None and not safe:
+        raise BakeError(f"{str(path / 'config.json')!r} points transformers at weights {named!r}, not a safetensors "
+                        "file: bake never loads pickles; remove transformers_weights or convert the weights")
 
 
 @dataclass

@@ -109,7 +109,8 @@ def classifier_scorer(model: str, label: str) -> Callable[[list[str]], float]:
     if Path(model).is_dir():
         require_safetensors(Path(model))
     try:  # safetensors only, for a Hub classifier too: bake never loads pickles
-        pipe = pipeline("text-classification", model=model, top_k=None, device="cpu", model_kwargs={"use_safetensors": True})
+        pipe = pipeline("text-classification", model=model, top_k=None, device="cpu",
+                        model_kwargs={"use_safetensors": True})
     except (OSError, ValueError) as e:
         raise BakeError(f"evaluate.classifier.model: cannot load {model!r} as a text-classification model ({e.__class__.__name__}): "
                         "give a local folder or a Hub id") from None

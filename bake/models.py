@@ -185,7 +185,8 @@ def _auto_config(path: Path):
         if isinstance(model_type, str) and model_type not in transformers.CONFIG_MAPPING:
             why = f"its model_type {model_type!r} is unknown to transformers {transformers.__version__}"
         else:
-            why = f"transformers cannot read its config.json ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            first = str(e).splitlines()[0] if str(e) else ""
+            why = f"transformers cannot read its config.json ({e.__class__.__name__}: {first})"
         raise BakeError(f"{str(path)!r}: {why}: upgrade transformers or fix config.json") from None
 
 

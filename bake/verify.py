@@ -86,7 +86,8 @@ def _lower(vectors: VectorSet, point: Point) -> str:
     name = tensor_name(*point)
     entries = [e for e in vectors.meta.get("entries", []) if isinstance(e, dict) and e.get("tensor") == name]
     if entries:
-        return "lower the coefficient of " + ", ".join(f"steering {e.get('name')!r} ({e.get('coefficient')})" for e in entries)
+        named = ", ".join(f"steering {e.get('name')!r} ({e.get('coefficient')})" for e in entries)
+        return f"lower the coefficient of {named}"
     return f"lower the coefficient (scale the vector {name} down)"
 
 

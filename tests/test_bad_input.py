@@ -191,7 +191,8 @@ for _name, _kw, _words in [
     ("recipe: max_tokens 1", dict(extra="max_tokens: 1\n"), ["max_tokens"]),
     ("recipe: bad dtype", dict(extra="dtype: float8\n"), ["dtype", "bfloat16"]),
     ("recipe: max_kl inf", dict(extra="evaluate: {max_kl: .inf}\n"), ["evaluate.max_kl", "finite"]),
-    ("recipe: coefficients with a bool", dict(extra="evaluate: {coefficients: [1, true]}\n"), ["evaluate.coefficients.1"]),
+    ("recipe: coefficients with a bool", dict(extra="evaluate: {coefficients: [1, true]}\n"),
+     ["evaluate.coefficients.1"]),
     ("recipe: evaluate tokens yes", dict(extra="evaluate: {tokens: yes}\n"), ["evaluate.tokens", "yes/no"]),
     ("recipe: gguf output from a folder", dict(extra="output_format: gguf\n"), ["output_format", ".gguf"]),
     ("recipe: missing data file", dict(target="data/missing.txt"), ["missing.txt", "not found"]),
@@ -264,7 +265,8 @@ def _(w, d):
 for _name, _extra in [("recipe: coefficient 1e30", ""), ("recipe: coefficient 1e30 in bfloat16", "dtype: bfloat16\n")]:
     def _huge(w: World, d: Path, _extra=_extra) -> Case:
         path = recipe(d, w.llama, extra=_extra, entry="    coefficient: 1.0e+30\n")
-        return Case(["run", path, "-o", "OUT"], ["verification FAILED", "lower the coefficient of steering 'happy' (1e+30)"])
+        return Case(["run", path, "-o", "OUT"],
+                    ["verification FAILED", "lower the coefficient of steering 'happy' (1e+30)"])
     case(_name)(_huge)
 
 
@@ -376,7 +378,8 @@ def _(w, d):
     return Case(["generate", d / "m", "hi"], ["transformers_weights", "adapter_model.bin", "pickles"])
 
 
-for _name, _command in [("model: unknown model_type (fold)", "fold"), ("model: unknown model_type (generate)", "generate")]:
+for _name, _command in [("model: unknown model_type (fold)", "fold"),
+                         ("model: unknown model_type (generate)", "generate")]:
     def _unknown_type(w: World, d: Path, _command=_command) -> Case:
         shutil.copytree(w.gpt2, d / "m")
         config = json.loads((d / "m" / "config.json").read_text())
@@ -386,7 +389,8 @@ for _name, _command in [("model: unknown model_type (fold)", "fold"), ("model: u
     case(_name)(_unknown_type)
 
 
-for _name, _extra in [("model: truncated shard", []), ("model: truncated shard, --dtype bfloat16", ["--dtype", "bfloat16"])]:
+for _name, _extra in [("model: truncated shard", []),
+                       ("model: truncated shard, --dtype bfloat16", ["--dtype", "bfloat16"])]:
     def _truncated(w: World, d: Path, _extra=_extra) -> Case:
         shutil.copytree(w.llama, d / "m")
         _truncate(d / "m" / "model.safetensors", 0.6)
