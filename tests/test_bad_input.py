@@ -9,6 +9,7 @@ planted below write a marker file when loaded).
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import shutil
@@ -433,6 +434,13 @@ def _(w, d):
     return Case(["unbake", d / "b", "-o", "OUT"], ["changed after baking"])
 
 
+@case("model: truncated baked shard (unbake)")
+def _(w, d):
+    shutil.copytree(w.baked, d / "b")
+    _truncate(d / "b" / "model.safetensors", 0.8)
+    return Case(["unbake", d / "b", "-o", "OUT"], ["model.safetensors", "truncated"])
+
+
 @case("gguf: truncated GGUF model (generate)")
 def _(w, d):
     return Case(["generate", _truncate(_tiny_gguf(d / "m.gguf")), "hi"], ["m.gguf", "not a readable GGUF"])
@@ -562,6 +570,24 @@ def test_a_shard_truncated_after_its_header_was_read_ends_the_copy(world, tmp_pa
     for action in (lambda: info.copy_to(open(tmp_path / "copy", "wb")), info.read):
         with pytest.raises(BakeError, match=rf"model.safetensors' is truncated: tensor {re.escape(info.name)} "):
             action()
+
+
+@pytest.mark.parametrize("args,code,words", [
+    (["fold", "m", "v.safetensors", "-o", "out", "--dtype", "bfloat17"], 2, ["--dtype", "bfloat17", "--help"]),
+    (["fold", "no-model", "no-vectors.safetensors", "-o", "out"], 1, ["no-vectors.safetensors", "not found"]),
+])
+def test_a_real_process_prints_one_line_and_exits_with_its_code(tmp_path, args, code, words):
+    """The exit codes and the single stderr line as a shell sees them (python -m bake), not only through CliRunner."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bake", *args], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == code, done.stderr
+    lines = _stderr_lines(done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    assert all(word in lines[0] for word in words), lines[0]
+    assert done.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_the_catalogue_is_large_enough():
