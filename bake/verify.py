@@ -59,7 +59,7 @@ def _logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def _residual_norms(model, family: Family, ids: list[list[int]], points: list[Point]) -> dict[Point, float]:
+def residual_norms(model, family: Family, ids: list[list[int]], points: list[Point]) -> dict[Point, float]:
     """Mean L2 norm of the unsteered residual at each point over the probe tokens (the first, often an
     outlier, left out as the collection leaves it out): the scale a vector's norm is judged against."""
     totals = {p: [0.0, 0] for p in points}
@@ -151,7 +151,7 @@ def compare(base, baked, tokenizer, vectors: VectorSet, prompts: list[str], toke
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
     baked_logits = _logits(baked, ids)
     plain_logits = _logits(base, ids)
-    residual = _residual_norms(base, family, ids, sorted(vectors.vectors))
+    residual = residual_norms(base, family, ids, sorted(vectors.vectors))
     baked_greedy = _greedy(baked, ids, tokens, tokenizer.pad_token_id)
     with steered(base, family, vectors):
         hooked_logits = _logits(base, ids)
