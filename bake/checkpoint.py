@@ -112,13 +112,12 @@ def _tensor_info(path: Path, name: str, h: Any, base: int, size: int) -> TensorI
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
         raise _unreadable(path, f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]")
-    start, end = base + offsets[0], base + offsets[1]
-    if end > size:
-        raise BakeError(f"{str(path)!r} is truncated: tensor {name} needs bytes up to {end} but the file has {size}: "
-                        "download or copy the file again")
-    if end - start != math.prod(shape) * ST_DTYPES[dtype].itemsize:
-        raise _unreadable(path, f"tensor {name!r}: {end - start} data bytes do not fit shape {shape} of {dtype}")
-    return TensorInfo(name, path, dtype, tuple(shape), start, end)
+    info = TensorInfo(name, path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+    if info.end > size:
+        raise info._truncated(size)
+    if info.end - info.start != math.prod(shape) * ST_DTYPES[dtype].itemsize:
+        raise _unreadable(path, f"tensor {name!r}: {info.end - info.start} data bytes do not fit {dtype} shape {shape}")
+    return info
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -176,14 +175,12 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
         path = Path(path)
+        require_safetensors(path)
         if (path / SINGLE).is_file():
             names, indexed, index_meta = [SINGLE], False, {}
-        elif (path / INDEX).is_file():
+        else:
             index = json.loads((path / INDEX).read_text())
             names, indexed, index_meta = sorted(set(index["weight_map"].values())), True, index.get("metadata", {})
-        else:
-            require_safetensors(path)
-            raise AssertionError("require_safetensors accepts only a folder with one of them")
         shards, metadata = {}, {}
         for name in names:
             shards[name], metadata[name] = read_header(path / name)

@@ -418,7 +418,7 @@ def _(w, d):
     blob = json.dumps(header, separators=(",", ":")).encode().ljust(n)
     assert len(blob) == n
     path.write_bytes(raw[:8] + blob + raw[8 + n :])
-    return Case(["fold", d / "m", w.vec, "-o", "OUT"], [name, "do not fit shape"])
+    return Case(["fold", d / "m", w.vec, "-o", "OUT"], [name, "do not fit F32 shape"])
 
 
 @case("model: tampered steered weights (unbake)")
