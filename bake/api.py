@@ -17,7 +17,7 @@ from bake import card, remote
 from bake import manifest as manifests
 from bake.activations import Moments, collect
 from bake.architectures import Site, family_for
-from bake.checkpoint import check_output, folder_bytes, staged_output
+from bake.checkpoint import check_output, folder_bytes, require_safetensors, staged_output
 from bake.data import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
 from bake.errors import BakeError
 from bake.fold import fold_checkpoint
@@ -293,6 +293,7 @@ def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | 
     from bake.verify import verify as verify_paths
 
     spec = spec or VerifySpec()
+    require_safetensors(Path(baked))
     source = resolve_model(base)
     cfg = text_config(source.path)
     vectors.check_model(cfg.hidden_size, cfg.num_hidden_layers)
@@ -407,6 +408,7 @@ def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, toke
     from bake.recipe import EvaluateSpec
 
     folder = Path(path)
+    require_safetensors(folder)
     manifest = manifests.read(folder)
     recorded = manifest.get("recipe")
     recipe = parse_recipe(recorded["text"], Path(recorded["base_dir"]), where=f"{folder / MANIFEST} (recipe)") if recorded else None

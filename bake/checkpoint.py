@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -19,7 +20,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -31,6 +32,7 @@ EXTRA_SHARD = "model-bake-steering.safetensors"
 RENAMED_SINGLE = "model-base.safetensors"
 # Weight files of other formats are never shipped: they would carry unsteered weights.
 _FOREIGN_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".safetensors")
+_PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _COPY_CHUNK = 1 << 24
 
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -90,6 +92,8 @@ class TensorInfo:
             remaining = self.end - self.start
             while remaining:
                 chunk = src.read(min(_COPY_CHUNK, remaining))
+                if not chunk:  # end of file before the header's end of data: never loop on an empty read
+                    raise self._truncated(self.end - remaining)
                 out.write(chunk)
                 remaining -= len(chunk)
 
@@ -97,32 +101,96 @@ class TensorInfo:
         with open(self.file, "rb") as f:
             f.seek(self.start)
             raw = bytearray(f.read(self.end - self.start))
+        if len(raw) != self.end - self.start:
+            raise self._truncated(self.start + len(raw))
         flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
         return flat.view(self.torch_dtype).reshape(self.shape)
 
+    def _truncated(self, at: int) -> BakeError:
+        return BakeError(f"{str(self.file)!r} is truncated: tensor {self.name} needs bytes up to {self.end} but "
+                         f"the file ends at {at}: download or copy the file again")
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensor infos and ``__metadata__`` of one safetensors file, from its header only."""
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BakeError(f"{str(path)!r} is not a readable safetensors file ({e.__class__.__name__})") from None
-    meta = header.pop("__metadata__", None) or {}
-    base = 8 + n
-    infos = {
-        name: TensorInfo(name, path, h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0], base + h["data_offsets"][1])
-        for name, h in header.items()
-    }
-    return infos, meta
+
+def _unreadable(path: Path, why: str) -> BakeError:
+    return BakeError(f"{str(path)!r} is not a readable safetensors file ({why}): download or copy it again")
 
 
 def header_bytes(path: Path) -> bytes:
-    """The raw header of a safetensors file (JSON and padding), to rebuild the file exactly."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return f.read(n)
+    """The raw header of a safetensors file (JSON and padding), checked to be all there."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _unreadable(path, f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > size - 8:
+                raise _unreadable(path, f"truncated: the header needs {n} bytes, the file has {size - 8} after it")
+            return f.read(n)
+    except OSError as e:
+        raise _unreadable(path, e.__class__.__name__) from None
+
+
+def _tensor_info(path: Path, name: str, h: Any, base: int, size: int) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape of sizes, a data range inside the file that fits the shape."""
+    if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
+        raise _unreadable(path, f"tensor {name!r} is not described by dtype, shape and data_offsets")
+    dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+    if dtype not in ST_DTYPES:
+        raise _unreadable(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise _unreadable(path, f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise _unreadable(path, f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]")
+    info = TensorInfo(name, path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
+    if info.end > size:
+        raise info._truncated(size)
+    if info.end - info.start != math.prod(shape) * ST_DTYPES[dtype].itemsize:
+        raise _unreadable(path, f"tensor {name!r}: {info.end - info.start} data bytes do not fit {dtype} shape {shape}")
+    return info
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor infos and ``__metadata__`` of one safetensors file, from its header only.
+
+    Everything is checked against the file before any work: a truncated shard is refused here, by name,
+    rather than found half-way through a copy."""
+    raw = header_bytes(path)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _unreadable(path, e.__class__.__name__) from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, "the header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _unreadable(path, "__metadata__ is not a map of strings")
+    size = path.stat().st_size
+    infos = {name: _tensor_info(path, name, h, 8 + len(raw), size) for name, h in header.items()}
+    return infos, meta
+
+
+def require_safetensors(path: Path) -> None:
+    """Refuse a model folder whose weights are not safetensors before anything reads it.
+
+    transformers would unpickle a ``pytorch_model.bin`` (and a pickle can run any code), so every command
+    checks here before its first load: bake never loads pickles, by design rather than by torch's defaults.
+    """
+    path = Path(path)
+    if not ((path / SINGLE).is_file() or (path / INDEX).is_file()):
+        found = sorted(p.name for p in path.iterdir() if p.name.endswith(_PICKLE_WEIGHTS)) if path.is_dir() else []
+        hint = (f" (only pickle weights found: {', '.join(found[:3])}; bake never loads pickles: convert them to "
+                "safetensors first)" if found else ": give a folder with safetensors weights")
+        raise BakeError(f"{str(path)!r} has no {SINGLE} or {INDEX}{hint}")
+    try:
+        named = json.loads((path / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):  # no or unreadable config: the config reader reports it
+        return
+    safe = isinstance(named, str) and named.endswith((".safetensors", ".safetensors.index.json"))
+    if named is not None and not safe:
+        raise BakeError(f"{str(path / 'config.json')!r} points transformers at weights {named!r}, not a safetensors "
+                        "file: bake never loads pickles; remove transformers_weights or convert the weights")
 
 
 @dataclass
@@ -138,20 +206,21 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | Path) -> "Checkpoint":
         path = Path(path)
+        require_safetensors(path)
         if (path / SINGLE).is_file():
             names, indexed, index_meta = [SINGLE], False, {}
-        elif (path / INDEX).is_file():
-            index = json.loads((path / INDEX).read_text())
-            names, indexed, index_meta = sorted(set(index["weight_map"].values())), True, index.get("metadata", {})
+        else:
+            try:
+                index = json.loads((path / INDEX).read_text())
+                names, indexed, index_meta = sorted(set(index["weight_map"].values())), True, index.get("metadata", {})
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                raise BakeError(f"{str(path / INDEX)!r} is not a valid safetensors index ({e.__class__.__name__}): "
+                                "it needs a 'weight_map' object of tensor -> shard names") from None
             for name in names:
                 try:
                     inside(path, plain_name(name), INDEX)
                 except ValueError as e:
                     raise BakeError(f"{str(path / INDEX)!r}: weight_map: {e}: refusing to read it") from None
-        else:
-            found = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
-            hint = " (only pickle weights found: convert to safetensors first; bake never loads pickles)" if found else ""
-            raise BakeError(f"{str(path)!r} has no model.safetensors or {INDEX}{hint}")
         shards, metadata = {}, {}
         for name in names:
             shards[name], metadata[name] = read_header(path / name)

@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -16,6 +17,10 @@ from bake.checkpoint import OutputExists, check_output
 from bake.errors import BakeError
 
 
+# Exit codes: 0 done; 1 bad input (BakeError) or a check that failed (verification, inspect); 2 usage error
+# (bad option value, missing argument, unknown option or command); 130 interrupted (Ctrl-C); 143 SIGTERM.
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 TERMINATED = 143
 """Exit code after SIGTERM (128 + 15, as a shell reports a process the signal ended)."""
 
@@ -28,8 +33,14 @@ def _on_sigterm(signum: int, frame) -> None:
     raise _Terminated
 
 
+def _one_line(text: str) -> str:
+    """Messages from other libraries can span lines: the CLI's promise is one line per error."""
+    return " ".join(text.split())
+
+
 class _Group(click.Group):
-    """Turns BakeError into click's one-line ``Error: ...`` with exit code 1, and SIGTERM into one line and 143."""
+    """Every error ends in one ``Error: ...`` line on stderr: BakeError with exit code 1, click's usage errors
+    with exit code 2 (click's own form is a usage block above the line, which hides the message), SIGTERM 143."""
 
     def invoke(self, ctx: click.Context):
         main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
@@ -39,13 +50,31 @@ class _Group(click.Group):
         except OutputExists as e:
             raise click.ClickException(e.hint("--force")) from None
         except BakeError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_one_line(str(e))) from None
         except _Terminated:
             click.echo("Error: stopped by SIGTERM: nothing was written (staging removed)", err=True)
             raise SystemExit(TERMINATED) from None
         finally:
             if main_thread:
                 signal.signal(signal.SIGTERM, previous)
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False  # errors are shown here, then the process exits with their code
+        try:
+            return super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # plain ``bake``: the help, as click shows it
+            e.show()
+            sys.exit(EXIT_USAGE)
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx else "bake"
+            click.echo(f"Error: {_one_line(e.format_message()).rstrip('.')} (see '{command} --help')", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.ClickException as e:
+            click.echo(f"Error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort as e:
+            click.echo("Error: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED if isinstance(e.__context__, KeyboardInterrupt) else 1)
 
 
 def _positive(param: click.Parameter, value: float | None) -> float | None:

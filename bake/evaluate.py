@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 from bake.activations import Moments, batches, collect, padded
 from bake.architectures import Site, family_for
+from bake.checkpoint import require_safetensors
 from bake.data import Example, load_texts, sample_background, tokenize
 from bake.errors import BakeError
 from bake.models import cache_dir, prompt_ids
@@ -105,8 +106,11 @@ def classifier_scorer(model: str, label: str) -> Callable[[list[str]], float]:
     """Mean probability of ``label`` under a Hugging Face text-classification model (folder or Hub id)."""
     from transformers import pipeline
 
-    try:
-        pipe = pipeline("text-classification", model=model, top_k=None, device="cpu")
+    if Path(model).is_dir():
+        require_safetensors(Path(model))
+    try:  # safetensors only, for a Hub classifier too: bake never loads pickles
+        pipe = pipeline("text-classification", model=model, top_k=None, device="cpu",
+                        model_kwargs={"use_safetensors": True})
     except (OSError, ValueError) as e:
         raise BakeError(f"evaluate.classifier.model: cannot load {model!r} as a text-classification model ({e.__class__.__name__}): "
                         "give a local folder or a Hub id") from None

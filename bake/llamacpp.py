@@ -89,14 +89,16 @@ def compare(source: Path, steered_file: Path, dequantized: Path, vectors: Vector
     """The steered GGUF in llama.cpp vs the dequantized base steered by hooks in transformers, at every prompt position."""
     from bake.architectures import family_for
     from bake.models import load_model, load_tokenizer, prompt_ids
-    from bake.verify import steered
+    from bake.verify import degenerate, residual_norms, steered
 
     tokenizer = load_tokenizer(dequantized)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
     model = load_model(dequantized, dtype=torch.float32)
+    family = family_for(model.config)
+    residual = residual_norms(model, family, ids, sorted(vectors.vectors))
     with torch.inference_mode():
         plain = [model(input_ids=torch.tensor([x])).logits[0].float().numpy() for x in ids]
-        with steered(model, family_for(model.config), vectors):
+        with steered(model, family, vectors):
             hooked = [model(input_ids=torch.tensor([x])).logits[0].float().numpy() for x in ids]
     del model
     base, baked = logits(source, ids), logits(steered_file, ids)
@@ -117,14 +119,17 @@ def compare(source: Path, steered_file: Path, dequantized: Path, vectors: Vector
         "effect_relative_error": float(np.linalg.norm(change - hook_change) / max(float(np.linalg.norm(hook_change)), 1e-30)),
         "top1_agreement": _top1(baked, hooked),
         "unsteered_top1_agreement": _top1(base, plain),
+        "degenerate": degenerate([torch.from_numpy(x) for x in hooked + baked], vectors, residual),
     }
     report["passed"] = bool(max_gap <= GAP_FACTOR * base_max and mean_gap <= GAP_FACTOR * base_mean
-                            and report["steering_effect"] >= 0.5 * report["hook_effect"])
+                            and report["steering_effect"] >= 0.5 * report["hook_effect"] and not report["degenerate"])
     return report
 
 
 def describe(report: dict[str, Any]) -> str:
+    dead = "; ".join(report.get("degenerate", []))  # absent from the reports of bakes before the check
     return (
+        (f"{dead}; " if dead else "") +
         f"llama.cpp vs hook-steered transformers over {report['positions']} positions: |Δlogit| max {report['max_gap']:.3g}, "
         f"mean {report['mean_gap']:.3g} (unsteered file: {report['unsteered_max_gap']:.3g}, {report['unsteered_mean_gap']:.3g}; "
         f"allowed {report['gap_factor']:g}x); steering changes logits by up to {report['steering_effect']:.3g} "

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from bake import remote
-from bake.checkpoint import OutputExists, staged_output
+from bake.checkpoint import OutputExists, require_safetensors, staged_output
 from bake.errors import BakeError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -104,6 +104,7 @@ def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None 
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BakeError(f"{spec!r} is a folder without config.json: give a Hugging Face model folder")
+        require_safetensors(path)
         config = (path / "config.json").read_bytes()
         return ModelSource(
             spec, path.resolve(), {"kind": "local", "path": str(path.resolve()), "config_sha256": hashlib.sha256(config).hexdigest()}
@@ -120,6 +121,7 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
 
     # bake/*: a baked base keeps its own vectors and undo data, which a bake on top of it carries on.
     path = download(repo_id, revision, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "README.md", "bake/*"])
+    require_safetensors(path)
     return ModelSource(repo_id, path, {"kind": "hub", "repo_id": repo_id, "commit": path.name})
 
 
@@ -135,10 +137,14 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
             raise BakeError(f"reading GGUF files needs the {needed!r} package: pip install 'bake[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from bake.gguf_export import _reader
+
+    _reader(gguf)  # a truncated or broken file is refused in one line here, not by a traceback from transformers
     try:  # a cache entry is always bake's own: a broken one is replaced
         with staged_output(target, force=True, ours=lambda p: True) as staging:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                         use_safetensors=True)
             # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
             model.hf_quantizer = None
             model.config.__dict__.pop("quantization_config", None)
@@ -159,14 +165,29 @@ def _gguf_license(gguf: Path) -> str | None:
     return field.contents() if field is not None else None
 
 
-def text_config(path: Path):
-    """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
+def _auto_config(path: Path):
+    """transformers' config of a model folder, or one line saying why it cannot be read."""
+    import transformers
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(path).get_text_config()
-    except (ValueError, KeyError, OSError) as e:
-        raise BakeError(f"{str(path)!r}: transformers cannot read its config.json ({e}): upgrade transformers or fix the file") from None
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        try:
+            model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            model_type = None
+        if isinstance(model_type, str) and model_type not in transformers.CONFIG_MAPPING:
+            why = f"its model_type {model_type!r} is unknown to transformers {transformers.__version__}"
+        else:
+            first = str(e).splitlines()[0] if str(e) else ""
+            why = f"transformers cannot read its config.json ({e.__class__.__name__}: {first})"
+        raise BakeError(f"{str(path)!r}: {why}: upgrade transformers or fix config.json") from None
+
+
+def text_config(path: Path):
+    """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
+    return _auto_config(path).get_text_config()
 
 
 def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any):
@@ -179,9 +200,11 @@ def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None 
     collecting at block L costs memory and time in proportion to (L+1)/N.
     On a GPU machine the model keeps its own dtype and is spread with device_map="auto".
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    require_safetensors(path)
+    kwargs["use_safetensors"] = True
+    config = _auto_config(path)
     if layers is not None:
         text = config.get_text_config()
         text.num_hidden_layers = layers

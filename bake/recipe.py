@@ -8,16 +8,28 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from bake.architectures import Site
 from bake.errors import BakeError
 
 Method = Literal["mean-centred", "mean", "actadd", "contrast"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _not_bool(value: Any) -> Any:
+    """YAML reads ``yes``/``no``/``true`` as booleans, which pydantic would take as 1 and 0: refuse them."""
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is a yes/no value, not a number: write the number")
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_not_bool)]
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -40,7 +52,7 @@ class TextSource(_Strict):
     split: str = "train"
     field: str | None = None
     column: str | None = None
-    limit: int | None = Field(default=None, ge=1)
+    limit: Integer | None = Field(default=None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -72,9 +84,9 @@ class TextSource(_Strict):
 class ModelSample(_Strict):
     """Background sampled from the model itself: ``sequences`` × ``tokens`` from its BOS token."""
 
-    sequences: int = Field(default=128, ge=1)
-    tokens: int = Field(default=64, ge=2)
-    temperature: float = Field(default=1.0, gt=0)
+    sequences: Integer = Field(default=128, ge=1)
+    tokens: Integer = Field(default=64, ge=2)
+    temperature: Number = Field(default=1.0, gt=0)
 
 
 class Background(_Strict):
@@ -103,7 +115,7 @@ class Steering(_Strict):
     """One behaviour: a vector measured and added at ``site`` of block ``layer``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    layer: int = Field(ge=0, description="0-based block index; the vector is added after this block")
+    layer: Integer = Field(ge=0, description="0-based block index; the vector is added after this block")
     site: Site = "resid_post"
     method: Method = "mean-centred"
     coefficient: float | Literal["auto"] = Field(
@@ -157,8 +169,8 @@ class VerifySpec(_Strict):
         ],
         min_length=1,
     )
-    tokens: int = Field(default=16, ge=1)
-    atol: float | None = Field(default=None, gt=0, description="max |Δlogit|; default depends on dtype")
+    tokens: Integer = Field(default=16, ge=1)
+    atol: Number | None = Field(default=None, gt=0, description="max |Δlogit|; default depends on dtype")
     scope: Literal["all", "steered"] = Field(
         default="all",
         description="'steered' builds both models with blocks 0..L only (L the deepest steered block), for models "
@@ -170,7 +182,7 @@ class PreviewSpec(_Strict):
     """Base vs steered continuations printed at the end of ``bake run``."""
 
     prompts: list[str] = Field(default_factory=lambda: ["Tell me about your day."])
-    tokens: int = Field(default=40, ge=1)
+    tokens: Integer = Field(default=40, ge=1)
     chat: bool = True
 
 
@@ -229,16 +241,16 @@ class EvaluateSpec(_Strict):
 
     prompts: TextSource = Field(default_factory=lambda: TextSource(texts=DEFAULT_EVAL_PROMPTS))
     chat: bool = Field(default=True, description="prompts as user turns of the chat template")
-    tokens: int = Field(default=32, ge=1, description="new tokens per greedy reply")
+    tokens: Integer = Field(default=32, ge=1, description="new tokens per greedy reply")
     scorers: list[Scorer] = Field(default_factory=lambda: ["wordlist", "logprob_gain", "activation_shift"], min_length=1)
     words: TextSource | None = Field(default=None, description="word list for 'wordlist' (default: derived from the target texts)")
-    top_words: int = Field(default=40, ge=1, description="size of the derived word list")
+    top_words: Integer = Field(default=40, ge=1, description="size of the derived word list")
     classifier: ClassifierSpec | None = None
     neutral: TextSource = Field(default_factory=lambda: TextSource(texts=DEFAULT_NEUTRAL))
     background: TextSource | None = Field(default=None, description="held-out text for perplexity (default: neutral)")
     target: TextSource | None = Field(default=None, description="held-out target texts (default: the entry's own, in-sample)")
-    max_kl: float = Field(default=0.5, gt=0, description="KL budget (nats per token) for coefficient: auto and bake compare")
-    coefficients: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0], min_length=1)
+    max_kl: Number = Field(default=0.5, gt=0, description="KL budget (nats per token) for coefficient: auto and bake compare")
+    coefficients: list[Number] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0], min_length=1)
     compare: CompareSpec = Field(default_factory=CompareSpec)
 
     @field_validator("coefficients")
@@ -267,9 +279,9 @@ class Recipe(_Strict):
         default="hf", description="'gguf': write the GGUF base with the steering as bias tensors (llama.cpp, Ollama)"
     )
     dtype: DType = "auto"
-    seed: int = 0
-    max_tokens: int = Field(default=256, ge=2, description="texts are truncated to this many tokens")
-    batch_tokens: int = Field(default=4096, ge=16)
+    seed: Integer = 0
+    max_tokens: Integer = Field(default=256, ge=2, description="texts are truncated to this many tokens")
+    batch_tokens: Integer = Field(default=4096, ge=16)
     background: Background = Field(default_factory=lambda: Background(sample=ModelSample()))
     steering: list[Steering] = Field(min_length=1)
     verify: VerifySpec = Field(default_factory=VerifySpec)

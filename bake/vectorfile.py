@@ -94,9 +94,16 @@ class VectorSet:
         try:
             with safe_open(path, framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("bake", "{}"))
-                vectors = {parse_name(name): f.get_tensor(name) for name in f.keys()}
+                names = {name: parse_name(name) for name in f.keys()}
+                vectors = {point: f.get_tensor(name) for name, point in names.items()}
         except (SafetensorError, json.JSONDecodeError, OSError) as e:
             raise BakeError(f"{str(path)!r} is not a readable safetensors vector file ({e.__class__.__name__})") from None
+        if not isinstance(meta, dict):
+            raise BakeError(f"{str(path)!r}: its 'bake' metadata is {type(meta).__name__} JSON, not an object: "
+                            "write the file with bake vector or VectorSet.save")
+        if len(vectors) != len(names):  # layer.2 and layer.02 name the same point: refuse rather than drop one
+            same = [n for n, p in names.items() if list(names.values()).count(p) > 1]
+            raise BakeError(f"{str(path)!r} holds {' and '.join(sorted(same))} for the same point: keep one of them")
         if not vectors:
             raise BakeError(f"vector file {str(path)!r} holds no vectors")
         for p, v in vectors.items():

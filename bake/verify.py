@@ -16,14 +16,17 @@ from typing import Any, Iterator
 
 import torch
 
-from bake.activations import hook_module
+from bake.activations import hook_module, watch_residual
 from bake.architectures import Family, family_for
 from bake.models import load_model, load_tokenizer, prompt_ids
-from bake.vectorfile import VectorSet
+from bake.vectorfile import Point, VectorSet, tensor_name
 
 # Default max |Δlogit| per compute dtype: hook and bias add the same numbers in a
 # different order, so the gap is rounding noise amplified through later blocks.
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
+# A steered model this far gone matches its hooked twin and still says nothing: baked and hooked are equally dead.
+MAX_RELATIVE_NORM = 100.0  # vector norm / mean residual norm at its layer (the card's rel.norm)
+MIN_LOGIT_STD = 1e-4  # std of the logits over the vocabulary at a probe position: below it, every token is equal
 
 
 @contextlib.contextmanager
@@ -53,6 +56,61 @@ def steered(model: torch.nn.Module, family: Family, vectors: VectorSet) -> Itera
 @torch.inference_mode()
 def _logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
     return [model(input_ids=torch.tensor([x])).logits[0].float() for x in ids]
+
+
+@torch.inference_mode()
+def residual_norms(model, family: Family, ids: list[list[int]], points: list[Point]) -> dict[Point, float]:
+    """Mean L2 norm of the unsteered residual at each point over the probe tokens (the first, often an
+    outlier, left out as the collection leaves it out): the scale a vector's norm is judged against."""
+    totals = {p: [0.0, 0] for p in points}
+
+    def recorder(point: Point):
+        def record(residual: torch.Tensor) -> None:
+            norms = residual[0, 1:].float().norm(dim=-1) if residual.shape[1] > 1 else residual[0].float().norm(dim=-1)
+            totals[point][0] += float(norms.sum())
+            totals[point][1] += norms.numel()
+        return record
+
+    handles = [watch_residual(model, family, layer, site, recorder((layer, site))) for layer, site in points]
+    try:
+        for x in ids:
+            model(input_ids=torch.tensor([x]))
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: total / count if count else 0.0 for p, (total, count) in totals.items()}
+
+
+def _lower(vectors: VectorSet, point: Point) -> str:
+    """What to lower for the vector at ``point``: its recipe entries' coefficients, else the vector itself."""
+    name = tensor_name(*point)
+    entries = [e for e in vectors.meta.get("entries", []) if isinstance(e, dict) and e.get("tensor") == name]
+    if entries:
+        named = ", ".join(f"steering {e.get('name')!r} ({e.get('coefficient')})" for e in entries)
+        return f"lower the coefficient of {named}"
+    return f"lower the coefficient (scale the vector {name} down)"
+
+
+def degenerate(logits: list[torch.Tensor], vectors: VectorSet, residual: dict[Point, float]) -> list[str]:
+    """Why the steered model is useless even if baked and hooked agree: a vector absurdly large against the
+    residual it joins, non-finite logits, or logits equal over the whole vocabulary (a dead model)."""
+    problems = []
+    for point, v in sorted(vectors.vectors.items()):
+        norm, scale = float(v.double().norm()), residual[point]  # float64: a huge vector's float32 norm is inf
+        if norm > MAX_RELATIVE_NORM * scale:
+            ratio = f"{norm / scale:.3g}x" if scale > 0 else "infinitely"
+            problems.append(f"vector {tensor_name(*point)} has norm {norm:.3g}, {ratio} the mean residual norm "
+                            f"{scale:.3g} at its layer (at most {MAX_RELATIVE_NORM:g}x): {_lower(vectors, point)}")
+    if problems:  # the logits of such a model say nothing more
+        return problems
+    worst = max(vectors.vectors, default=None,
+                key=lambda p: float(vectors.vectors[p].double().norm()) / max(residual[p], 1e-30))
+    fix = _lower(vectors, worst) if worst is not None else "check the base model"
+    if not all(bool(torch.isfinite(x).all()) for x in logits):
+        problems.append(f"the steered model's logits are NaN or inf: {fix}")
+    elif min(float(x.std(dim=-1).min()) for x in logits) < MIN_LOGIT_STD:
+        problems.append(f"the steered model's logits are constant over the vocabulary (a dead model): {fix}")
+    return problems
 
 
 @torch.inference_mode()
@@ -93,11 +151,13 @@ def compare(base, baked, tokenizer, vectors: VectorSet, prompts: list[str], toke
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
     baked_logits = _logits(baked, ids)
     plain_logits = _logits(base, ids)
+    residual = residual_norms(base, family, ids, sorted(vectors.vectors))
     baked_greedy = _greedy(baked, ids, tokens, tokenizer.pad_token_id)
     with steered(base, family, vectors):
         hooked_logits = _logits(base, ids)
         hooked_greedy = _greedy(base, ids, tokens, tokenizer.pad_token_id)
         divergent, ties = _divergences(base, ids, hooked_greedy, baked_greedy, 2 * atol)
+    dead = degenerate(hooked_logits + baked_logits, vectors, residual)
     diff = max(float((a - b).abs().max()) for a, b in zip(baked_logits, hooked_logits))
     effect = max(float((a - b).abs().max()) for a, b in zip(baked_logits, plain_logits))
     has_steering = any(float(v.abs().max()) > 0 for v in vectors.vectors.values())
@@ -116,7 +176,8 @@ def compare(base, baked, tokenizer, vectors: VectorSet, prompts: list[str], toke
         "greedy_ok": greedy_ok,
         "steering_effect": effect,
         "steering_present": present,
-        "passed": diff <= atol and greedy_ok and present,
+        "degenerate": dead,
+        "passed": diff <= atol and greedy_ok and present and not dead,
     }
 
 
@@ -129,7 +190,7 @@ def _greedy_words(report: dict[str, Any]) -> str:
 def describe(report: dict[str, Any]) -> str:
     """One line saying what was measured and whether it passed."""
     verdict = "PASSED" if report["passed"] else "FAILED"
-    reasons = []
+    reasons = list(report.get("degenerate", []))  # absent from the reports of bakes before the check
     if report["max_abs_logit_diff"] > report["atol"]:
         reasons.append("logits differ beyond tolerance")
     if not report["greedy_ok"]:

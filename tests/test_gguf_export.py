@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -395,3 +396,16 @@ def test_gguf_output_needs_a_gguf_model(tiny_models, tmp_path):
     recipe.write_text(recipe.read_text().replace("output_format: gguf\n", ""))
     assert "is not a .gguf file" in one_line_error(invoke("run", recipe, "-o", tmp_path / "o.gguf"))
     assert not (tmp_path / "o.gguf").exists()
+
+
+def test_a_huge_vector_fails_verification_and_names_the_coefficient(baked, tmp_path):
+    """llama.cpp and the hooks agree on a dead model as well as on a live one: the size check refuses it."""
+    VectorSet({(15, "resid_post"): torch.full((576,), 1e29)}).save(tmp_path / "huge.safetensors")
+    out = tmp_path / "outs" / "huge.gguf"
+    result = invoke("fold", baked["source"], tmp_path / "huge.safetensors", "-o", out)
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in re.split(r"[\r\n]+", result.stderr) if ln.strip() and "%|" not in ln]  # progress bars aside
+    assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+    err = lines[0]
+    assert "verification FAILED" in err and "vector layer.15 has norm" in err and "lower the coefficient" in err, err
+    assert not out.parent.exists() or sorted(out.parent.iterdir()) == []
