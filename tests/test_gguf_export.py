@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -189,7 +190,8 @@ def test_inspect_checks_the_file(baked, readers, tmp_path):
     assert_ok(result)
     assert "layer.15 -> blk.15.ffn_down.bias" in result.output and "layer.9.mid -> blk.9.attn_output.bias" in result.output
     assert "file: matches the manifest" in result.output
-    assert '"bake-gguf-manifest/1"' in invoke("inspect", baked["path"], "--json").output
+    verdict = json.loads(invoke("inspect", baked["path"], "--json").output)
+    assert verdict["matches_manifest"] is True and verdict["manifest"]["format"] == "bake-gguf-manifest/1"
     reader = readers["steered"]
     at = {t.name: t.data_offset for t in reader.tensors}
     kv = reader.fields["general.name"]
@@ -209,6 +211,9 @@ def test_inspect_checks_the_file(baked, readers, tmp_path):
         result = invoke("inspect", tampered)
         assert result.exit_code == 1, (what, result.output)
         assert "file: DOES NOT match the manifest" in result.output and message in result.output, (what, result.output)
+        as_json = invoke("inspect", tampered, "--json")
+        assert as_json.exit_code == 1, (what, as_json.output)
+        assert any(message in p for p in json.loads(as_json.output)["problems"]), (what, as_json.output)
 
 
 def test_transformers_gguf_loader_drops_the_biases(baked):
