@@ -80,7 +80,7 @@ def _warn_not_portable(manifest: dict) -> None:
     """After writing a constant-bias module (--allow-remote-code): say how it loads, and where it does not."""
     module = manifest.get("fold", {}).get("remote_code")  # a GGUF bake has no "fold" record
     if module:
-        click.echo(f"NOTE: {module['class']} is {module['note']} (see README.md)")
+        click.echo(f"NOTE: {module['class']} is {module['note']} (see docs/remote-code.md)")
 
 
 def _vector_table(entries: list[dict]) -> str:
