@@ -183,5 +183,6 @@ def sample_background(model_factory, tokenizer, model_key: str, spec: ModelSampl
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump({"settings": json.loads(key_src), "sequences": sequences}, f)
     os.replace(f.name, path)
-    print(f"sampled background: {len(sequences)} sequences of up to {spec.tokens} tokens, cached in {path}", file=sys.stderr)
+    print(f"sampled background: {len(sequences)} sequences of up to {spec.tokens} tokens, cached in {path}",
+          file=sys.stderr)
     return sequences, key

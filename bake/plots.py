@@ -49,12 +49,14 @@ def sweep_figures(rows: list[dict[str, Any]], base: dict[str, Any], effect: str,
     has_base = base.get(effect) is not None
     fig, (ax,) = _figure(1)
     for i, layer in enumerate(layers):
-        mine = sorted((r for r in rows if r["layer"] == layer and r[effect] is not None), key=lambda r: r["coefficient"])
+        mine = sorted((r for r in rows if r["layer"] == layer and r[effect] is not None),
+                      key=lambda r: r["coefficient"])
         start = [(0.0, base[effect])] if has_base else []
         points = start + [(r["kl"], r[effect]) for r in mine]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"layer {layer}")
         for r in mine:
-            ax.annotate(f"{r['coefficient']:g}", (r["kl"], r[effect]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            ax.annotate(f"{r['coefficient']:g}", (r["kl"], r[effect]), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7)
         _over_budget(ax, [(r["kl"], r[effect], r["kl"]) for r in mine], max_kl, label=i == 0)
     if has_base:  # the base is every line's KL-0 point; a dotted line across the plot shows where steering starts
         ax.axhline(base[effect], color="black", ls=":", lw=1, label="base")

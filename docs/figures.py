@@ -46,7 +46,8 @@ def render(figures: dict[str, Any]) -> str:
         "|---|---|",
         f"| max \\|Δlogit\\| baked (reloaded from disk) vs hook-steered base, {ver['prompts']} probe prompts "
         f"| {ver['max_abs_logit_diff']:.2e} (tolerance {ver['atol']:g}) |",
-        f"| greedy continuations, {ver['greedy_tokens']} tokens | {'identical' if ver['greedy_identical'] else 'differ'} |",
+        f"| greedy continuations, {ver['greedy_tokens']} tokens "
+        f"| {'identical' if ver['greedy_identical'] else 'differ'} |",
         f"| max \\|Δlogit\\| baked vs unsteered base (the steering is really there) | {ver['steering_effect']:.3g} |",
         f"| vector norm / mean residual norm at block {vec['layer']} (coefficient {vec['coefficient']:g}) "
         f"| {vec['relative_norm']:.3f} |",

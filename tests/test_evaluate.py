@@ -411,7 +411,8 @@ def test_sweep_plots_name_the_measure_mark_the_base_and_the_points_over_budget()
             for layer, c, kl, v in [(3, 1.0, 0.2, 0.5), (3, 2.0, 0.9, 0.7), (6, 1.0, 0.3, 0.4), (6, 2.0, 0.4, 0.6)]]
     by_kl, by_coefficient = plots.sweep_figures(rows, {"vader": 0.1}, "vader", max_kl=0.5)
     (ax,) = by_kl.axes
-    assert ax.get_title() == f"{LABELS['vader']} vs KL (point labels: coefficient)" and ax.get_ylabel() == LABELS["vader"]
+    assert ax.get_title() == f"{LABELS['vader']} vs KL (point labels: coefficient)"
+    assert ax.get_ylabel() == LABELS["vader"]
     assert "wordlist" not in ax.get_title()
     texts = {t.get_text(): t.xy for t in ax.texts}
     assert texts["base"] == (0.0, 0.1)  # the KL-0 point is labelled as the base

@@ -38,8 +38,9 @@ def llama_cpp_sdist() -> Path:
     """llama-cpp-python's sdist, downloaded once into a cache outside the repository (pip's own cache helps too)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bake-tests"
     if not (cache / SDIST).is_file():
-        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                                  "llama-cpp-python==0.3.36", "-d", str(cache)], capture_output=True, text=True)
+        argv = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                "llama-cpp-python==0.3.36", "-d", str(cache)]
+        fetched = subprocess.run(argv, capture_output=True, text=True)
         if fetched.returncode != 0 or not (cache / SDIST).is_file():
             why = (fetched.stderr.strip().splitlines() or ["no output"])[-1]
             pytest.skip(f"could not download llama-cpp-python 0.3.36's sdist for its convert_hf_to_gguf.py ({why})")

@@ -119,7 +119,8 @@ class Runner:
             code = without_installs(block.code) if block.lang == "bash" else block.code
             argv = ["bash", "-euo", "pipefail", "-c", code] if block.lang == "bash" else [sys.executable, "-c", code]
             result = subprocess.run(argv, cwd=self.root, env=self.env, capture_output=True, text=True)
-            assert result.returncode == 0, f"{block.id} failed:\n{code}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            output = f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            assert result.returncode == 0, f"{block.id} failed:\n{code}\n{output}"
         return result
 
 
