@@ -423,7 +423,7 @@ def portability(family: Family) -> str:
 
 
 def portability_table(families: list[Family] | None = None) -> str:
-    """The README's table (or a model card's rows), from this module's data (a test keeps the README in step)."""
+    """docs/architectures.md's table (or a model card's rows), from this module's data (a test keeps it in step)."""
     rows = [
         "| family (`model_type`) | after block L (`resid_post`) | after attention (`resid_mid`) | transformers | vLLM | llama.cpp (GGUF) |",
         "|---|---|---|---|---|---|",

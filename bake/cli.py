@@ -134,7 +134,7 @@ def _warn_not_portable(manifest: dict) -> None:
     """After writing a constant-bias module (--allow-remote-code): say how it loads, and where it does not."""
     module = manifest.get("fold", {}).get("remote_code")  # a GGUF bake has no "fold" record
     if module:
-        click.echo(f"NOTE: {module['class']} is {module['note']} (see README.md)")
+        click.echo(f"NOTE: {module['class']} is {module['note']} (see docs/remote-code.md)")
 
 
 def _vector_table(entries: list[dict]) -> str:
@@ -337,8 +337,8 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
         from bake import gguf_export
 
         manifest, report, problems = gguf_export.inspect(path)
-        click.echo(json.dumps(manifest, indent=2) if as_json else report)
-        if problems and not as_json:
+        click.echo(_inspect_json(manifest, problems) if as_json else report)
+        if problems:
             raise SystemExit(1)
         return
     if not Path(path).exists() and "/" in path and not path.startswith((".", "/")):
@@ -347,7 +347,13 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
         path = str(download(path, revision))
     manifest = manifests.read(path)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2))
+        try:
+            problems = manifests.check(path, manifest)
+        except BakeError as e:  # an incomplete manifest: show it anyway, with why it cannot be checked
+            problems = [str(e)]
+        click.echo(_inspect_json(manifest, problems))
+        if problems:
+            raise SystemExit(1)
         return
     try:
         base = manifest["base"]
@@ -368,6 +374,11 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
     click.echo("\n".join(lines))
     if problems:
         raise SystemExit(1)
+
+
+def _inspect_json(manifest: dict, problems: list[str]) -> str:
+    """The manifest with inspect's verdict beside it, so a script reads the same answer as the exit code."""
+    return json.dumps({"matches_manifest": not problems, "problems": problems, "manifest": manifest}, indent=2)
 
 
 @main.command()

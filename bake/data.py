@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def sample_background(model_factory, tokenizer, model_key: str, spec: ModelSampl
     sequences: list[list[int]] = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        for first in tqdm(range(0, spec.sequences, 32), desc="sampling background", unit="batch"):
+        # leave=False: a kept bar is drawn again at close, so a log showed "100%" twice; one summary line instead.
+        for first in tqdm(range(0, spec.sequences, 32), desc="sampling background", unit="batch", leave=False):
             ids = torch.full((min(32, spec.sequences - first), 1), start, dtype=torch.long)
             out = model.generate(
                 ids,
@@ -179,4 +181,6 @@ def sample_background(model_factory, tokenizer, model_key: str, spec: ModelSampl
                 sequences.append(row[:end])
     with contextlib.suppress(OutputExists), staged_output(path, True, ours=lambda p: True, file=True) as tmp:
         tmp.write_text(json.dumps({"settings": json.loads(key_src), "sequences": sequences}))  # a cache entry is ours
+    print(f"sampled background: {len(sequences)} sequences of up to {spec.tokens} tokens, cached in {path}",
+          file=sys.stderr)
     return sequences, key

@@ -119,7 +119,7 @@ def bias_name(arch: str, layer: int, site: Site, metadata: Callable[[str], Any],
 
 
 def gguf_table() -> str:
-    """The README's table of GGUF architectures, from the data above (a test keeps the README in step)."""
+    """docs/gguf.md's table of GGUF architectures, from the data above (a test keeps the page in step)."""
     rows = ["| `general.architecture` | after block L (`resid_post`) | after attention (`resid_mid`) | llama.cpp 0c1e570 |",
             "|---|---|---|---|"]
     for arch, a in GGUF_ARCHITECTURES.items():

@@ -41,6 +41,10 @@ class PushPlan:
                   for name, path in sorted(self.files.items())]
         if self.tag:
             lines.append(f"then tag that commit {self.tag!r}")
+        from huggingface_hub import get_token
+
+        if not get_token():  # reads HF_TOKEN or the login file only: a dry run contacts nothing
+            lines.append(f"no Hugging Face token is set, so the real push would fail: {_LOGIN}")
         return "\n".join(lines)
 
 
@@ -75,12 +79,15 @@ def plan_push(folder: str | Path, repo_id: str, *, branch: str = "main", tag: st
                     card.render(manifest, repo_id=repo_id))
 
 
+_LOGIN = "run `hf auth login` or set HF_TOKEN (a token with write access)"
+
+
 def _token() -> str:
     from huggingface_hub import get_token
 
     token = get_token()
     if not token:
-        raise BakeError("no Hugging Face token: run `hf auth login` or set HF_TOKEN (a token with write access)")
+        raise BakeError(f"no Hugging Face token: {_LOGIN}")
     return token
 
 

@@ -34,37 +34,64 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def sweep_plots(rows: list[dict[str, Any]], base: dict[str, Any], effect: str, max_kl: float | None, folder: Path) -> list[Path]:
-    """effect_vs_kl.png (one line per layer, from the base at KL 0) and coefficient.png (effect and KL vs coefficient)."""
+def _over_budget(ax, points: list[tuple[float, float, float]], max_kl: float | None, label: bool) -> None:
+    """Ring the (x, y, kl) points whose KL is over the budget (coefficient: auto and compare never pick them)."""
+    over = [p for p in points if max_kl is not None and p[2] > max_kl]
+    if over:
+        ax.scatter([p[0] for p in over], [p[1] for p in over], s=90, facecolors="none", edgecolors="red", zorder=3,
+                   label="over the KL budget" if label else None)
+
+
+def sweep_figures(rows: list[dict[str, Any]], base: dict[str, Any], effect: str, max_kl: float | None) -> list:
+    """The effect-vs-KL figure (one line per layer, from the base at KL 0) and the effect/KL-vs-coefficient figure."""
     layers = sorted({r["layer"] for r in rows})
+    label = LABELS.get(effect, effect)
+    has_base = base.get(effect) is not None
     fig, (ax,) = _figure(1)
-    for layer in layers:
-        mine = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["coefficient"])
-        start = [(0.0, base[effect])] if base.get(effect) is not None else []
-        points = start + [(r["kl"], r[effect]) for r in mine if r[effect] is not None]
+    for i, layer in enumerate(layers):
+        mine = sorted((r for r in rows if r["layer"] == layer and r[effect] is not None),
+                      key=lambda r: r["coefficient"])
+        start = [(0.0, base[effect])] if has_base else []
+        points = start + [(r["kl"], r[effect]) for r in mine]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"layer {layer}")
         for r in mine:
-            if r[effect] is not None:
-                ax.annotate(f"{r['coefficient']:g}", (r["kl"], r[effect]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            ax.annotate(f"{r['coefficient']:g}", (r["kl"], r[effect]), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7)
+        _over_budget(ax, [(r["kl"], r[effect], r["kl"]) for r in mine], max_kl, label=i == 0)
+    if has_base:  # the base is every line's KL-0 point; a dotted line across the plot shows where steering starts
+        ax.axhline(base[effect], color="black", ls=":", lw=1, label="base")
+        ax.plot([0.0], [base[effect]], marker="s", color="black", ls="none", zorder=3)
+        ax.annotate("base", (0.0, base[effect]), textcoords="offset points", xytext=(4, -10), fontsize=8)
     _budget(ax, max_kl)
-    ax.set(xlabel=LABELS["kl"], ylabel=LABELS.get(effect, effect), title=f"{effect} vs KL (labels: coefficient)")
+    ax.set(xlabel=LABELS["kl"], ylabel=label, title=f"{label} vs KL (point labels: coefficient)")
     ax.legend(fontsize=8)
-    paths = [_save(fig, folder / "effect_vs_kl.png")]
+    figures = [fig]
 
     fig, (left, right) = _figure(2)
-    for layer in layers:
+    for i, layer in enumerate(layers):  # coefficient 0 is the base: KL 0 and the base's effect
         mine = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["coefficient"])
-        left.plot([r["coefficient"] for r in mine], [r[effect] for r in mine], marker="o", label=f"layer {layer}")
-        right.plot([r["coefficient"] for r in mine], [r["kl"] for r in mine], marker="o", label=f"layer {layer}")
-    if base.get(effect) is not None:
-        left.axhline(base[effect], color="black", lw=1, label="base")
+        effects = ([(0.0, base[effect], 0.0)] if has_base else []) + [
+            (r["coefficient"], r[effect], r["kl"]) for r in mine if r[effect] is not None]
+        kls = [(0.0, 0.0, 0.0)] + [(r["coefficient"], r["kl"], r["kl"]) for r in mine]
+        left.plot([p[0] for p in effects], [p[1] for p in effects], marker="o", label=f"layer {layer}")
+        right.plot([p[0] for p in kls], [p[1] for p in kls], marker="o", label=f"layer {layer}")
+        _over_budget(left, effects, max_kl, label=i == 0)
+        _over_budget(right, kls, max_kl, label=i == 0)
+    if has_base:
+        left.axhline(base[effect], color="black", ls=":", lw=1, label="base (coefficient 0)")
     _budget(right, max_kl, vertical=False)
-    left.set(xlabel="coefficient", ylabel=LABELS.get(effect, effect), title=f"{effect} vs coefficient")
+    left.set(xlabel="coefficient", ylabel=label, title=f"{label} vs coefficient")
     right.set(xlabel="coefficient", ylabel=LABELS["kl"], title="KL vs coefficient")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
-    paths.append(_save(fig, folder / "coefficient.png"))
-    return paths
+    figures.append(fig)
+    return figures
+
+
+def sweep_plots(rows: list[dict[str, Any]], base: dict[str, Any], effect: str, max_kl: float | None, folder: Path) -> list[Path]:
+    """effect_vs_kl.png and coefficient.png (see ``sweep_figures``)."""
+    figures = sweep_figures(rows, base, effect, max_kl)
+    return [_save(fig, folder / name) for fig, name in zip(figures, ("effect_vs_kl.png", "coefficient.png"))]
 
 
 def compare_plot(curves: dict[str, list[dict[str, Any]]], base: dict[str, Any], effect: str, max_kl: float, path: Path) -> Path:

@@ -247,7 +247,9 @@ def test_vector_fold_verify_inspect_generate(tiny_models, tmp_path):
 
     result = invoke("inspect", out, "--json")
     assert_ok(result)
-    manifest = json.loads(result.output)
+    verdict = json.loads(result.output)
+    assert verdict["matches_manifest"] is True
+    manifest = verdict["manifest"]
     assert manifest == json.loads((out / "bake.json").read_text())
     assert manifest["vectors"]["entries"][0]["name"] == "happy"
     assert manifest["fold"]["biases"][0]["tensor"] == "model.layers.1.mlp.down_proj.bias"

@@ -401,3 +401,29 @@ def test_eval_of_a_bake_from_a_vector_file_measures_the_costs_and_says_what_it_c
     with steered(model, family_for(model.config), vectors):
         assert ev["steered"]["kl"] == pytest.approx(evaluator.costs(model)["kl"], rel=1e-3)
     assert ev["base"]["perplexity"] == pytest.approx(evaluator.base["perplexity"], rel=1e-5)
+
+
+def test_sweep_plots_name_the_measure_mark_the_base_and_the_points_over_budget():
+    from bake import plots
+    from bake.evaluate import LABELS
+
+    rows = [{"layer": layer, "coefficient": c, "kl": kl, "vader": v}
+            for layer, c, kl, v in [(3, 1.0, 0.2, 0.5), (3, 2.0, 0.9, 0.7), (6, 1.0, 0.3, 0.4), (6, 2.0, 0.4, 0.6)]]
+    by_kl, by_coefficient = plots.sweep_figures(rows, {"vader": 0.1}, "vader", max_kl=0.5)
+    (ax,) = by_kl.axes
+    assert ax.get_title() == f"{LABELS['vader']} vs KL (point labels: coefficient)"
+    assert ax.get_ylabel() == LABELS["vader"]
+    assert "wordlist" not in ax.get_title()
+    texts = {t.get_text(): t.xy for t in ax.texts}
+    assert texts["base"] == (0.0, 0.1)  # the KL-0 point is labelled as the base
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"layer 3", "layer 6", "base", "over the KL budget", "KL budget 0.5"} <= set(legend)
+    base_line = next(line for line in ax.get_lines() if line.get_label() == "base")
+    assert list(base_line.get_ydata()) == [0.1, 0.1] and ax.get_ylim()[0] < 0.1 < ax.get_ylim()[1]
+    assert ax.get_xlim()[0] < 0.0  # the KL-0 point sits inside the axes, not on its spine
+    (ringed,) = [c for c in ax.collections if c.get_label() == "over the KL budget"]
+    assert ringed.get_offsets().tolist() == [[0.9, 0.7]]  # only layer 3 at 2.0 is over 0.5
+    left, right = by_coefficient.axes
+    assert left.get_ylabel() == LABELS["vader"] and right.get_ylabel() == LABELS["kl"]
+    assert [list(line.get_xdata()) for line in right.get_lines()[:2]] == [[0.0, 1.0, 2.0]] * 2  # coefficient 0 = base
+    assert [c.get_offsets().tolist() for c in right.collections] == [[[2.0, 0.9]]]

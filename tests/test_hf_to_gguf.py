@@ -1,9 +1,9 @@
 """A baked Hugging Face checkpoint converts with llama.cpp's own convert_hf_to_gguf.py: the biases map by name.
 
 The converter is the one in the llama-cpp-python 0.3.36 sdist, which vendors llama.cpp
-0c1e570 (convert_hf_to_gguf.py, conversion/, gguf-py/). CI downloads it from PyPI
-(``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36``) and points
-``BAKE_LLAMA_CPP_SDIST`` at it; it needs ``sentencepiece`` (the test extra) even for a
+0c1e570 (convert_hf_to_gguf.py, conversion/, gguf-py/). The ``converter`` fixture fetches it once
+(``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36``) into ~/.cache/bake-tests, or
+skips saying why when PyPI cannot be reached; it needs ``sentencepiece`` (the test extra) even for a
 BPE tokenizer, because the Llama converter imports it before looking for a tokenizer.model.
 The tiny Llama uses SmolLM2's tokenizer: the converter only accepts BPE tokenizers whose
 pre-tokenizer it recognises.
@@ -31,12 +31,25 @@ SDIST_ROOT = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
 CONVERTER_PARTS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 
+SDIST = "llama_cpp_python-0.3.36.tar.gz"
+
+
+def llama_cpp_sdist() -> Path:
+    """llama-cpp-python's sdist, downloaded once into a cache outside the repository (pip's own cache helps too)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bake-tests"
+    if not (cache / SDIST).is_file():
+        argv = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                "llama-cpp-python==0.3.36", "-d", str(cache)]
+        fetched = subprocess.run(argv, capture_output=True, text=True)
+        if fetched.returncode != 0 or not (cache / SDIST).is_file():
+            why = (fetched.stderr.strip().splitlines() or ["no output"])[-1]
+            pytest.skip(f"could not download llama-cpp-python 0.3.36's sdist for its convert_hf_to_gguf.py ({why})")
+    return cache / SDIST
+
+
 @pytest.fixture(scope="module")
 def converter(tmp_path_factory) -> Path:
-    sdist = os.environ.get("BAKE_LLAMA_CPP_SDIST")
-    if not sdist or not Path(sdist).is_file():
-        pytest.skip("set BAKE_LLAMA_CPP_SDIST to llama-cpp-python's sdist "
-                    "(pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36)")
+    sdist = llama_cpp_sdist()
     pytest.importorskip("sentencepiece", reason="convert_hf_to_gguf.py imports sentencepiece: pip install -e '.[test]'")
     dest = tmp_path_factory.mktemp("llama.cpp")
     with tarfile.open(sdist) as tar:
@@ -96,7 +109,7 @@ def test_biases_keep_their_values_under_llama_cpp_names(converted, baked_llama):
 
 def test_converted_file_runs_the_bake_in_llama_cpp(converted, baked_llama):
     """llama.cpp on the float32 conversion matches the baked checkpoint in transformers, and not the unsteered one."""
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama-cpp]')")
     from transformers import AutoModelForCausalLM
 
     from bake import llamacpp

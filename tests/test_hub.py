@@ -184,6 +184,14 @@ def test_dry_run_lists_exactly_what_would_be_uploaded_and_contacts_nothing(fake_
     listed = re.findall(r"^  (\S+)  \(", result.output, flags=re.M)
     assert sorted(listed) == sorted(_local_files(baked))
     assert "https://huggingface.co/alice/tiny-cheer (branch main)" in result.output and "'v1.0.0'" in result.output
+    assert "no Hugging Face token is set, so the real push would fail" in result.output and "hf auth login" in result.output
+
+
+def test_dry_run_with_a_token_does_not_warn_about_it(fake_hub, baked):
+    hub = fake_hub()
+    result = _push(baked, "alice/tiny-cheer", "--dry-run")
+    assert result.exit_code == 0 and hub.requests == [], result.output
+    assert "no Hugging Face token" not in result.output and TOKEN not in result.output
 
 
 def test_push_without_a_token_says_how_to_log_in(fake_hub, baked, monkeypatch):

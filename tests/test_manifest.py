@@ -25,15 +25,19 @@ def baked(tmp_path, tiny_models):
     return make
 
 
-def _inspect(out):
-    return CliRunner().invoke(main, ["inspect", str(out)])
+def _inspect(out, *flags: str):
+    return CliRunner().invoke(main, ["inspect", str(out), *flags])
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_untouched_checkpoint_matches_its_manifest(baked, model_type):
-    result = _inspect(baked(model_type))
+    out = baked(model_type)
+    result = _inspect(out)
     assert result.exit_code == 0, result.output
     assert "weights: match the manifest" in result.output
+    verdict = json.loads(_inspect(out, "--json").output)
+    assert verdict["matches_manifest"] is True and verdict["problems"] == []
+    assert verdict["manifest"] == json.loads((out / "bake.json").read_text())
 
 
 @pytest.mark.parametrize("model_type,shard", [("gpt2", "model.safetensors"), ("llama", "model-bake-steering.safetensors")])
@@ -47,6 +51,10 @@ def test_tampered_bias_is_reported(baked, model_type, shard):
     result = _inspect(out)
     assert result.exit_code == 1
     assert "DO NOT match" in result.output and name in result.output
+    as_json = _inspect(out, "--json")
+    assert as_json.exit_code == 1, as_json.output
+    verdict = json.loads(as_json.output)
+    assert verdict["matches_manifest"] is False and any(name in p for p in verdict["problems"])
 
 
 def test_config_flag_removed_is_reported(baked):

@@ -60,11 +60,13 @@ def test_entries_sharing_a_layer_add_up(tiny_models, tmp_path):
     torch.testing.assert_close(both[(3, "resid_post")], expected_c.float(), rtol=1e-6, atol=1e-6)
 
 
-def test_model_sampled_background_is_seeded_and_cached(tiny_models, tmp_path):
+def test_model_sampled_background_is_seeded_and_cached(tiny_models, tmp_path, capsys):
     src = tiny_models["gpt2"]
     steering = f"  - {{name: joy, layer: 1, target: {{texts: {json.dumps(TARGET)}}}}}"
     sample = "background: {sample: {sequences: 6, tokens: 10}}"
     first = bake.compute_vectors(_recipe(src, tmp_path, steering, sample))
+    err = capsys.readouterr().err
+    assert err.count("sampled background: 6 sequences") == 1 and err.count("sampling background: 100%") <= 1, err
     files = list((cache_dir() / "background").glob("*.json"))
     cached = [f for f in files if json.loads(f.read_text())["settings"]["sequences"] == 6]
     assert len(cached) == 1

@@ -12,6 +12,8 @@ from bake.recipe import parse_recipe
 from bake.sweep import _Lab
 
 ROOT = Path(__file__).resolve().parents[1]
+# A real-model measurement (a KL grid over ten coefficients, then greedy replies): the slow tier, run by tests/run.
+pytestmark = pytest.mark.slow
 
 
 def test_auto_cheerful_vector_raises_sentiment_within_the_kl_budget(smollm2_gguf):
@@ -31,5 +33,5 @@ def test_auto_cheerful_vector_raises_sentiment_within_the_kl_budget(smollm2_gguf
     assert steered["vader"] > base["vader"] + 0.1, (base["replies"], steered["replies"])
     assert steered["wordlist"] > base["wordlist"]
     # Held-out cheerful replies (recipes/data/cheerful.heldout.txt) lie along the vector. (Their log-probability
-    # gain is positive only at smaller coefficients: about -0.1 nats/token at this budget, see the README.)
+    # gain is positive only at smaller coefficients: about -0.1 nats/token at this budget, see docs/evaluation.md.)
     assert steered["activation_shift"] > 1
