@@ -13,7 +13,7 @@ from bake.errors import BakeError
 from bake.recipe import Recipe, load_recipe
 from bake.vectorfile import VectorSet
 from bake.api import compute_vectors, fold, run, verify
-from bake.undo import unbake
+from bake.formats.hf.undo import unbake
 
 __all__ = [
     "BakeError",

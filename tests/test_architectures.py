@@ -187,7 +187,7 @@ def test_phi3_split_reproduces_the_fused_weights(tmp_path):
 def test_readme_carries_the_table_generated_from_the_data():
     from pathlib import Path
 
-    from bake.architectures import portability_table
+    from bake.families.hf import portability_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert portability_table() in readme, "README's architecture table is stale: paste bake.architectures.portability_table()"

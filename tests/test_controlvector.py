@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from bake.cli import main
-from bake.controlvector import read_control_vector
+from bake.formats.gguf.controlvector import read_control_vector
 from bake.errors import BakeError
 from bake.vectorfile import VectorSet
 from conftest import tree_digest

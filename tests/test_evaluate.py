@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 import bake
 from bake.api import measure_vectors
-from bake.architectures import family_for
+from bake.families.hf import family_for
 from bake.cli import main
 from bake.errors import BakeError
-from bake.evaluate import (
+from bake.evaluation.evaluate import (
     Evaluator,
     Spread,
     build_data,
@@ -30,9 +30,9 @@ from bake.evaluate import (
     vader_scorer,
     word_rate,
 )
-from bake.models import load_model, load_tokenizer
+from bake.sources.resolve import load_model, load_tokenizer
 from bake.recipe import EvaluateSpec, parse_recipe
-from bake.sweep import calibrate, compare
+from bake.evaluation.sweep import calibrate, compare
 from bake.vectorfile import VectorSet
 from bake.verify import steered
 

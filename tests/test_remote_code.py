@@ -19,11 +19,11 @@ from click.testing import CliRunner, Result
 from safetensors import safe_open
 
 import bake
-from bake import remote
+from bake.formats.hf import remote
 from bake.checkpoint import EXTRA_SHARD, INDEX, RENAMED_SINGLE
 from bake.cli import main
 from bake.errors import BakeError
-from bake.models import load_model
+from bake.sources.resolve import load_model
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
 from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
@@ -321,7 +321,7 @@ def test_real_gemma3_270m_bakes_as_a_verified_module(gemma3_gguf, tmp_path):
 def _real_gemma3(gemma3_gguf: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from bake.models import generate, load_tokenizer, resolve_model
+    from bake.sources.resolve import generate, load_tokenizer, resolve_model
     from bake.recipe import load_recipe
 
     result = bake.run(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out")

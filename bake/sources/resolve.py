@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from bake import remote
+from bake.formats.hf import remote
 from bake.errors import BakeError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -117,7 +117,7 @@ def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None 
 
 
 def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
-    from bake.hub import download
+    from bake.release.push import download
 
     # bake/*: a baked base keeps its own vectors and undo data, which a bake on top of it carries on.
     path = download(repo_id, revision, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "README.md", "bake/*"])

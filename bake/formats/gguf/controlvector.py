@@ -88,7 +88,7 @@ import numpy as np
 import torch
 
 from bake.errors import BakeError
-from bake.models import sha256_file
+from bake.sources.resolve import sha256_file
 from bake.vectorfile import VectorSet, tensor_name
 
 ARCHITECTURE = "controlvector"

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bake import remote
-from bake.architectures import Family, family_for, head_dim
+from bake.formats.hf import remote
+from bake.families.hf import Family, family_for, head_dim
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
-from bake.models import DTYPES, text_config
-from bake.undo import save_undo
+from bake.sources.resolve import DTYPES, text_config
+from bake.formats.hf.undo import save_undo
 from bake.vectorfile import VectorSet, tensor_name
 
 

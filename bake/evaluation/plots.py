@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bake.errors import BakeError
-from bake.evaluate import LABELS
+from bake.evaluation.evaluate import LABELS
 
 def require() -> None:
     """Refuse before any work when plots cannot be drawn."""

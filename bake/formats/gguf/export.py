@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from bake import llamacpp
-from bake.architectures import Site
+from bake.formats.gguf import llamacpp
+from bake.families.hf import Site
 from bake.checkpoint import default_mode
 from bake.errors import BakeError
-from bake.gguf_architectures import LLAMA_CPP, bias_name, lookup
+from bake.families.gguf import LLAMA_CPP, bias_name, lookup
 from bake.manifest import package_versions
-from bake.models import package_file, sha256_file
+from bake.sources.resolve import package_file, sha256_file
 from bake.vectorfile import VectorSet, tensor_name
 
 if TYPE_CHECKING:
@@ -405,7 +405,7 @@ def _versions() -> dict[str, str]:
 
 
 def _dequantized(model: str, recipe: "Recipe | None") -> Path:
-    from bake.models import resolve_model
+    from bake.sources.resolve import resolve_model
 
     return resolve_model(model, recipe.revision if recipe else None, recipe.base_dir if recipe else None).path
 
@@ -491,7 +491,7 @@ def run(recipe: "Recipe", out: str | Path, force: bool = False) -> "BakeResult":
     """``bake run`` with GGUF output: check the points, compute the vectors, write and verify the steered
     GGUF, then (with llama-cpp-python) show base vs steered continuations from llama.cpp itself."""
     from bake.api import compute_vectors
-    from bake.models import load_tokenizer, prompt_ids
+    from bake.sources.resolve import load_tokenizer, prompt_ids
 
     if Path(out).exists() and not force:
         raise BakeError(f"output {str(out)!r} already exists: choose another path or pass --force to replace it")

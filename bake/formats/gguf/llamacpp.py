@@ -87,8 +87,8 @@ def _top1(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def compare(source: Path, steered_file: Path, dequantized: Path, vectors: VectorSet, prompts: list[str]) -> dict[str, Any]:
     """The steered GGUF in llama.cpp vs the dequantized base steered by hooks in transformers, at every prompt position."""
-    from bake.architectures import family_for
-    from bake.models import load_model, load_tokenizer, prompt_ids
+    from bake.families.hf import family_for
+    from bake.sources.resolve import load_model, load_tokenizer, prompt_ids
     from bake.verify import steered
 
     tokenizer = load_tokenizer(dequantized)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bake import card
+from bake.release import card
 from bake import manifest as manifests
 from bake.errors import BakeError
 

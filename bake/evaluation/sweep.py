@@ -18,13 +18,13 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from bake import plots
+from bake.evaluation import plots
 from bake.api import MeasuredVectors, measure_vectors
-from bake.architectures import family_for
+from bake.families.hf import family_for
 from bake.checkpoint import staged_output
 from bake.errors import BakeError
-from bake.evaluate import COSTS, EvalData, Evaluator, build_data, target_source
-from bake.models import load_model, load_tokenizer, resolve_model, text_config
+from bake.evaluation.evaluate import COSTS, EvalData, Evaluator, build_data, target_source
+from bake.sources.resolve import load_model, load_tokenizer, resolve_model, text_config
 from bake.recipe import Recipe, Steering, TextSource
 from bake.vectorfile import VectorSet
 from bake.verify import steered

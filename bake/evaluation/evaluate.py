@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from bake.activations import Moments, batches, collect, padded
-from bake.architectures import Site, family_for
-from bake.data import Example, load_texts, sample_background, tokenize
+from bake.collection.activations import Moments, batches, collect, padded
+from bake.families.hf import Site, family_for
+from bake.collection.texts import Example, load_texts, sample_background, tokenize
 from bake.errors import BakeError
-from bake.models import cache_dir, prompt_ids
+from bake.sources.resolve import cache_dir, prompt_ids
 from bake.recipe import EvaluateSpec, Recipe, Steering, TextSource
 from bake.vectorfile import VectorSet
 

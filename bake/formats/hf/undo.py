@@ -22,7 +22,7 @@ from bake.checkpoint import INDEX, Checkpoint, TensorInfo, copy_side_files, head
 from bake.errors import BakeError
 
 if TYPE_CHECKING:
-    from bake.fold import FoldPlan
+    from bake.formats.hf.fold import FoldPlan
 
 UNDO = Path("bake") / "undo"
 ORIGINALS = UNDO / "tensors.safetensors"

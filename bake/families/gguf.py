@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from bake.architectures import Site
+from bake.families.hf import Site
 from bake.errors import BakeError
 
 LLAMA_CPP = "llama.cpp 0c1e570 (vendored by llama-cpp-python 0.3.36)"

@@ -24,14 +24,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bake.architectures import Family, Site
+from bake.families.hf import Family, Site
 from bake.errors import BakeError
 from bake.vectorfile import tensor_name
 
 if TYPE_CHECKING:
-    from bake.fold import FoldPlan
+    from bake.formats.hf.fold import FoldPlan
 
-TEMPLATE = Path(__file__).parent / "remote_code" / "modeling_bake.py"
+TEMPLATE = Path(__file__).parents[2] / "remote_code" / "modeling_bake.py"
 MODELING_FILE = "modeling_bake.py"
 CONFIG_KEY = "bake_steering"
 BUFFER = "bake_steering"

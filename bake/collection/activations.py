@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from bake.architectures import Family, Site
-from bake.data import Example
+from bake.families.hf import Family, Site
+from bake.collection.texts import Example
 
 
 @dataclass
