@@ -18,7 +18,7 @@ import torch
 
 from bake.collection.activations import hook_module
 from bake.families.hf import Family, family_for
-from bake.sources.resolve import load_model, load_tokenizer, prompt_ids
+from bake.sources.load import load_model, load_tokenizer, prompt_ids
 from bake.vectorfile import VectorSet
 
 # Default max |Δlogit| per compute dtype: hook and bias add the same numbers in a

@@ -49,7 +49,8 @@ def _examples(tokens: int):
 
     The synthetic Llama shares SmolLM2's vocabulary size, so the same ids feed both models."""
     from bake.collection.texts import load_texts, tokenize
-    from bake.sources.resolve import load_tokenizer, resolve_model
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import load_tokenizer
     from bake.recipe import TextSource
 
     tokenizer = load_tokenizer(resolve_model(SMOLLM2).path)
@@ -89,7 +90,8 @@ def collect(args: dict) -> dict:
 
     from bake.collection.activations import collect as bake_collect
     from bake.families.hf import family_for
-    from bake.sources.resolve import DTYPES, load_model, resolve_model
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import DTYPES, load_model
 
     path = resolve_model(args["model"]).path
     dtype = DTYPES[args["dtype"]]
@@ -118,7 +120,8 @@ def collect(args: dict) -> dict:
 
 def depth(args: dict) -> dict:
     """How many blocks a model has (resolving it, and converting a GGUF once, on the way)."""
-    from bake.sources.resolve import resolve_model, text_config
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import text_config
 
     return {"layers": text_config(resolve_model(args["model"]).path).num_hidden_layers}
 
@@ -129,7 +132,7 @@ def fold(args: dict) -> dict:
 
     from bake.checkpoint import staged_output
     from bake.formats.hf.fold import fold_checkpoint
-    from bake.sources.resolve import text_config
+    from bake.sources.load import text_config
     from bake.vectorfile import VectorSet
 
     source = Path(args["source"])
@@ -178,9 +181,10 @@ def generate(args: dict) -> dict:
     """Greedy generation tokens/s of the base, the baked checkpoint, or the base steered by hooks."""
     import torch
 
-    from bake.api import VECTORS_IN_OUTPUT
+    from bake.formats.hf.output import VECTORS_IN_OUTPUT
     from bake.families.hf import family_for
-    from bake.sources.resolve import load_model, load_tokenizer, prompt_ids, resolve_model
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import load_model, load_tokenizer, prompt_ids
     from bake.vectorfile import VectorSet
     from bake.verify import steered
 

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import bake
-from bake.api import measure_vectors
+from bake.collection.measure import measure_vectors
 from bake.families.hf import family_for
 from bake.cli import main
 from bake.errors import BakeError
@@ -30,7 +30,7 @@ from bake.evaluation.evaluate import (
     vader_scorer,
     word_rate,
 )
-from bake.sources.resolve import load_model, load_tokenizer
+from bake.sources.load import load_model, load_tokenizer
 from bake.recipe import EvaluateSpec, parse_recipe
 from bake.evaluation.sweep import calibrate, compare
 from bake.vectorfile import VectorSet
@@ -252,11 +252,11 @@ def test_run_with_auto_records_the_choice_in_manifest_card_and_inspect(llama, tm
 def test_sweep_collects_once_writes_tables_and_png_plots(llama, tmp_path, monkeypatch):
     import matplotlib.image
 
-    import bake.api
+    import bake.collection.measure
 
     calls = []
-    real_collect = bake.api.collect
-    monkeypatch.setattr(bake.api, "collect", lambda *a, **k: calls.append(a[3]) or real_collect(*a, **k))
+    real_collect = bake.collection.measure.collect
+    monkeypatch.setattr(bake.collection.measure, "collect", lambda *a, **k: calls.append(a[3]) or real_collect(*a, **k))
     (tmp_path / "r.yaml").write_text(_recipe(llama[0], tmp_path, evaluate="  scorers: [wordlist, vader, logprob_gain, activation_shift]\n").text)
     out = tmp_path / "sweep"
     result = CliRunner().invoke(main, ["sweep", str(tmp_path / "r.yaml"), "--layers", "0,2", "--coefficients", "1,3", "-o", str(out)])

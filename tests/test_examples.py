@@ -62,7 +62,7 @@ def api_bake(tmp_path_factory, smollm2_gguf, small_recipe) -> tuple[Path, str]:
 
 
 def test_python_api_example_bakes_verifies_and_replies(api_bake):
-    from bake.sources.resolve import generate, load_model, load_tokenizer
+    from bake.sources.load import generate, load_model, load_tokenizer
 
     out, stdout = api_bake
     manifest = json.loads((out / "bake.json").read_text())

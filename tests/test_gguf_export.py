@@ -139,7 +139,8 @@ def reference(baked, readers) -> dict:
     pytest.importorskip("llama_cpp")
     from bake.formats.gguf import llamacpp
     from bake.families.hf import family_for
-    from bake.sources.resolve import load_model, load_tokenizer, prompt_ids, resolve_model
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import load_model, load_tokenizer, prompt_ids
     from bake.verify import steered
 
     path = resolve_model(SMOLLM2).path

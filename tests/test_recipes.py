@@ -164,7 +164,8 @@ def projections(vector_files, smollm2_gguf) -> dict[str, dict[str, float]]:
     from bake.collection.activations import collect
     from bake.families.hf import family_for
     from bake.collection.texts import tokenize
-    from bake.sources.resolve import load_model, load_tokenizer, resolve_model, text_config
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import load_model, load_tokenizer, text_config
 
     path = resolve_model(DEFAULT_MODEL).path
     tokenizer = load_tokenizer(path)

@@ -8,7 +8,7 @@ import torch
 from bake.collection.activations import Moments, batches, collect
 from bake.families.hf import family_for
 from bake.collection.texts import Example, tokenize
-from bake.sources.resolve import load_model, load_tokenizer
+from bake.sources.load import load_model, load_tokenizer
 from bake.vectorfile import VectorSet
 from bake.collection.methods import steering_vector
 from conftest import make_tokenizer

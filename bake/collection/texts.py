@@ -78,7 +78,7 @@ def _read_file(path: Path, source: TextSource, what: str) -> list[str]:
 
 def _hub_dataset(source: TextSource, what: str) -> list[str]:
     try:
-        import datasets
+        import datasets  # optional
     except ImportError:
         raise BakeError(f"{what}: Hub datasets need the 'datasets' package: pip install 'bake[datasets]'") from None
     try:

@@ -19,12 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from bake.evaluation import plots
-from bake.api import MeasuredVectors, measure_vectors
+from bake.collection.measure import MeasuredVectors, measure_vectors
 from bake.families.hf import family_for
 from bake.checkpoint import staged_output
 from bake.errors import BakeError
 from bake.evaluation.evaluate import COSTS, EvalData, Evaluator, build_data, target_source
-from bake.sources.resolve import load_model, load_tokenizer, resolve_model, text_config
+from bake.sources.resolve import resolve_model
+from bake.sources.load import load_model, load_tokenizer, text_config
 from bake.recipe import Recipe, Steering, TextSource
 from bake.vectorfile import VectorSet
 from bake.verify import steered

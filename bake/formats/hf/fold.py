@@ -11,53 +11,19 @@ constant-bias module (``bake.remote``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from bake.formats.hf import remote
+from bake.sources import trust
 from bake.families.hf import Family, family_for, head_dim
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
-from bake.sources.resolve import DTYPES, text_config
+from bake.formats.hf.plan import FoldPlan
+from bake.sources.load import DTYPES, text_config
 from bake.formats.hf.undo import save_undo
 from bake.vectorfile import VectorSet, tensor_name
-
-
-@dataclass
-class FoldPlan:
-    """Every change to make: tensors replaced, added and removed, and the new config."""
-
-    ckpt: Checkpoint
-    out_dtype: torch.dtype | None
-    config: dict[str, Any]
-    changed: dict[str, torch.Tensor] = field(default_factory=dict)
-    added: dict[str, torch.Tensor] = field(default_factory=dict)
-    removed: set[str] = field(default_factory=set)
-    splits: dict[str, list[str]] = field(default_factory=dict)
-    """Fused tensors split into parts (relabelling), so unbake can join them again."""
-    records: list[dict[str, Any]] = field(default_factory=list)
-    relabel: dict[str, str] | None = None
-    remote: dict[str, Any] | None = None
-    """The constant-bias module written (``bake.remote``), when a site has no stock slot."""
-
-    def has(self, name: str) -> bool:
-        return name in self.added or (name not in self.removed and self.ckpt.find(name) is not None)
-
-    def weight(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape and dtype a tensor will have in the output (after splits and casts)."""
-        if name in self.added:
-            return tuple(self.added[name].shape), self.added[name].dtype
-        info = self.ckpt.find(name)
-        if info is None:
-            raise BakeError(f"{str(self.ckpt.path)!r} has no tensor {name}: is the checkpoint complete?")
-        return info.shape, self.out_dtype or info.torch_dtype
-
-    def add_zero_bias(self, module: str) -> None:
-        if not self.has(f"{module}.bias"):
-            shape, dtype = self.weight(f"{module}.weight")
-            self.added[f"{module}.bias"] = torch.zeros(shape[0], dtype=dtype)
 
 
 def block_prefix(ckpt: Checkpoint, family: Family) -> str:
@@ -104,7 +70,7 @@ def plan_fold(
     A site without a stock bias slot is refused, unless ``allow_remote_code``: its
     vectors then go into a constant-bias module (sites with a slot still use the bias).
     """
-    remote.refuse_steered_source(ckpt.config, repr(str(ckpt.path)))
+    trust.refuse_steered_source(ckpt.config, repr(str(ckpt.path)))
     cfg = text_config(ckpt.path)
     family = family_for(cfg)
     vectors.check_model(cfg.hidden_size, cfg.num_hidden_layers)
@@ -175,7 +141,7 @@ def fold_checkpoint(
     placed, rewritten = write_checkpoint(
         ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed, link=link
     )
-    written = [remote.MODELING_FILE] if plan.remote else []
+    written = [trust.MODELING_FILE] if plan.remote else []
     copied = copy_side_files(source, out, skip={"config.json", "README.md", "bake.json", *written})
     if plan.remote:
         remote.write_code(out)

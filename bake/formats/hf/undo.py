@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bake import manifest as manifests
 from bake.checkpoint import INDEX, Checkpoint, TensorInfo, copy_side_files, header_bytes, kernel_copy, place_copy, read_header, staged_output
 from bake.errors import BakeError
+from bake.formats.hf.plan import FoldPlan
 
-if TYPE_CHECKING:
-    from bake.formats.hf.fold import FoldPlan
 
 UNDO = Path("bake") / "undo"
 ORIGINALS = UNDO / "tensors.safetensors"
@@ -36,7 +35,7 @@ def save_undo(plan: "FoldPlan", placed: dict[str, str], rewritten: list[str], ou
     ``placed`` maps each source shard to its output file, ``written`` lists the
     top-level files the fold created that the source did not have.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # startup
 
     source = plan.ckpt.path
     (out / UNDO).mkdir(parents=True)
