@@ -78,7 +78,8 @@ def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allo
     output = formats.for_path(target, "gguf" if (output_format or recipe.output_format) == "gguf" else None)
     if Path(target).exists() and not force:
         raise BakeError(f"output {str(target)!r} already exists: choose another path or pass --force to replace it")
-    options = FoldOptions.from_recipe(recipe, force=force, allow_remote_code=allow_remote_code or recipe.allow_remote_code)
+    allow_remote_code = allow_remote_code or recipe.allow_remote_code
+    options = FoldOptions.from_recipe(recipe, force=force, allow_remote_code=allow_remote_code)
     output.check_recipe(recipe, options)
     return output.fold(recipe.model, compute_vectors(recipe), Path(target), options)
 
@@ -143,7 +144,7 @@ def _replace_files(folder: Path, texts: dict[str, str]) -> None:
 
 def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, tokens: int | None = None) -> dict[str, Any]:
     """Measure a baked checkpoint against the base it was baked from (``bake eval``): effect and cost figures
-    (``bake.evaluate``) with the settings of its recipe's ``evaluate`` section, or the defaults for a bake from a
+    (``bake.evaluation.evaluate``) with the settings of its recipe's ``evaluate`` section, or the defaults for a bake from a
     vector file. The figures go into its ``bake.json`` under ``evaluation`` and its model card."""
     folder = Path(path)
     manifest = manifests.read(folder)

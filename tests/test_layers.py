@@ -1,4 +1,5 @@
-"""The package layout's rules hold: the import-linter contracts of pyproject.toml, and a CLI that starts without torch."""
+"""The package layout's rules hold: the import-linter contracts of pyproject.toml, and a CLI that starts
+without torch."""
 
 from __future__ import annotations
 

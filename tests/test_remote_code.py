@@ -1,4 +1,4 @@
-"""--allow-remote-code: the constant-bias module for sites with no stock bias slot (bake.remote).
+"""--allow-remote-code: the constant-bias module for sites with no stock bias slot (bake.formats.hf.remote).
 
 Tiny Gemma 2 and OLMo 2 models (post-norm blocks: no stock bias can carry a constant)
 at both sites, checked against base models steered by hooks written out by hand here;

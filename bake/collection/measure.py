@@ -20,11 +20,12 @@ from bake.collection.methods import ROLES, steering_vector
 from bake.collection.texts import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
 from bake.errors import BakeError
 from bake.families.hf import Site, family_for
-from bake.sources import trust
 from bake.recipe import Recipe, Steering
-from bake.sources.resolve import ModelSource, cache_dir, resolve_model
+from bake.sources import trust
 from bake.sources.load import load_model, load_tokenizer, text_config
+from bake.sources.resolve import ModelSource, cache_dir, resolve_model
 from bake.vectorfile import VectorSet, tensor_name
+
 
 @dataclass
 class _TextSet:

@@ -24,18 +24,20 @@ import importlib
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
+
 from bake.collection.activations import Moments, batches, collect, padded
-from bake.families.hf import Site, family_for
 from bake.collection.texts import Example, load_texts, sample_background, tokenize
 from bake.errors import BakeError
-from bake.sources.resolve import cache_dir
-from bake.sources.load import prompt_ids
+from bake.families.hf import Site, family_for
 from bake.recipe import EvaluateSpec, Recipe, Steering, TextSource
+from bake.sources.load import prompt_ids
+from bake.sources.resolve import cache_dir
 from bake.vectorfile import VectorSet
 
 # Padded tokens per evaluation batch: full-vocabulary log-probs are kept for every position of a batch.
@@ -130,7 +132,7 @@ class Spread(Moments):
     outer: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, hidden: int) -> "Spread":
+    def zeros(cls, hidden: int) -> Spread:
         return cls(torch.zeros(hidden, dtype=torch.float64), outer=torch.zeros(hidden, hidden, dtype=torch.float64))
 
     def add(self, acts: torch.Tensor) -> None:

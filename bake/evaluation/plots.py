@@ -9,6 +9,7 @@ from typing import Any
 from bake.errors import BakeError
 from bake.recipe import LABELS
 
+
 def require() -> None:
     """Refuse before any work when plots cannot be drawn."""
     if importlib.util.find_spec("matplotlib") is None:

@@ -32,8 +32,8 @@ class FoldOptions:
     @classmethod
     def from_recipe(cls, recipe: Recipe, **settings: Any) -> FoldOptions:
         """The options a recipe asks for (``settings`` override them)."""
-        recorded = dict(dtype=recipe.dtype, verify=recipe.verify, preview=recipe.preview, base_model_id=recipe.base_model_id,
-                        revision=recipe.revision, recipe=recipe, allow_remote_code=recipe.allow_remote_code)
+        recorded = dict(dtype=recipe.dtype, verify=recipe.verify, preview=recipe.preview,
+                        base_model_id=recipe.base_model_id, revision=recipe.revision, recipe=recipe, allow_remote_code=recipe.allow_remote_code)
         return cls(**{**recorded, **settings})
 
     @property

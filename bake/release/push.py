@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bake.release import card
 from bake import manifest as manifests
 from bake.errors import BakeError
+from bake.release import card
 from bake.sources.hub import ENDPOINT, hub_refusal
 
 
@@ -50,8 +50,8 @@ def _size(n: int) -> str:
 def plan_push(folder: str | Path, repo_id: str, *, branch: str = "main", tag: str | None = None, private: bool = False,
               commit_message: str | None = None) -> PushPlan:
     """Check ``folder`` is an intact baked checkpoint and list what a push would upload."""
-    from huggingface_hub.utils import validate_repo_id  # startup
     from huggingface_hub.errors import HFValidationError  # startup
+    from huggingface_hub.utils import validate_repo_id  # startup
 
     folder = Path(folder)
     try:
@@ -89,9 +89,9 @@ def push(plan: PushPlan) -> dict[str, Any]:
     Returns the repo URL, commit id and tag. Errors name the step that failed and
     what was already pushed (nothing, or the commit without its tag).
     """
-    from huggingface_hub.utils import httpx  # httpx in huggingface_hub 1.x, httpx2 in 2.x
     from huggingface_hub import CommitOperationAdd, HfApi  # startup
     from huggingface_hub.errors import HfHubHTTPError  # startup
+    from huggingface_hub.utils import httpx  # httpx in huggingface_hub 1.x, httpx2 in 2.x
 
     api = HfApi(token=_token())
     step = "create the repository"

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def text_config(path: Path):
+def text_config(path: Path) -> Any:
     """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
     from transformers import AutoConfig  # startup
 
@@ -33,10 +34,10 @@ def text_config(path: Path):
         raise BakeError(f"{str(path)!r}: transformers cannot read its config.json ({e}): upgrade transformers or fix the file") from None
 
 
-def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any):
+def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any) -> Any:
     """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode.
 
-    The one exception: a checkpoint bake wrote with a constant-bias module (``bake.remote``)
+    The one exception: a checkpoint bake wrote with a constant-bias module (``bake.formats.hf.remote``)
     loads with ``trust_remote_code=True``, after checking that its modeling file is exactly
     the one this bake writes (so only bake's own code runs), never silently without it.
     ``layers`` builds only blocks 0..layers-1 (their weights alone are loaded), so
@@ -92,7 +93,7 @@ def _held_load_report() -> Iterator[_HeldRecords]:
             logger.handle(record)
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer  # startup
 
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -15,7 +15,7 @@ inside the file needs nothing. The output is the input file with
   (quantized blocks are never decoded), then the new biases' float32 data.
 
 A bias goes where llama.cpp's loader for the file's architecture takes it
-(``bake.gguf_architectures``). Where the file already has that bias (GPT-2, BLOOM...)
+(``bake.families.gguf``). Where the file already has that bias (GPT-2, BLOOM...)
 it is overwritten in place with old + vector, computed in float32, and the old value
 is kept in the metadata. ``check`` recomputes all of it from the file alone, which is
 what ``bake inspect FILE.gguf`` reports.
@@ -37,18 +37,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from bake.formats.gguf import llamacpp
-from bake.families.hf import Site
 from bake.checkpoint import default_mode
 from bake.errors import BakeError
-from bake.formats.base import BakeResult
-from bake.gguffile import gguf_value, is_gguf, read_gguf
 from bake.families.gguf import LLAMA_CPP, bias_name, lookup
+from bake.families.hf import Site
+from bake.formats.base import BakeResult
+from bake.formats.gguf import llamacpp
+from bake.gguffile import gguf_value, is_gguf, read_gguf
 from bake.manifest import package_versions
-from bake.sources.resolve import package_file, resolve_model, sha256_file
 from bake.recipe import Recipe, VerifySpec
+from bake.sources.resolve import package_file, resolve_model, sha256_file
 from bake.vectorfile import VectorSet, tensor_name
-
 
 MANIFEST_KEY = "bake.manifest"
 VERIFICATION_KEY = "bake.verification"
@@ -408,7 +407,7 @@ def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False
 
     The output is staged beside ``out`` and renamed into place only after its bytes match
     its manifest and, with llama-cpp-python installed (``llama_cpp=None``: if importable),
-    llama.cpp's logits show the steering the hooks apply (``bake.llamacpp``). Otherwise
+    llama.cpp's logits show the steering the hooks apply (``bake.formats.gguf.llamacpp``). Otherwise
     nothing is written; the source is never touched.
     """
     source = gguf_file(model, recipe.base_dir if recipe else None)

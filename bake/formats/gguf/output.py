@@ -37,9 +37,11 @@ class GGUFFormat:
 
     def _refuse_folder_options(self, options: FoldOptions) -> None:
         if options.allow_remote_code:
-            raise BakeError("--allow-remote-code bakes transformers code, which llama.cpp cannot run: drop it for GGUF output")
+            raise BakeError("--allow-remote-code bakes transformers code, which llama.cpp cannot run: "
+                            "drop it for GGUF output")
         if options.dtype != "auto" or options.link or (options.verify is not None and options.verify.scope != "all"):
-            raise BakeError("dtype, link, verify scope and remote code apply to a checkpoint folder: drop them for a .gguf output")
+            raise BakeError("dtype, link, verify scope and remote code apply to a checkpoint folder: "
+                            "drop them for a .gguf output")
 
     def fold(self, model: str, vectors: VectorSet, out: Path, options: FoldOptions) -> BakeResult:
         self._refuse_folder_options(options)

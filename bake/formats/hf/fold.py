@@ -6,7 +6,7 @@ float32 and cast back to the checkpoint's dtype (as peft's merge does), and a
 non-finite result is refused. Families without a stock slot but with an exact
 stock equivalent (Mistral, Qwen2, Phi-3 → Llama) are relabelled first. Sites with
 no stock slot at all are refused, or with ``allow_remote_code`` carried by a
-constant-bias module (``bake.remote``).
+constant-bias module (``bake.formats.hf.remote``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bake.formats.hf import remote
-from bake.sources import trust
-from bake.families.hf import Family, family_for, head_dim
+
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
+from bake.families.hf import Family, family_for, head_dim
+from bake.formats.hf import remote
 from bake.formats.hf.plan import FoldPlan
-from bake.sources.load import DTYPES, text_config
 from bake.formats.hf.undo import save_undo
+from bake.sources import trust
+from bake.sources.load import DTYPES, text_config
 from bake.vectorfile import VectorSet, tensor_name
 
 
@@ -132,8 +133,8 @@ def fold_checkpoint(
     """Write ``source`` with ``vectors`` baked in into the empty folder ``out``; never touches ``source``.
 
     ``link`` hard-links unchanged shards instead of copying them; ``allow_remote_code``
-    lets sites without a stock bias slot use a constant-bias module (``bake.remote``).
-    What the output no longer holds is kept in ``bake/undo`` (``bake.undo``).
+    lets sites without a stock bias slot use a constant-bias module (``bake.formats.hf.remote``).
+    What the output no longer holds is kept in ``bake/undo`` (``bake.formats.hf.undo``).
     Returns what was done, for the manifest.
     """
     ckpt = Checkpoint.open(source)

@@ -27,7 +27,7 @@ class FoldPlan:
     records: list[dict[str, Any]] = field(default_factory=list)
     relabel: dict[str, str] | None = None
     remote: dict[str, Any] | None = None
-    """The constant-bias module written (``bake.remote``), when a site has no stock slot."""
+    """The constant-bias module written (``bake.formats.hf.remote``), when a site has no stock slot."""
 
     def has(self, name: str) -> bool:
         return name in self.added or (name not in self.removed and self.ckpt.find(name) is not None)

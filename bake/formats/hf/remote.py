@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 
-from bake.families.hf import Family, Site
 from bake.errors import BakeError
+from bake.families.hf import Family, Site
 from bake.formats.hf.plan import FoldPlan
-from bake.vectorfile import tensor_name
 from bake.sources.trust import AUTO_CLASS, CLASS_PREFIX, CONFIG_KEY, MODELING_FILE, TEMPLATE, code_sha256
-
+from bake.vectorfile import tensor_name
 
 BUFFER = "bake_steering"
 FORMAT = "bake-steering/1"

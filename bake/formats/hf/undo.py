@@ -18,10 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from bake import manifest as manifests
-from bake.checkpoint import INDEX, Checkpoint, TensorInfo, copy_side_files, header_bytes, kernel_copy, place_copy, read_header, staged_output
+from bake.checkpoint import (
+    INDEX,
+    Checkpoint,
+    TensorInfo,
+    copy_side_files,
+    header_bytes,
+    kernel_copy,
+    place_copy,
+    read_header,
+    staged_output,
+)
 from bake.errors import BakeError
 from bake.formats.hf.plan import FoldPlan
-
 
 UNDO = Path("bake") / "undo"
 ORIGINALS = UNDO / "tensors.safetensors"
@@ -29,7 +38,7 @@ HEADERS = UNDO / "headers.json"
 _KEPT_VERBATIM = ("config.json", INDEX, "README.md", manifests.MANIFEST)
 
 
-def save_undo(plan: "FoldPlan", placed: dict[str, str], rewritten: list[str], out: Path, written: list[str]) -> dict[str, Any]:
+def save_undo(plan: FoldPlan, placed: dict[str, str], rewritten: list[str], out: Path, written: list[str]) -> dict[str, Any]:
     """Keep in ``out/bake/undo`` what ``unbake`` needs; return its description for the manifest.
 
     ``placed`` maps each source shard to its output file, ``written`` lists the
