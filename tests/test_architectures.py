@@ -17,7 +17,7 @@ from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 
 PROBES = ["the happy dog is here", "tell me about your day", "a king and a dragon in the castle"]
 
-# Written here independently of bake/architectures.py: where each family's blocks live, and
+# Written here independently of bake/families/hf.py: where each family's blocks live, and
 # which module's output joins the residual after the attention sublayer.
 BLOCKS = {"gpt2": "transformer.h", "gptj": "transformer.h", "falcon": "transformer.h", "bloom": "transformer.h",
           "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers"}
