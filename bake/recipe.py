@@ -14,8 +14,9 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
-from bake.architectures import Site
+from bake.families.hf import Site
 from bake.errors import BakeError
+from bake.gguffile import is_gguf
 
 Method = Literal["mean-centred", "mean", "actadd", "contrast"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -187,6 +188,19 @@ class PreviewSpec(_Strict):
 
 
 Scorer = Literal["wordlist", "vader", "toxicity", "classifier", "length", "logprob_gain", "activation_shift"]
+# What each figure is, for tables, plots and the model card.
+LABELS = {
+    "kl": "KL(base ‖ steered) on neutral text, nats/token",
+    "perplexity": "perplexity on background text",
+    "repetition": "repeated-trigram rate of replies",
+    "wordlist": "rate of target-specific words in replies",
+    "vader": "VADER sentiment of replies (-1..1)",
+    "toxicity": "offensiveness probability of replies",
+    "classifier": "classifier probability of replies",
+    "length": "words per reply",
+    "logprob_gain": "log-prob gain of held-out target text, nats/token",
+    "activation_shift": "activation shift of held-out target text (d')",
+}
 
 # Held-out defaults: none of these appear in the recipes' data. Kept small so an evaluation runs in minutes on CPU.
 DEFAULT_EVAL_PROMPTS = [
@@ -299,7 +313,7 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _gguf_output(self) -> "Recipe":
         if self.output_format == "gguf":
-            if not self.model.lower().endswith(".gguf"):
+            if not is_gguf(self.model):
                 raise ValueError("output_format 'gguf' needs a .gguf model (a file or pkg:PACKAGE/FILE.gguf): "
                                  "a GGUF is written by adding biases to one")
             if self.dtype != "auto" or self.allow_remote_code:

@@ -18,8 +18,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from bake.architectures import Site
 from bake.checkpoint import staged_output
+from bake.families.hf import Site
 from bake.errors import BakeError
 
 _NAME = re.compile(r"^layer\.(\d+)(\.mid)?$")

@@ -3,7 +3,7 @@
 The reference is the base model with a forward hook adding each vector to the
 residual stream at its site; the candidate is the baked checkpoint loaded from
 disk with plain ``AutoModelForCausalLM.from_pretrained`` (with ``trust_remote_code=True``
-for a constant-bias module, ``bake.remote``, and only then). Checked: max |Δlogit|
+for a constant-bias module, ``bake.formats.hf.remote``, and only then). Checked: max |Δlogit|
 over probe prompts, identical greedy continuations, and that the steering is
 present at all (a bias the config does not switch on is silently dropped).
 """
@@ -16,9 +16,9 @@ from typing import Any, Iterator
 
 import torch
 
-from bake.activations import hook_module, watch_residual
-from bake.architectures import Family, family_for
-from bake.models import load_model, load_tokenizer, prompt_ids
+from bake.collection.activations import hook_module, watch_residual
+from bake.families.hf import Family, family_for
+from bake.sources.load import load_model, load_tokenizer, prompt_ids
 from bake.vectorfile import Point, VectorSet, tensor_name
 
 # Default max |Δlogit| per compute dtype: hook and bias add the same numbers in a
@@ -207,7 +207,7 @@ def describe(report: dict[str, Any]) -> str:
 
 def verify(base: Path, baked: Path, vectors: VectorSet, prompts: list[str], tokens: int = 16, atol: float | None = None) -> dict[str, Any]:
     """Load both checkpoints from disk in the baked model's dtype and compare (the stock loader; a bake
-    constant-bias module with ``trust_remote_code=True``, see ``bake.models.load_model``)."""
+    constant-bias module with ``trust_remote_code=True``, see ``bake.sources.load.load_model``)."""
     baked_model = load_model(baked)
     dtype = next(baked_model.parameters()).dtype
     base_model = load_model(base, dtype=dtype)

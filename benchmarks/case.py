@@ -48,8 +48,9 @@ def _examples(tokens: int):
     """Real text (the quickstart's cheerful replies, SmolLM2's tokenizer), repeated to ``tokens`` tokens.
 
     The synthetic Llama shares SmolLM2's vocabulary size, so the same ids feed both models."""
-    from bake.data import load_texts, tokenize
-    from bake.models import load_tokenizer, resolve_model
+    from bake.collection.texts import load_texts, tokenize
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import load_tokenizer
     from bake.recipe import TextSource
 
     tokenizer = load_tokenizer(resolve_model(SMOLLM2).path)
@@ -69,7 +70,7 @@ def _common_collect(model, examples, layer: int, batch_tokens: int, pad_id: int)
     keeping ``hidden_states[layer + 1]`` (the residual after block ``layer``); same batches as bake."""
     import torch
 
-    from bake.activations import batches, padded
+    from bake.collection.activations import batches, padded
 
     total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
     count = 0
@@ -87,9 +88,10 @@ def collect(args: dict) -> dict:
     """Mean residual after block ``layer``, the common way or bake's truncated way."""
     from transformers import AutoModelForCausalLM
 
-    from bake.activations import collect as bake_collect
-    from bake.architectures import family_for
-    from bake.models import DTYPES, load_model, resolve_model
+    from bake.collection.activations import collect as bake_collect
+    from bake.families.hf import family_for
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import DTYPES, load_model
 
     path = resolve_model(args["model"]).path
     dtype = DTYPES[args["dtype"]]
@@ -118,7 +120,8 @@ def collect(args: dict) -> dict:
 
 def depth(args: dict) -> dict:
     """How many blocks a model has (resolving it, and converting a GGUF once, on the way)."""
-    from bake.models import resolve_model, text_config
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import text_config
 
     return {"layers": text_config(resolve_model(args["model"]).path).num_hidden_layers}
 
@@ -128,8 +131,8 @@ def fold(args: dict) -> dict:
     import torch
 
     from bake.checkpoint import staged_output
-    from bake.fold import fold_checkpoint
-    from bake.models import text_config
+    from bake.formats.hf.fold import fold_checkpoint
+    from bake.sources.load import text_config
     from bake.vectorfile import VectorSet
 
     source = Path(args["source"])
@@ -178,9 +181,10 @@ def generate(args: dict) -> dict:
     """Greedy generation tokens/s of the base, the baked checkpoint, or the base steered by hooks."""
     import torch
 
-    from bake.api import VECTORS_IN_OUTPUT
-    from bake.architectures import family_for
-    from bake.models import load_model, load_tokenizer, prompt_ids, resolve_model
+    from bake.formats.hf.output import VECTORS_IN_OUTPUT
+    from bake.families.hf import family_for
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import load_model, load_tokenizer, prompt_ids
     from bake.vectorfile import VectorSet
     from bake.verify import steered
 

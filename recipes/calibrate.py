@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bake.recipe import load_recipe
-from bake.sweep import sweep
+from bake.evaluation.sweep import sweep
 
 HERE = Path(__file__).resolve().parent
 LAYERS, COEFFICIENTS = [6, 9, 12, 15], [0.5, 1.0, 1.5, 2.0]

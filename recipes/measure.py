@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from bake.api import compute_vectors, evaluate_checkpoint, fold
-from bake.evaluate import COSTS, LABELS
-from bake.recipe import load_recipe
+from bake.evaluation.evaluate import COSTS
+from bake.recipe import LABELS, load_recipe
 from bake.vectorfile import VectorSet
 
 HERE = Path(__file__).resolve().parent

@@ -17,7 +17,7 @@ from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 
 PROBES = ["the happy dog is here", "tell me about your day", "a king and a dragon in the castle"]
 
-# Written here independently of bake/architectures.py: where each family's blocks live, and
+# Written here independently of bake/families/hf.py: where each family's blocks live, and
 # which module's output joins the residual after the attention sublayer.
 BLOCKS = {"gpt2": "transformer.h", "gptj": "transformer.h", "falcon": "transformer.h", "bloom": "transformer.h",
           "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers"}
@@ -187,7 +187,7 @@ def test_phi3_split_reproduces_the_fused_weights(tmp_path):
 def test_docs_carry_the_table_generated_from_the_data():
     from pathlib import Path
 
-    from bake.architectures import portability_table
+    from bake.families.hf import portability_table
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
     assert portability_table() in page, "docs/architectures.md's table is stale: paste bake.architectures.portability_table()"

@@ -3,7 +3,7 @@
 The files are written here with ``gguf.GGUFWriter`` in the layout repeng's
 ``export_gguf`` and llama-cvector-generator use. The layer convention is checked
 against an independent re-implementation of what llama.cpp does with such a file
-(common_control_vector_load + llama_adapter_cvec, see bake/controlvector.py), not
+(common_control_vector_load + llama_adapter_cvec, see bake/formats/gguf/controlvector.py), not
 against bake's own hooks.
 """
 
@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from bake.cli import main
-from bake.controlvector import read_control_vector
+from bake.formats.gguf.controlvector import read_control_vector
 from bake.errors import BakeError
 from bake.vectorfile import VectorSet
 from conftest import tree_digest

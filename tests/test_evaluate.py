@@ -13,11 +13,11 @@ import torch
 from click.testing import CliRunner
 
 import bake
-from bake.api import measure_vectors
-from bake.architectures import family_for
+from bake.collection.measure import measure_vectors
+from bake.families.hf import family_for
 from bake.cli import main
 from bake.errors import BakeError
-from bake.evaluate import (
+from bake.evaluation.evaluate import (
     Evaluator,
     Spread,
     build_data,
@@ -30,9 +30,9 @@ from bake.evaluate import (
     vader_scorer,
     word_rate,
 )
-from bake.models import load_model, load_tokenizer
+from bake.sources.load import load_model, load_tokenizer
 from bake.recipe import EvaluateSpec, parse_recipe
-from bake.sweep import calibrate, compare
+from bake.evaluation.sweep import calibrate, compare
 from bake.vectorfile import VectorSet
 from bake.verify import steered
 
@@ -252,11 +252,11 @@ def test_run_with_auto_records_the_choice_in_manifest_card_and_inspect(llama, tm
 def test_sweep_collects_once_writes_tables_and_png_plots(llama, tmp_path, monkeypatch):
     import matplotlib.image
 
-    import bake.api
+    import bake.collection.measure
 
     calls = []
-    real_collect = bake.api.collect
-    monkeypatch.setattr(bake.api, "collect", lambda *a, **k: calls.append(a[3]) or real_collect(*a, **k))
+    real_collect = bake.collection.measure.collect
+    monkeypatch.setattr(bake.collection.measure, "collect", lambda *a, **k: calls.append(a[3]) or real_collect(*a, **k))
     (tmp_path / "r.yaml").write_text(_recipe(llama[0], tmp_path, evaluate="  scorers: [wordlist, vader, logprob_gain, activation_shift]\n").text)
     out = tmp_path / "sweep"
     result = CliRunner().invoke(main, ["sweep", str(tmp_path / "r.yaml"), "--layers", "0,2", "--coefficients", "1,3", "-o", str(out)])
@@ -404,8 +404,8 @@ def test_eval_of_a_bake_from_a_vector_file_measures_the_costs_and_says_what_it_c
 
 
 def test_sweep_plots_name_the_measure_mark_the_base_and_the_points_over_budget():
-    from bake import plots
-    from bake.evaluate import LABELS
+    from bake.evaluation import plots
+    from bake.recipe import LABELS
 
     rows = [{"layer": layer, "coefficient": c, "kl": kl, "vader": v}
             for layer, c, kl, v in [(3, 1.0, 0.2, 0.5), (3, 2.0, 0.9, 0.7), (6, 1.0, 0.3, 0.4), (6, 2.0, 0.4, 0.6)]]

@@ -62,7 +62,7 @@ def api_bake(tmp_path_factory, smollm2_gguf, small_recipe) -> tuple[Path, str]:
 
 
 def test_python_api_example_bakes_verifies_and_replies(api_bake):
-    from bake.models import generate, load_model, load_tokenizer
+    from bake.sources.load import generate, load_model, load_tokenizer
 
     out, stdout = api_bake
     manifest = json.loads((out / "bake.json").read_text())
@@ -77,7 +77,7 @@ def test_python_api_example_bakes_verifies_and_replies(api_bake):
 
 
 def test_transformers_pipeline_example_shows_the_steering(api_bake, smollm2_gguf):
-    from bake.models import resolve_model
+    from bake.sources.resolve import resolve_model
 
     out, api_stdout = api_bake
     base = resolve_model(DEFAULT_MODEL).path

@@ -15,17 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import save_tiny, tiny_config, tree_digest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import bake
 from bake import checkpoint
-from bake.checkpoint import OutputExists, rename_noreplace
+from bake.checkpoint import rename_noreplace
 from bake.cli import main
-from bake.errors import BakeError
-from bake.undo import unbake
+from bake.errors import BakeError, OutputExists
+from bake.formats.hf.undo import unbake
 from bake.vectorfile import VectorSet
-from conftest import save_tiny, tiny_config, tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 import bake
-from bake import architectures
+from bake.families import hf as architectures
 from bake.checkpoint import EXTRA_SHARD, INDEX, RENAMED_SINGLE
 from bake.errors import BakeError
 from bake.recipe import VerifySpec
@@ -164,7 +164,7 @@ def test_existing_output_needs_force(tmp_path, tiny_models):
 
 
 def test_link_option_hard_links_untouched_shards(tmp_path):
-    from bake.fold import fold_checkpoint
+    from bake.formats.hf.fold import fold_checkpoint
 
     src = save_tiny(tmp_path / "src", tiny_config("llama"), max_shard_size="20KB")
     out = tmp_path / "out"

@@ -246,14 +246,15 @@ def gguf_files(draw) -> bytes:
 @FUZZ
 @given(gguf_files())
 def test_gguf_headers_random_and_truncated(data):
-    from bake import gguf_export
-    from bake.controlvector import read_control_vector
+    from bake.formats.gguf import export
+    from bake.formats.gguf.controlvector import read_control_vector
+    from bake.gguffile import read_gguf
 
     with sandbox() as tmp:
         (tmp / "x.gguf").write_bytes(data)
-        refused_in_one_line(lambda: gguf_export._reader(tmp / "x.gguf"))
+        refused_in_one_line(lambda: read_gguf(tmp / "x.gguf"))
         refused_in_one_line(lambda: read_control_vector([tmp / "x.gguf"]))
-        refused_in_one_line(lambda: gguf_export.read_manifest(tmp / "x.gguf"))
+        refused_in_one_line(lambda: export.read_manifest(tmp / "x.gguf"))
         assert listing(tmp) == ["x.gguf"]
 
 

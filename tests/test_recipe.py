@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bake.data import load_texts, tokenize
+from bake.collection.texts import load_texts, tokenize
 from bake.errors import BakeError
 from bake.recipe import Background, ModelSample, Recipe, Steering, TextSource, load_recipe
 from conftest import make_tokenizer

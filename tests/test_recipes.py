@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from bake.cli import main
-from bake.data import load_texts
+from bake.collection.texts import load_texts
 from bake.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,10 +161,11 @@ def test_bake_vector_runs_every_recipe_on_the_default_model(vector_files, name):
 def projections(vector_files, smollm2_gguf) -> dict[str, dict[str, float]]:
     """For each recipe: mean projection of every behaviour's held-out texts on its unit vector,
     measured exactly as the recipe measures its targets (chat or not, same chat prompt)."""
-    from bake.activations import collect
-    from bake.architectures import family_for
-    from bake.data import tokenize
-    from bake.models import load_model, load_tokenizer, resolve_model, text_config
+    from bake.collection.activations import collect
+    from bake.families.hf import family_for
+    from bake.collection.texts import tokenize
+    from bake.sources.resolve import resolve_model
+    from bake.sources.load import load_model, load_tokenizer, text_config
 
     path = resolve_model(DEFAULT_MODEL).path
     tokenizer = load_tokenizer(path)

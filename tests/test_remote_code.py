@@ -1,4 +1,4 @@
-"""--allow-remote-code: the constant-bias module for sites with no stock bias slot (bake.remote).
+"""--allow-remote-code: the constant-bias module for sites with no stock bias slot (bake.formats.hf.remote).
 
 Tiny Gemma 2 and OLMo 2 models (post-norm blocks: no stock bias can carry a constant)
 at both sites, checked against base models steered by hooks written out by hand here;
@@ -19,11 +19,11 @@ from click.testing import CliRunner, Result
 from safetensors import safe_open
 
 import bake
-from bake import remote
+from bake.sources import trust
 from bake.checkpoint import EXTRA_SHARD, INDEX, RENAMED_SINGLE
 from bake.cli import main
 from bake.errors import BakeError
-from bake.models import load_model
+from bake.sources.load import load_model
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
 from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
@@ -142,7 +142,7 @@ def test_module_reloads_from_disk_equal_to_hand_steered_base(tiny, tmp_path, mod
     assert config["architectures"] == [f"BakeSteered{base_class}"]
     assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_bake.BakeSteered{base_class}"}
     assert config["bake_steering"]["base_architecture"] == base_class
-    assert (out / "modeling_bake.py").read_bytes() == remote.TEMPLATE.read_bytes()
+    assert (out / "modeling_bake.py").read_bytes() == trust.TEMPLATE.read_bytes()
 
 
 def test_without_trust_remote_code_transformers_loads_the_stock_class_unsteered(tiny, tmp_path):
@@ -243,7 +243,7 @@ def test_save_pretrained_keeps_the_module_and_bf16_stays_bf16(tiny, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert model.model.layers[1].bake_steering.dtype == torch.bfloat16
     model.save_pretrained(tmp_path / "resaved")
-    assert (tmp_path / "resaved" / "modeling_bake.py").read_bytes() == remote.TEMPLATE.read_bytes()
+    assert (tmp_path / "resaved" / "modeling_bake.py").read_bytes() == trust.TEMPLATE.read_bytes()
     ids = _ids(PROBES[1])
     again = _plain_logits(tmp_path / "resaved", ids, trust_remote_code=True)
     assert torch.equal(again, _plain_logits(tmp_path / "out", ids, trust_remote_code=True))
@@ -321,7 +321,9 @@ def test_real_gemma3_270m_bakes_as_a_verified_module(gemma3_gguf, tmp_path):
 def _real_gemma3(gemma3_gguf: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from bake.models import generate, load_tokenizer, resolve_model
+    from bake.sources.resolve import resolve_model
+
+    from bake.sources.load import generate, load_tokenizer
     from bake.recipe import load_recipe
 
     result = bake.run(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out")

@@ -59,7 +59,7 @@ def test_quickstart_verifies_on_the_real_model(quickstart):
 def test_stock_pipeline_generates_more_cheerful_text(quickstart):
     from transformers import pipeline
 
-    from bake.models import resolve_model
+    from bake.sources.resolve import resolve_model
 
     def continuations(model_path: Path) -> list[str]:
         pipe = pipeline("text-generation", model=str(model_path))

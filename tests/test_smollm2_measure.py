@@ -9,7 +9,7 @@ import pytest
 
 import bake
 from bake.recipe import parse_recipe
-from bake.sweep import _Lab
+from bake.evaluation.sweep import _Lab
 
 ROOT = Path(__file__).resolve().parents[1]
 # A real-model measurement (a KL grid over ten coefficients, then greedy replies): the slow tier, run by tests/run.

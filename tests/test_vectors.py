@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bake.activations import Moments, batches, collect
-from bake.architectures import family_for
-from bake.data import Example, tokenize
-from bake.models import load_model, load_tokenizer
+from bake.collection.activations import Moments, batches, collect
+from bake.families.hf import family_for
+from bake.collection.texts import Example, tokenize
+from bake.sources.load import load_model, load_tokenizer
 from bake.vectorfile import VectorSet
-from bake.vectors import steering_vector
+from bake.collection.methods import steering_vector
 from conftest import make_tokenizer
 
 

@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bake import card
 from bake import manifest as manifests
 from bake.errors import BakeError
-
-ENDPOINT = "https://huggingface.co"
+from bake.release import card
+from bake.sources.hub import ENDPOINT, hub_refusal
 
 
 @dataclass
@@ -55,8 +54,8 @@ def _size(n: int) -> str:
 def plan_push(folder: str | Path, repo_id: str, *, branch: str = "main", tag: str | None = None, private: bool = False,
               commit_message: str | None = None) -> PushPlan:
     """Check ``folder`` is an intact baked checkpoint and list what a push would upload."""
-    from huggingface_hub.utils import validate_repo_id
-    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.errors import HFValidationError  # startup
+    from huggingface_hub.utils import validate_repo_id  # startup
 
     folder = Path(folder)
     try:
@@ -83,7 +82,7 @@ _LOGIN = "run `hf auth login` or set HF_TOKEN (a token with write access)"
 
 
 def _token() -> str:
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # startup
 
     token = get_token()
     if not token:
@@ -97,9 +96,9 @@ def push(plan: PushPlan) -> dict[str, Any]:
     Returns the repo URL, commit id and tag. Errors name the step that failed and
     what was already pushed (nothing, or the commit without its tag).
     """
+    from huggingface_hub import CommitOperationAdd, HfApi  # startup
+    from huggingface_hub.errors import HfHubHTTPError  # startup
     from huggingface_hub.utils import httpx  # httpx in huggingface_hub 1.x, httpx2 in 2.x
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi(token=_token())
     step = "create the repository"
@@ -123,36 +122,11 @@ def push(plan: PushPlan) -> dict[str, Any]:
     except (httpx.TransportError, ConnectionError) as e:  # ConnectionError: hf_xet's transfers fail that way
         raise BakeError(f"cannot reach {ENDPOINT} to {step} ({e.__class__.__name__}): check the network; {_so_far(plan)}") from None
     except HfHubHTTPError as e:
-        raise BakeError(f"the Hub refused to {step} on {plan.repo_id!r}: {_why(e, plan.repo_id)}; {_so_far(plan)}") from None
+        raise BakeError(f"the Hub refused to {step} on {plan.repo_id!r}: {hub_refusal(e, plan.repo_id)}; {_so_far(plan)}") from None
     return plan.pushed
-
-
-def _why(error: Exception, repo_id: str) -> str:
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if status == 401:
-        return "the token is invalid or expired (run `hf auth login` again)"
-    if status == 403:
-        return (f"your token may not write to the namespace {repo_id.split('/')[0]!r} (a repository owned by someone else, "
-                "or a read-only token): push to your own namespace or ask for access")
-    if status == 404:
-        return "the repository or branch does not exist or is not visible to this token"
-    return f"HTTP {status}" if status else error.__class__.__name__
 
 
 def _so_far(plan: PushPlan) -> str:
     if "commit" in plan.pushed:
         return f"commit {plan.pushed['commit'][:12]} was pushed to {plan.branch!r} but not tagged (run `hf repo tag create` or push again)"
     return "nothing was pushed"
-
-
-def download(repo_id: str, revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
-    """A local copy of a Hub repository (by default every file: inspecting checks all the weights)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns))
-    except LocalEntryNotFoundError:
-        raise BakeError(f"cannot reach the Hugging Face Hub for {repo_id!r} and it is not cached: go online or give a local folder") from None
-    except HfHubHTTPError as e:
-        raise BakeError(f"the Hub refused {repo_id!r} ({_why(e, repo_id)}): check the id, revision and your token") from None

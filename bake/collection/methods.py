@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from bake.activations import Moments
+from bake.collection.activations import Moments
 
 # Which text sets each method measures, in formula order: (minuend, subtrahend) or (mean,).
 ROLES: dict[str, tuple[str, ...]] = {

@@ -25,7 +25,10 @@ import numpy as np
 import torch
 
 from bake.errors import BakeError
+from bake.families.hf import family_for
+from bake.sources.load import load_model, load_tokenizer, prompt_ids
 from bake.vectorfile import VectorSet
+from bake.verify import degenerate, residual_norms, steered
 
 GAP_FACTOR = 2.0
 INSTALL = "pip install 'bake[llama-cpp]' (compiles llama.cpp, a few minutes)"
@@ -37,7 +40,7 @@ def available() -> bool:
 
 def _load(path: Path, n_ctx: int, logits_all: bool = False):
     try:
-        from llama_cpp import Llama
+        from llama_cpp import Llama  # optional
     except ImportError:
         raise BakeError(f"running GGUF files needs llama-cpp-python: {INSTALL}") from None
     try:
@@ -87,10 +90,6 @@ def _top1(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 def compare(source: Path, steered_file: Path, dequantized: Path, vectors: VectorSet, prompts: list[str]) -> dict[str, Any]:
     """The steered GGUF in llama.cpp vs the dequantized base steered by hooks in transformers, at every prompt position."""
-    from bake.architectures import family_for
-    from bake.models import load_model, load_tokenizer, prompt_ids
-    from bake.verify import degenerate, residual_norms, steered
-
     tokenizer = load_tokenizer(dequantized)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
     model = load_model(dequantized, dtype=torch.float32)

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from bake.errors import BakeError
-from bake.evaluate import LABELS
+from bake.recipe import LABELS
+
 
 def require() -> None:
     """Refuse before any work when plots cannot be drawn."""
@@ -16,8 +17,8 @@ def require() -> None:
 
 
 def _figure(ncols: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional
+    from matplotlib.figure import Figure  # optional
 
     fig = Figure(figsize=(5.6 * ncols, 4.3), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)

@@ -6,58 +6,25 @@ float32 and cast back to the checkpoint's dtype (as peft's merge does), and a
 non-finite result is refused. Families without a stock slot but with an exact
 stock equivalent (Mistral, Qwen2, Phi-3 → Llama) are relabelled first. Sites with
 no stock slot at all are refused, or with ``allow_remote_code`` carried by a
-constant-bias module (``bake.remote``).
+constant-bias module (``bake.formats.hf.remote``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from bake import remote
-from bake.architectures import Family, family_for, head_dim
+
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
-from bake.models import DTYPES, text_config
-from bake.undo import save_undo
+from bake.families.hf import Family, family_for, head_dim
+from bake.formats.hf import remote
+from bake.formats.hf.plan import FoldPlan
+from bake.formats.hf.undo import save_undo
+from bake.sources import trust
+from bake.sources.load import DTYPES, text_config
 from bake.vectorfile import VectorSet, tensor_name
-
-
-@dataclass
-class FoldPlan:
-    """Every change to make: tensors replaced, added and removed, and the new config."""
-
-    ckpt: Checkpoint
-    out_dtype: torch.dtype | None
-    config: dict[str, Any]
-    changed: dict[str, torch.Tensor] = field(default_factory=dict)
-    added: dict[str, torch.Tensor] = field(default_factory=dict)
-    removed: set[str] = field(default_factory=set)
-    splits: dict[str, list[str]] = field(default_factory=dict)
-    """Fused tensors split into parts (relabelling), so unbake can join them again."""
-    records: list[dict[str, Any]] = field(default_factory=list)
-    relabel: dict[str, str] | None = None
-    remote: dict[str, Any] | None = None
-    """The constant-bias module written (``bake.remote``), when a site has no stock slot."""
-
-    def has(self, name: str) -> bool:
-        return name in self.added or (name not in self.removed and self.ckpt.find(name) is not None)
-
-    def weight(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """Shape and dtype a tensor will have in the output (after splits and casts)."""
-        if name in self.added:
-            return tuple(self.added[name].shape), self.added[name].dtype
-        info = self.ckpt.find(name)
-        if info is None:
-            raise BakeError(f"{str(self.ckpt.path)!r} has no tensor {name}: is the checkpoint complete?")
-        return info.shape, self.out_dtype or info.torch_dtype
-
-    def add_zero_bias(self, module: str) -> None:
-        if not self.has(f"{module}.bias"):
-            shape, dtype = self.weight(f"{module}.weight")
-            self.added[f"{module}.bias"] = torch.zeros(shape[0], dtype=dtype)
 
 
 def block_prefix(ckpt: Checkpoint, family: Family) -> str:
@@ -104,7 +71,7 @@ def plan_fold(
     A site without a stock bias slot is refused, unless ``allow_remote_code``: its
     vectors then go into a constant-bias module (sites with a slot still use the bias).
     """
-    remote.refuse_steered_source(ckpt.config, repr(str(ckpt.path)))
+    trust.refuse_steered_source(ckpt.config, repr(str(ckpt.path)))
     cfg = text_config(ckpt.path)
     family = family_for(cfg)
     vectors.check_model(cfg.hidden_size, cfg.num_hidden_layers)
@@ -166,8 +133,8 @@ def fold_checkpoint(
     """Write ``source`` with ``vectors`` baked in into the empty folder ``out``; never touches ``source``.
 
     ``link`` hard-links unchanged shards instead of copying them; ``allow_remote_code``
-    lets sites without a stock bias slot use a constant-bias module (``bake.remote``).
-    What the output no longer holds is kept in ``bake/undo`` (``bake.undo``).
+    lets sites without a stock bias slot use a constant-bias module (``bake.formats.hf.remote``).
+    What the output no longer holds is kept in ``bake/undo`` (``bake.formats.hf.undo``).
     Returns what was done, for the manifest.
     """
     ckpt = Checkpoint.open(source)
@@ -175,7 +142,7 @@ def fold_checkpoint(
     placed, rewritten = write_checkpoint(
         ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed, link=link
     )
-    written = [remote.MODELING_FILE] if plan.remote else []
+    written = [trust.MODELING_FILE] if plan.remote else []
     copied = copy_side_files(source, out, skip={"config.json", "README.md", "bake.json", *written})
     if plan.remote:
         remote.write_code(out)

@@ -88,7 +88,8 @@ import numpy as np
 import torch
 
 from bake.errors import BakeError
-from bake.models import sha256_file
+from bake.gguffile import gguf_value, read_gguf
+from bake.sources.resolve import sha256_file
 from bake.vectorfile import VectorSet, tensor_name
 
 ARCHITECTURE = "controlvector"
@@ -100,30 +101,13 @@ _DIRECTION = re.compile(r"^direction\.(\d+)$")
 _FLOAT_TYPES = ("F32", "F16", "F64")
 
 
-def _field(reader, key: str) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        return None
-    try:
-        return field.contents()
-    except Exception:  # a malformed value is reported as missing, never as a traceback
-        return None
-
-
 def _read_one(path: Path, scale: float) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
     """The directions of one file as float64 arrays {N: direction * scale}, and its provenance."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise BakeError("reading control vectors needs the 'gguf' package: pip install 'bake[gguf]'") from None
     where = repr(str(path))
     if not path.is_file():
         raise BakeError(f"control vector file {where} not found: check the path")
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct errors, IndexError... on non-GGUF input
-        raise BakeError(f"{where} is not a readable GGUF file ({e.__class__.__name__}): pass a control-vector .gguf") from None
-    arch = _field(reader, "general.architecture")
+    reader = read_gguf(path, "pass a control-vector .gguf")
+    arch = gguf_value(reader, "general.architecture")
     if arch != ARCHITECTURE:
         what = f"a GGUF of architecture {arch!r}" if arch else "a GGUF without general.architecture"
         raise BakeError(
@@ -159,11 +143,11 @@ def _read_one(path: Path, scale: float) -> tuple[dict[int, np.ndarray], dict[str
         if not np.isfinite(scaled).all():
             raise BakeError(f"{where}: {t.name} times scale {scale:g} contains NaN or inf: fix the file or the scale")
         directions[layer] = directions.get(layer, 0.0) + scaled  # llama.cpp adds repeated layers too
-    layer_count = _field(reader, f"{ARCHITECTURE}.layer_count")
+    layer_count = gguf_value(reader, f"{ARCHITECTURE}.layer_count")
     info = {
         "file": path.name,
         "sha256": sha256_file(path),
-        "model_hint": _field(reader, f"{ARCHITECTURE}.model_hint"),
+        "model_hint": gguf_value(reader, f"{ARCHITECTURE}.model_hint"),
         "layer_count": layer_count if isinstance(layer_count, int) else None,
         "scale": scale,
         "directions": sorted(directions),

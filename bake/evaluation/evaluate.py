@@ -20,21 +20,25 @@ on held-out background text, and the repeated-trigram rate of the replies.
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
-from bake.activations import Moments, batches, collect, padded
-from bake.architectures import Site, family_for
+
 from bake.checkpoint import require_safetensors
-from bake.data import Example, load_texts, sample_background, tokenize
+from bake.collection.activations import Moments, batches, collect, padded
+from bake.collection.texts import Example, load_texts, sample_background, tokenize
 from bake.errors import BakeError
-from bake.models import cache_dir, prompt_ids
+from bake.families.hf import Site, family_for
 from bake.recipe import EvaluateSpec, Recipe, Steering, TextSource
+from bake.sources.load import prompt_ids
+from bake.sources.resolve import cache_dir
 from bake.vectorfile import VectorSet
 
 # Padded tokens per evaluation batch: full-vocabulary log-probs are kept for every position of a batch.
@@ -82,8 +86,6 @@ def reply_length(texts: list[str]) -> float:
 
 
 def _need(module: str, package: str):
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -104,7 +106,7 @@ def toxicity_scorer() -> Callable[[list[str]], float]:
 
 def classifier_scorer(model: str, label: str) -> Callable[[list[str]], float]:
     """Mean probability of ``label`` under a Hugging Face text-classification model (folder or Hub id)."""
-    from transformers import pipeline
+    from transformers import pipeline  # startup
 
     if Path(model).is_dir():
         require_safetensors(Path(model))
@@ -134,7 +136,7 @@ class Spread(Moments):
     outer: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, hidden: int) -> "Spread":
+    def zeros(cls, hidden: int) -> Spread:
         return cls(torch.zeros(hidden, dtype=torch.float64), outer=torch.zeros(hidden, hidden, dtype=torch.float64))
 
     def add(self, acts: torch.Tensor) -> None:
@@ -382,16 +384,3 @@ TEXT_SCORERS: dict[str, Callable[[EvalData], Callable[[list[str]], float]]] = {
 }
 # Cost columns of every table, before the effects (in the recipe's scorer order).
 COSTS = ("kl", "perplexity", "repetition")
-# What each figure is, for tables, plots and the model card.
-LABELS = {
-    "kl": "KL(base ‖ steered) on neutral text, nats/token",
-    "perplexity": "perplexity on background text",
-    "repetition": "repeated-trigram rate of replies",
-    "wordlist": "rate of target-specific words in replies",
-    "vader": "VADER sentiment of replies (-1..1)",
-    "toxicity": "offensiveness probability of replies",
-    "classifier": "classifier probability of replies",
-    "length": "words per reply",
-    "logprob_gain": "log-prob gain of held-out target text, nats/token",
-    "activation_shift": "activation shift of held-out target text (d')",
-}

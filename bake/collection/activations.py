@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from bake.architectures import Family, Site
-from bake.data import Example
+from bake.collection.texts import Example
+from bake.families.hf import Family, Site
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Moments:
     norm_total: float = 0.0
 
     @classmethod
-    def zeros(cls, hidden: int) -> "Moments":
+    def zeros(cls, hidden: int) -> Moments:
         return cls(torch.zeros(hidden, dtype=torch.float64))
 
     def add(self, acts: torch.Tensor) -> None:
@@ -46,7 +46,7 @@ class Moments:
         packed = packed.cpu()
         self.total, self.count, self.norm_total = packed[:-2], int(packed[-2]), float(packed[-1])
 
-    def merge(self, other: "Moments") -> None:
+    def merge(self, other: Moments) -> None:
         self.total += other.total
         self.count += other.count
         self.norm_total += other.norm_total

@@ -4,7 +4,7 @@ A GGUF is loaded by llama.cpp's loader for its ``general.architecture``. A bias 
 loader creates carries a steering vector exactly: the graph adds it to the sublayer
 output that joins the residual stream (``build_attn`` / ``build_ffn``,
 src/llama-graph.cpp:2829, :1952), like the Hugging Face slots in
-``bake.architectures``. A tensor the loader does not create makes llama.cpp refuse
+``bake.families.hf``. A tensor the loader does not create makes llama.cpp refuse
 the whole file ("wrong number of tensors", src/llama-model-loader.cpp:1398), so those
 architectures are refused before anything is computed, with what to do instead.
 
@@ -16,11 +16,12 @@ here plus its test.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
-from bake.architectures import Site
 from bake.errors import BakeError
+from bake.families.hf import Site
 
 LLAMA_CPP = "llama.cpp 0c1e570 (vendored by llama-cpp-python 0.3.36)"
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from bake.architectures import family_named, portability_table
-from bake.evaluate import LABELS
+from bake.families.hf import family_named, portability_table
+from bake.recipe import LABELS
 
 TAGS = ["steering", "bake", "activation-steering"]
 REMOTE_TAGS = ["custom_code"]  # the Hub's tag for repositories whose model needs trust_remote_code

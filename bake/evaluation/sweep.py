@@ -11,24 +11,25 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from bake import plots
-from bake.api import MeasuredVectors, measure_vectors
-from bake.architectures import family_for
 from bake.checkpoint import check_output, staged_output
+from bake.collection.measure import MeasuredVectors, measure_vectors
 from bake.errors import BakeError
-from bake.evaluate import COSTS, EvalData, Evaluator, build_data, target_source
-from bake.models import load_model, load_tokenizer, resolve_model, text_config
+from bake.evaluation import plots
+from bake.evaluation.evaluate import COSTS, EvalData, Evaluator, build_data, target_source
+from bake.families.hf import family_for
 from bake.recipe import Recipe, Steering, TextSource
+from bake.sources.load import load_model, load_tokenizer, text_config
+from bake.sources.resolve import resolve_model
 from bake.vectorfile import VectorSet
 from bake.verify import steered
-
 
 
 def _progress(items, desc: str):

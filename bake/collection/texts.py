@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bake.checkpoint import OutputExists, staged_output
-from bake.errors import BakeError
+from bake.checkpoint import staged_output
+from bake.errors import BakeError, OutputExists
 from bake.recipe import ModelSample, Recipe, TextSource
 
 
@@ -79,7 +79,7 @@ def _read_file(path: Path, source: TextSource, what: str) -> list[str]:
 
 def _hub_dataset(source: TextSource, what: str) -> list[str]:
     try:
-        import datasets
+        import datasets  # optional
     except ImportError:
         raise BakeError(f"{what}: Hub datasets need the 'datasets' package: pip install 'bake[datasets]'") from None
     try:

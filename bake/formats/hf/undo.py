@@ -15,15 +15,25 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bake import manifest as manifests
-from bake.checkpoint import (INDEX, Checkpoint, TensorInfo, check_output, copy_side_files, folder_bytes, header_bytes,
-                             inside, kernel_copy, place_copy, read_header, staged_output)
+from bake.checkpoint import (
+    INDEX,
+    Checkpoint,
+    TensorInfo,
+    check_output,
+    copy_side_files,
+    folder_bytes,
+    header_bytes,
+    inside,
+    kernel_copy,
+    place_copy,
+    read_header,
+    staged_output,
+)
 from bake.errors import BakeError
-
-if TYPE_CHECKING:
-    from bake.fold import FoldPlan
+from bake.formats.hf.plan import FoldPlan
 
 UNDO = Path("bake") / "undo"
 ORIGINALS = UNDO / "tensors.safetensors"
@@ -31,13 +41,13 @@ HEADERS = UNDO / "headers.json"
 _KEPT_VERBATIM = ("config.json", INDEX, "README.md", manifests.MANIFEST)
 
 
-def save_undo(plan: "FoldPlan", placed: dict[str, str], rewritten: list[str], out: Path, written: list[str]) -> dict[str, Any]:
+def save_undo(plan: FoldPlan, placed: dict[str, str], rewritten: list[str], out: Path, written: list[str]) -> dict[str, Any]:
     """Keep in ``out/bake/undo`` what ``unbake`` needs; return its description for the manifest.
 
     ``placed`` maps each source shard to its output file, ``written`` lists the
     top-level files the fold created that the source did not have.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # startup
 
     source = plan.ckpt.path
     (out / UNDO).mkdir(parents=True)

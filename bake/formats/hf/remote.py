@@ -17,27 +17,18 @@ buffers as unexpected keys), and vLLM, TGI and llama.cpp do not apply the steeri
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bake.architectures import Family, Site
 from bake.errors import BakeError
+from bake.families.hf import Family, Site
+from bake.formats.hf.plan import FoldPlan
+from bake.sources.trust import AUTO_CLASS, CLASS_PREFIX, CONFIG_KEY, MODELING_FILE, TEMPLATE, code_sha256
 from bake.vectorfile import tensor_name
 
-if TYPE_CHECKING:
-    from bake.fold import FoldPlan
-
-TEMPLATE = Path(__file__).parent / "remote_code" / "modeling_bake.py"
-MODELING_FILE = "modeling_bake.py"
-CONFIG_KEY = "bake_steering"
 BUFFER = "bake_steering"
 FORMAT = "bake-steering/1"
-CLASS_PREFIX = "BakeSteered"
-AUTO_CLASS = "AutoModelForCausalLM"
 NOT_APPLIED_BY = ("vLLM", "TGI", "llama.cpp")
 NOT_PORTABLE = (
     "not portable: loads only with trust_remote_code=True in transformers; "
@@ -45,27 +36,14 @@ NOT_PORTABLE = (
 )
 
 
-def code_sha256() -> str:
-    return hashlib.sha256(TEMPLATE.read_bytes()).hexdigest()
-
-
 def base_architecture(model_type: str) -> str:
     """The stock class ``AutoModelForCausalLM`` builds for ``model_type`` (the one verification compares with)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # startup
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if not isinstance(name, str) or not name.endswith("ForCausalLM"):
         raise BakeError(f"transformers has no *ForCausalLM class for model_type {model_type!r}: the constant-bias module cannot subclass it")
     return name
-
-
-def refuse_steered_source(config: dict[str, Any], where: str) -> None:
-    """A checkpoint that already carries a constant-bias module is not a base model to measure or bake."""
-    if CONFIG_KEY in config:
-        raise BakeError(
-            f"{where} already carries steering in a bake constant-bias module (config.json {CONFIG_KEY}): "
-            "measure and bake on the original base model instead"
-        )
 
 
 def _buffer_dtype(plan: FoldPlan, prefix: str, layer: int) -> torch.dtype:
@@ -132,29 +110,3 @@ def add_module(plan: FoldPlan, family: Family, cfg, prefix: str, points: list[tu
 
 def write_code(out: Path) -> None:
     (out / MODELING_FILE).write_bytes(TEMPLATE.read_bytes())
-
-
-def is_steered(path: Path) -> bool:
-    """Whether the checkpoint folder at ``path`` carries a bake constant-bias module."""
-    try:
-        return CONFIG_KEY in json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def check_code(path: Path) -> None:
-    """Refuse to run the folder's remote code unless it is exactly the file this bake writes.
-
-    bake then loads it with ``trust_remote_code=True`` knowing it executes only its own code.
-    """
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    auto_map = config.get("auto_map")
-    spec = config.get(CONFIG_KEY) or {}
-    expected = {AUTO_CLASS: f"{Path(MODELING_FILE).stem}.{CLASS_PREFIX}{spec.get('base_architecture')}"}
-    code = path / MODELING_FILE
-    if auto_map != expected or not code.is_file() or code.read_bytes() != TEMPLATE.read_bytes():
-        raise BakeError(
-            f"{str(path)!r} carries a bake constant-bias module, but its {MODELING_FILE} or auto_map is not the one this "
-            "version of bake writes: review the code, then load it yourself with trust_remote_code=True (or re-bake it)"
-        )

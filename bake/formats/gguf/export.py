@@ -15,7 +15,7 @@ inside the file needs nothing. The output is the input file with
   (quantized blocks are never decoded), then the new biases' float32 data.
 
 A bias goes where llama.cpp's loader for the file's architecture takes it
-(``bake.gguf_architectures``). Where the file already has that bias (GPT-2, BLOOM...)
+(``bake.families.gguf``). Where the file already has that bias (GPT-2, BLOOM...)
 it is overwritten in place with old + vector, computed in float32, and the old value
 is kept in the metadata. ``check`` recomputes all of it from the file alone, which is
 what ``bake inspect FILE.gguf`` reports.
@@ -30,23 +30,22 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-from bake import llamacpp
-from bake.architectures import Site
 from bake.checkpoint import check_output, staged_output
 from bake.errors import BakeError
-from bake.gguf_architectures import LLAMA_CPP, bias_name, lookup
+from bake.families.gguf import LLAMA_CPP, bias_name, lookup
+from bake.families.hf import Site
+from bake.formats.base import BakeResult
+from bake.formats.gguf import llamacpp
+from bake.gguffile import gguf_value, is_gguf, read_gguf
 from bake.manifest import GGUFManifest, package_versions, validate
-from bake.models import package_file, sha256_file
+from bake.recipe import Recipe, VerifySpec
+from bake.sources.resolve import package_file, resolve_model, sha256_file
 from bake.vectorfile import VectorSet, tensor_name
-
-if TYPE_CHECKING:
-    from bake.api import BakeResult
-    from bake.recipe import Recipe, VerifySpec
 
 MANIFEST_KEY = "bake.manifest"
 VERIFICATION_KEY = "bake.verification"
@@ -59,10 +58,6 @@ _COPY_CHUNK = 1 << 24
 
 
 # --- reading ---------------------------------------------------------------------------------
-
-
-def is_gguf(path: str | Path) -> bool:
-    return str(path).lower().endswith(".gguf")
 
 
 def gguf_file(spec: str, base_dir: Path | None = None) -> Path:
@@ -78,25 +73,6 @@ def gguf_file(spec: str, base_dir: Path | None = None) -> Path:
     if not path.is_file():
         raise BakeError(f"GGUF file {spec!r} not found: check the path")
     return path
-
-
-def _reader(path: Path):
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise BakeError("GGUF output needs the 'gguf' package: pip install 'bake[gguf]'") from None
-    try:
-        reader = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, KeyError, struct errors... on a broken file
-        raise BakeError(f"{str(path)!r} is not a readable GGUF file ({e.__class__.__name__}): check the file") from None
-    if reader.byte_order != "I":
-        raise BakeError(f"{str(path)!r} is a big-endian GGUF: bake writes little-endian files only; use a little-endian one")
-    return reader
-
-
-def _value(reader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
 
 
 def _kv_fields(reader) -> list:
@@ -140,30 +116,30 @@ def _refuse_steered(reader, where: str) -> None:
 def check_points(model: str, points: list[tuple[int, Site]], base_dir: Path | None = None) -> None:
     """Refuse (layer, site) points the GGUF cannot carry, before any vector is computed."""
     source = gguf_file(model, base_dir)
-    reader = _reader(source)
+    reader = read_gguf(source)
     where = repr(str(source))
     _refuse_steered(reader, where)
-    arch = _value(reader, "general.architecture")
+    arch = gguf_value(reader, "general.architecture")
     lookup(arch, where)
-    blocks = _value(reader, f"{arch}.block_count")
+    blocks = gguf_value(reader, f"{arch}.block_count")
     for layer, site in points:
         if not 0 <= layer < blocks:
             raise BakeError(f"{where}: layer {layer} is outside the model's blocks 0..{blocks - 1}: pick a layer in range")
-        bias_name(arch, layer, site, lambda key: _value(reader, f"{arch}.{key}"), where)
+        bias_name(arch, layer, site, lambda key: gguf_value(reader, f"{arch}.{key}"), where)
 
 
 def plan(reader, vectors: VectorSet, where: str) -> tuple[str, list[_Bias]]:
     """Every bias to write for ``vectors``, checked against the file's architecture, size and depth."""
     _refuse_steered(reader, where)
-    arch = _value(reader, "general.architecture")
+    arch = gguf_value(reader, "general.architecture")
     entry = lookup(arch, where)
-    hidden = _value(reader, f"{arch}.embedding_length")
-    vectors.check_model(hidden, _value(reader, f"{arch}.block_count"), where)
+    hidden = gguf_value(reader, f"{arch}.embedding_length")
+    vectors.check_model(hidden, gguf_value(reader, f"{arch}.block_count"), where)
     tensors = {t.name: t for t in reader.tensors}
-    scale = float(_value(reader, f"{arch}.{entry.scale}", 1.0)) if entry.scale else 1.0
+    scale = float(gguf_value(reader, f"{arch}.{entry.scale}", 1.0)) if entry.scale else 1.0
     biases = []
     for (layer, site), v in sorted(vectors.vectors.items()):
-        name = bias_name(arch, layer, site, lambda key: _value(reader, f"{arch}.{key}"), where)
+        name = bias_name(arch, layer, site, lambda key: gguf_value(reader, f"{arch}.{key}"), where)
         existing = tensors.get(name)
         original = None
         if existing is not None:
@@ -193,20 +169,20 @@ def _string(s: str) -> bytes:
 
 
 def _kv_string(key: str, value: str) -> bytes:
-    from gguf import GGUFValueType
+    from gguf import GGUFValueType  # optional
 
     return _string(key) + struct.pack("<I", GGUFValueType.STRING) + _string(value)
 
 
 def _kv_f32_array(key: str, values: np.ndarray) -> bytes:
-    from gguf import GGUFValueType
+    from gguf import GGUFValueType  # optional
 
     data = np.ascontiguousarray(values, dtype="<f4")
     return _string(key) + struct.pack("<IIQ", GGUFValueType.ARRAY, GGUFValueType.FLOAT32, data.size) + data.tobytes()
 
 
 def _tensor_info(name: str, n: int, offset: int) -> bytes:
-    from gguf import GGMLQuantizationType
+    from gguf import GGMLQuantizationType  # optional
 
     return _string(name) + struct.pack("<IQIQ", 1, n, GGMLQuantizationType.F32, offset)
 
@@ -298,12 +274,12 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], Any]:
     path = Path(path)
     if not path.is_file():
         raise BakeError(f"GGUF file {str(path)!r} not found: check the path")
-    reader = _reader(path)
+    reader = read_gguf(path)
     if reader.fields.get(MANIFEST_KEY) is None:
         raise BakeError(f"{str(path)!r} has no {MANIFEST_KEY} metadata: it was not written by bake (or the entry was removed)")
     try:
-        manifest = json.loads(_value(reader, MANIFEST_KEY))
-        verification = json.loads(_value(reader, VERIFICATION_KEY, "null"))
+        manifest = json.loads(gguf_value(reader, MANIFEST_KEY))
+        verification = json.loads(gguf_value(reader, VERIFICATION_KEY, "null"))
     except (json.JSONDecodeError, TypeError):
         raise BakeError(f"{str(path)!r}: {MANIFEST_KEY} or {VERIFICATION_KEY} is not valid JSON: the metadata was edited") from None
     if not isinstance(manifest, dict):
@@ -316,7 +292,7 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], Any]:
 def is_steered_gguf(path: Path) -> bool:
     """Whether ``path`` is a GGUF bake wrote (its metadata holds a bake manifest): what ``--force`` may replace."""
     try:
-        return is_gguf(path) and path.is_file() and _reader(path).fields.get(MANIFEST_KEY) is not None
+        return is_gguf(path) and path.is_file() and read_gguf(path).fields.get(MANIFEST_KEY) is not None
     except BakeError:
         return False
 
@@ -411,13 +387,11 @@ def _versions() -> dict[str, str]:
     return package_versions("bake", "gguf", "torch", "transformers", "llama_cpp_python")
 
 
-def _dequantized(model: str, recipe: "Recipe | None") -> Path:
-    from bake.models import resolve_model
-
+def _dequantized(model: str, recipe: Recipe | None) -> Path:
     return resolve_model(model, recipe.revision if recipe else None, recipe.base_dir if recipe else None).path
 
 
-def _verify(model: str, source: Path, staged: Path, vectors: VectorSet, verify: "VerifySpec", recipe: "Recipe | None",
+def _verify(model: str, source: Path, staged: Path, vectors: VectorSet, verify: VerifySpec, recipe: Recipe | None,
             run_llama: bool) -> dict[str, Any]:
     problems = check(staged, *read_manifest(staged))
     report: dict[str, Any] = {"file_problems": problems, "llama_cpp": None, "llama_cpp_skipped": None}
@@ -434,24 +408,21 @@ def _verify(model: str, source: Path, staged: Path, vectors: VectorSet, verify: 
     return report
 
 
-def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False, verify: "VerifySpec | None" = None,
-         base_model_id: str | None = None, recipe: "Recipe | None" = None, llama_cpp: bool | None = None) -> "BakeResult":
+def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False, verify: VerifySpec | None = None,
+         base_model_id: str | None = None, recipe: Recipe | None = None, llama_cpp: bool | None = None) -> BakeResult:
     """Write the GGUF ``model`` with ``vectors`` baked in as bias tensors to ``out`` (a .gguf file), then verify.
 
     The output is staged beside ``out`` and renamed into place only after its bytes match
     its manifest and, with llama-cpp-python installed (``llama_cpp=None``: if importable),
-    llama.cpp's logits show the steering the hooks apply (``bake.llamacpp``). Otherwise
+    llama.cpp's logits show the steering the hooks apply (``bake.formats.gguf.llamacpp``). Otherwise
     nothing is written; the source is never touched.
     """
-    from bake.api import BakeResult
-    from bake.recipe import VerifySpec
-
     source = gguf_file(model, recipe.base_dir if recipe else None)
     out = Path(out)
     if not is_gguf(out):
         raise BakeError(f"output {str(out)!r} does not end in .gguf: name the GGUF file to write")
     check_output(out, force, is_steered_gguf, [source], source.stat().st_size)
-    reader = _reader(source)
+    reader = read_gguf(source)
     where = repr(str(source))
     arch, biases = plan(reader, vectors, where)
     counts = {"kv_count": len(_kv_fields(reader)), "tensor_count": len(reader.tensors)}
@@ -481,22 +452,3 @@ def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False
         _patch_verification(staged, verification_at, report)
     manifest["verification"] = report
     return BakeResult(out, manifest)
-
-
-def run(recipe: "Recipe", out: str | Path, force: bool = False) -> "BakeResult":
-    """``bake run`` with GGUF output: check the points, compute the vectors, write and verify the steered
-    GGUF, then (with llama-cpp-python) show base vs steered continuations from llama.cpp itself."""
-    from bake.api import compute_vectors
-    from bake.models import load_tokenizer, prompt_ids
-
-    check_output(out, force, is_steered_gguf)
-    check_points(recipe.model, [(e.layer, e.site) for e in recipe.steering], recipe.base_dir)
-    result = fold(recipe.model, compute_vectors(recipe), out, force=force, verify=recipe.verify,
-                  base_model_id=recipe.base_model_id, recipe=recipe)
-    if recipe.preview.prompts and llamacpp.available():
-        tokenizer = load_tokenizer(_dequantized(recipe.model, recipe))
-        ids = [prompt_ids(tokenizer, p, recipe.preview.chat) for p in recipe.preview.prompts]
-        texts = [[tokenizer.decode(x, skip_special_tokens=True).strip() for x in llamacpp.greedy(f, ids, recipe.preview.tokens)]
-                 for f in (gguf_file(recipe.model, recipe.base_dir), result.path)]
-        result.preview = list(zip(recipe.preview.prompts, *texts))
-    return result

@@ -1,0 +1,181 @@
+"""Measuring a recipe: every steering entry's vector at coefficient 1, from the texts of each role.
+
+Only blocks 0..L of the deepest layer L are built; each distinct text set runs through them
+once for all the points that need it. ``bake.api.compute_vectors`` scales the result (and
+calibrates ``coefficient: auto`` entries); ``bake sweep`` reuses one measurement for a grid.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bake import manifest as manifests
+from bake.collection.activations import Moments, collect
+from bake.collection.methods import ROLES, steering_vector
+from bake.collection.texts import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
+from bake.errors import BakeError
+from bake.families.hf import Site, family_for
+from bake.recipe import Recipe, Steering
+from bake.sources import trust
+from bake.sources.load import load_model, load_tokenizer, text_config
+from bake.sources.resolve import ModelSource, cache_dir, resolve_model
+from bake.vectorfile import VectorSet, tensor_name
+
+
+@dataclass
+class _TextSet:
+    """One role's examples for one steering entry, with what the manifest records about them."""
+
+    examples: list[Example]
+    info: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return self.info["sha256"]
+
+
+def versions() -> dict[str, str]:
+    return manifests.package_versions("bake", "torch", "transformers", "safetensors", "huggingface_hub")
+
+
+def _role_sets(recipe: Recipe, entry: Steering, index: int, full_model, tokenizer, source: ModelSource) -> dict[str, _TextSet]:
+    """Tokenized examples for every role the entry's method measures (``full_model()`` loads the
+    whole model, needed only to sample a background that is not cached)."""
+    where = f"steering.{index} ({entry.name})"
+    sets: dict[str, _TextSet] = {}
+    for role in ROLES[entry.method]:
+        if role == "background":
+            bg = recipe.background_for(entry)
+            if bg.sample is not None:
+                sequences, key = sample_background(full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir())
+                examples = sequences_to_examples(sequences, tokenizer)
+                info = {"kind": "model-sample", **bg.sample.model_dump(), "seed": recipe.seed, "texts": len(sequences)}
+                info["sha256"] = digest([json.dumps(s) for s in sequences])
+            else:
+                texts = load_texts(bg.corpus, recipe, f"{where}.background")
+                examples = tokenize(tokenizer, texts, recipe.max_tokens)
+                info = {"kind": "corpus", "texts": len(texts), "sha256": digest(texts)}
+        else:
+            if entry.method == "actadd":
+                texts = [getattr(entry, f"{role}_prompt")]
+            else:
+                texts = load_texts(getattr(entry, role), recipe, f"{where}.{role}")
+            examples = tokenize(tokenizer, texts, recipe.max_tokens, entry.chat, entry.chat_prompt)
+            info = {"kind": "texts", "texts": len(texts), "sha256": digest(texts), "chat": entry.chat}
+        info["tokens"] = sum(e.n_counted for e in examples)
+        if info["tokens"] == 0:
+            raise BakeError(
+                f"{where}.{role}: no tokens to average ({info['texts']} texts, nothing left after dropping the first "
+                "position and special tokens): give longer or more texts"
+            )
+        sets[role] = _TextSet(examples, info)
+    return sets
+
+
+@dataclass
+class MeasuredVectors:
+    """Each steering entry's vector at coefficient 1 (vectors scale linearly, so a sweep measures once)."""
+
+    points: list[tuple[int, Site]]
+    units: list[torch.Tensor]
+    entries: list[dict[str, Any]]
+    meta: dict[str, Any]
+
+    def scaled(self, coefficients: list[float], records: dict[int, dict[str, Any]] | None = None) -> VectorSet:
+        """The vector set at these per-entry coefficients (entries sharing a point add); ``records`` adds
+        fields to the entries' metadata (``coefficient: auto`` keeps its choice there)."""
+        vectors: dict[tuple[int, Site], torch.Tensor] = {}
+        entries = []
+        for i, (point, u, entry, c) in enumerate(zip(self.points, self.units, self.entries, coefficients)):
+            v = c * u
+            vectors[point] = vectors.get(point, torch.zeros_like(v)) + v
+            mean_norm = entry["mean_residual_norm"]
+            entries.append({**entry, "coefficient": c, "norm": float(v.norm()),
+                            "relative_norm": float(v.norm()) / mean_norm if mean_norm else 0.0, **(records or {}).get(i, {})})
+        return VectorSet(vectors, {**self.meta, "entries": entries})
+
+def measure_vectors(recipe: Recipe) -> MeasuredVectors:
+    """Every steering entry of ``recipe`` measured on its base model, at coefficient 1.
+
+    Only blocks 0..L of the deepest layer
+    L are built and loaded; each distinct text set runs through them once, for all
+    the points that need it. The full model is loaded only to sample a background
+    that is not cached yet.
+    """
+    source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
+    trust.refuse_steered_source(source.config, f"model {recipe.model!r}")
+    cfg = text_config(source.path)
+    family = family_for(cfg)
+    for i, entry in enumerate(recipe.steering):
+        if not 0 <= entry.layer < cfg.num_hidden_layers:
+            raise BakeError(
+                f"steering.{i}.layer: {entry.layer} is outside the model's blocks 0..{cfg.num_hidden_layers - 1}: pick a layer in range"
+            )
+        try:
+            family.slot(entry.site, cfg)
+        except BakeError as e:
+            raise BakeError(f"steering.{i}.site: {e}") from None
+    tokenizer = load_tokenizer(source.path)
+    full_model = functools.cache(lambda: load_model(source.path, dtype=torch.float32))
+    role_sets = [_role_sets(recipe, entry, i, full_model, tokenizer, source) for i, entry in enumerate(recipe.steering)]
+    full_model.cache_clear()  # free it before building the truncated model
+    model = load_model(source.path, dtype=torch.float32, layers=1 + max(e.layer for e in recipe.steering))
+    needed: dict[str, tuple[_TextSet, set[tuple[int, Site]]]] = {}
+    for entry, sets in zip(recipe.steering, role_sets):
+        for s in sets.values():
+            needed.setdefault(s.key, (s, set()))[1].add((entry.layer, entry.site))
+    measured: dict[str, dict[tuple[int, Site], Moments]] = {
+        key: collect(model, family, s.examples, sorted(points), recipe.batch_tokens, tokenizer.pad_token_id, desc=f"collecting {s.info['kind']}")
+        for key, (s, points) in needed.items()
+    }
+
+    points, units, entries = [], [], []
+    for entry, sets in zip(recipe.steering, role_sets):
+        point = (entry.layer, entry.site)
+        moments = {role: measured[s.key][point] for role, s in sets.items()}
+        u = steering_vector(entry.method, moments, 1.0)
+        points.append(point)
+        units.append(u)
+        reference = moments.get("background") or next(iter(moments.values()))
+        entries.append(
+            {
+                "name": entry.name,
+                "layer": entry.layer,
+                "site": entry.site,
+                "tensor": tensor_name(*point),
+                "method": entry.method,
+                "unscaled_norm": float(u.norm()),
+                "mean_residual_norm": reference.mean_norm,
+                # Tokens as the collection counted them (after any all-reduce across ranks).
+                "counts": {role: {"texts": s.info["texts"], "tokens": moments[role].count} for role, s in sets.items()},
+                "data": {role: s.info for role, s in sets.items()},
+            }
+        )
+    meta = {
+        "format": "bake-vectors/1",
+        "model": {"spec": source.spec, "identity": source.identity, "model_type": cfg.model_type},
+        "hidden_size": cfg.hidden_size,
+        "versions": versions(),
+    }
+    return MeasuredVectors(points, units, entries, meta)
+
+
+def entry_table(entries: list[dict[str, Any]]) -> str:
+    """The vector entries as a text table (name, point, method, coefficient, norms, tokens counted)."""
+    rows = [f"{'name':<16} {'layer':>5} {'site':<10} {'method':<13} {'coef':>7} {'norm':>9} {'rel.norm':>8} tokens"]
+    for e in entries:
+        tokens = ", ".join(f"{r}={c['tokens']}" for r, c in e["counts"].items())
+        rows.append(
+            f"{e['name']:<16} {e['layer']:>5} {e['site']:<10} {e['method']:<13} {e['coefficient']:>7g} "
+            f"{e['norm']:>9.3f} {e['relative_norm']:>8.3f} {tokens}"
+        )
+        if "auto" in e:
+            a = e["auto"]
+            rows.append(f"  coefficient auto: {a['chosen']:g}, the largest of the {len(a['grid'])} on the grid whose KL ({a['kl']:.3g}) "
+                        f"is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> {a['perplexity']:.3g})")
+    return "\n".join(rows)

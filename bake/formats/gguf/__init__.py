@@ -1,0 +1,1 @@
+"""The GGUF output: biases written straight into a GGUF file for llama.cpp, checked in llama.cpp, and control-vector import."""
