@@ -190,4 +190,4 @@ def test_docs_carry_the_table_generated_from_the_data():
     from bake.families.hf import portability_table
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
-    assert portability_table() in page, "docs/architectures.md's table is stale: paste bake.architectures.portability_table()"
+    assert portability_table() in page, "docs/architectures.md's table is stale: paste bake.families.hf.portability_table()"

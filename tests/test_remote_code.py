@@ -29,7 +29,7 @@ from bake.vectorfile import VectorSet
 from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 
 PROBES = ["the happy dog is here", "tell me about your day", "a king and a dragon"]
-# Where each family's site joins the residual stream, written out here independently of bake.architectures.
+# Where each family's site joins the residual stream, written out here independently of bake.families.hf.
 HAND_HOOKS = {"resid_post": "", "resid_mid": "post_attention_layernorm"}
 
 
