@@ -173,6 +173,19 @@ def text_config(path: Path):
         raise BakeError(f"{str(path)!r}: transformers cannot read its config.json ({e}): upgrade transformers or fix the file") from None
 
 
+def truncated_config(path: Path, layers: int | None = None):
+    """The model's transformers config, cut to blocks 0..layers-1 when ``layers`` is given."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if layers is not None:
+        text = config.get_text_config()
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:layers]
+    return config
+
+
 def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any):
     """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode.
 
@@ -183,14 +196,9 @@ def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None 
     collecting at block L costs memory and time in proportion to (L+1)/N.
     On a GPU machine the model keeps its own dtype and is spread with device_map="auto".
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
-    if layers is not None:
-        text = config.get_text_config()
-        text.num_hidden_layers = layers
-        if getattr(text, "layer_types", None):
-            text.layer_types = text.layer_types[:layers]
+    config = truncated_config(path, layers)
     if torch.cuda.is_available():
         kwargs.setdefault("device_map", "auto")
     if "trust_remote_code" not in kwargs and remote.is_steered(path):
