@@ -75,15 +75,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > os.fstat(f.fileno()).st_size - 8:  # another format's bytes read as a length: never allocate that
+                raise ValueError("header length beyond the end of the file")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        infos = {
+            name: TensorInfo(name, path, h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0], base + h["data_offsets"][1])
+            for name, h in header.items()
+        }
+    except (OSError, struct.error, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
         raise BakeError(f"{str(path)!r} is not a readable safetensors file ({e.__class__.__name__})") from None
-    meta = header.pop("__metadata__", None) or {}
-    base = 8 + n
-    infos = {
-        name: TensorInfo(name, path, h["dtype"], tuple(h["shape"]), base + h["data_offsets"][0], base + h["data_offsets"][1])
-        for name, h in header.items()
-    }
     return infos, meta
 
 
