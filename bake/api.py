@@ -15,7 +15,7 @@ import torch
 
 from bake import card, remote
 from bake import manifest as manifests
-from bake.activations import Moments, collect
+from bake.activations import Moments
 from bake.architectures import Site, family_for
 from bake.checkpoint import staged_output
 from bake.data import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
@@ -24,6 +24,7 @@ from bake.fold import fold_checkpoint
 from bake.manifest import MANIFEST
 from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
 from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec, parse_recipe
+from bake.streaming import Job, collect_sets
 from bake.vectorfile import VectorSet, tensor_name
 from bake.vectors import ROLES, steering_vector
 from bake.verify import compare, describe
@@ -122,9 +123,9 @@ def measure_vectors(recipe: Recipe) -> MeasuredVectors:
     """Every steering entry of ``recipe`` measured on its base model, at coefficient 1.
 
     Only blocks 0..L of the deepest layer
-    L are built and loaded; each distinct text set runs through them once, for all
-    the points that need it. The full model is loaded only to sample a background
-    that is not cached yet.
+    L are built and loaded (all at once, or one at a time per ``recipe.collection``: bake.streaming);
+    each distinct text set runs through them once, for all the points that need it. The full model
+    is loaded only to sample a background that is not cached yet.
     """
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
     remote.refuse_steered_source(source.config, f"model {recipe.model!r}")
@@ -143,15 +144,13 @@ def measure_vectors(recipe: Recipe) -> MeasuredVectors:
     full_model = functools.cache(lambda: load_model(source.path, dtype=torch.float32))
     role_sets = [_role_sets(recipe, entry, i, full_model, tokenizer, source) for i, entry in enumerate(recipe.steering)]
     full_model.cache_clear()  # free it before building the truncated model
-    model = load_model(source.path, dtype=torch.float32, layers=1 + max(e.layer for e in recipe.steering))
     needed: dict[str, tuple[_TextSet, set[tuple[int, Site]]]] = {}
     for entry, sets in zip(recipe.steering, role_sets):
         for s in sets.values():
             needed.setdefault(s.key, (s, set()))[1].add((entry.layer, entry.site))
-    measured: dict[str, dict[tuple[int, Site], Moments]] = {
-        key: collect(model, family, s.examples, sorted(points), recipe.batch_tokens, tokenizer.pad_token_id, desc=f"collecting {s.info['kind']}")
-        for key, (s, points) in needed.items()
-    }
+    jobs = [Job(s.examples, sorted(points), f"collecting {s.info['kind']}") for s, points in needed.values()]
+    results = collect_sets(source.path, family, jobs, recipe.batch_tokens, tokenizer.pad_token_id, recipe.collection)
+    measured: dict[str, dict[tuple[int, Site], Moments]] = dict(zip(needed, results))
 
     points, units, entries = [], [], []
     for entry, sets in zip(recipe.steering, role_sets):

@@ -98,6 +98,11 @@ def _vector_table(entries: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _with_collection(recipe, streaming: bool):
+    """The recipe with ``collection: streaming`` when ``--streaming`` was given."""
+    return recipe.model_copy(update={"collection": "streaming"}) if streaming else recipe
+
+
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(),
@@ -112,9 +117,11 @@ def _vector_table(entries: list[dict]) -> str:
 @click.option("--format", "output_format", type=click.Choice(["hf", "gguf"]),
               help="gguf: write the .gguf base with the steering as bias tensors, for llama.cpp and Ollama "
                    "(default: the recipe's output_format, or gguf when OUT ends in .gguf).")
+@click.option("--streaming", is_flag=True,
+              help="Collect one block at a time (a model bigger than memory); default: the recipe's 'collection'.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def run(recipe: str | None, output: str | None, from_manifest: str | None, recipe_dir: str | None, force: bool,
-        allow_remote_code: bool, output_format: str | None) -> None:
+        allow_remote_code: bool, output_format: str | None, streaming: bool) -> None:
     """Compute the recipe's vectors, fold them, verify, and write a standalone checkpoint.
 
     \b
@@ -139,7 +146,8 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
         click.echo(f"wrote {result.path}: " + ("bit-identical to the original (every file but bake.json)" if not differ
                    else f"{len(differ)} file(s) differ from the original: {', '.join(differ[:5])}"))
         return
-    result = api.run(load_recipe(recipe), output, force, allow_remote_code=allow_remote_code, output_format=output_format)
+    result = api.run(_with_collection(load_recipe(recipe), streaming), output, force, allow_remote_code=allow_remote_code,
+                     output_format=output_format)
     click.echo(_vector_table(result.manifest["vectors"]["entries"]))
     click.echo((describe_gguf if is_gguf(result.path) else describe)(result.verification))
     if result.preview:
@@ -151,8 +159,10 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Vector file to write (.safetensors).")
+@click.option("--streaming", is_flag=True,
+              help="Collect one block at a time (a model bigger than memory); default: the recipe's 'collection'.")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
-def vector(recipe: str, output: str, force: bool) -> None:
+def vector(recipe: str, output: str, force: bool, streaming: bool) -> None:
     """Compute the recipe's steering vectors and write a vector file (no fold).
 
     Under torchrun or accelerate launch, ranks split the texts and rank 0 writes.
@@ -168,7 +178,7 @@ def vector(recipe: str, output: str, force: bool) -> None:
     if Path(output).exists() and not force:
         raise BakeError(f"{output!r} already exists: choose another path or pass --force")
     rank = _start_distributed()
-    vectors = api.compute_vectors(load_recipe(recipe))
+    vectors = api.compute_vectors(_with_collection(load_recipe(recipe), streaming))
     if rank == 0:
         vectors.save(output)
         click.echo(_vector_table(vectors.meta["entries"]))

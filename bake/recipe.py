@@ -270,6 +270,10 @@ class Recipe(_Strict):
     seed: int = 0
     max_tokens: int = Field(default=256, ge=2, description="texts are truncated to this many tokens")
     batch_tokens: int = Field(default=4096, ge=16)
+    collection: Literal["auto", "memory", "streaming"] = Field(
+        default="auto", description="'streaming' loads one block at a time (a model bigger than memory); 'auto' "
+        "streams when blocks 0..L do not fit in the memory available (bake.streaming)"
+    )
     background: Background = Field(default_factory=lambda: Background(sample=ModelSample()))
     steering: list[Steering] = Field(min_length=1)
     verify: VerifySpec = Field(default_factory=VerifySpec)
