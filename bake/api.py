@@ -24,7 +24,7 @@ from bake.fold import fold_checkpoint
 from bake.manifest import MANIFEST
 from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
 from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec, parse_recipe
-from bake.streaming import Job, collect_sets
+from bake.streaming import Job, collect_sets, load_whole
 from bake.vectorfile import VectorSet, tensor_name
 from bake.vectors import ROLES, steering_vector
 from bake.verify import compare, describe
@@ -141,7 +141,7 @@ def measure_vectors(recipe: Recipe) -> MeasuredVectors:
         except BakeError as e:
             raise BakeError(f"steering.{i}.site: {e}") from None
     tokenizer = load_tokenizer(source.path)
-    full_model = functools.cache(lambda: load_model(source.path, dtype=torch.float32))
+    full_model = functools.cache(lambda: load_whole(source.path, f"model {recipe.model!r}"))
     role_sets = [_role_sets(recipe, entry, i, full_model, tokenizer, source) for i, entry in enumerate(recipe.steering)]
     full_model.cache_clear()  # free it before building the truncated model
     needed: dict[str, tuple[_TextSet, set[tuple[int, Site]]]] = {}

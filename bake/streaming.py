@@ -82,8 +82,8 @@ def _float32_bytes(infos: dict[str, TensorInfo]) -> int:
                for i in infos.values())
 
 
-def meta_model(path: Path, layers: int) -> torch.nn.Module:
-    """The float32 model of blocks 0..layers-1 built on the meta device: its structure, no weights."""
+def meta_model(path: Path, layers: int | None) -> torch.nn.Module:
+    """The float32 model (of blocks 0..layers-1 when given) built on the meta device: its structure, no weights."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -334,3 +334,15 @@ def collect_sets(path: Path, family: Family, jobs: list[Job], batch_tokens: int,
             return collect_streaming(Skeleton(path, family, model), jobs, batch_tokens, pad_id)
     model = load_model(path, dtype=torch.float32, layers=layers)
     return [collect(model, family, job.examples, job.points, batch_tokens, pad_id, desc=job.desc) for job in jobs]
+
+
+def load_whole(path: Path, what: str) -> torch.nn.Module:
+    """The whole model in float32 for a generation loop (sampling a background), refused when it does not fit
+    in memory: generation reads every weight for every token, which block-by-block loading cannot make affordable."""
+    needed, available = in_memory_bytes(meta_model(path, None)), mem_available()
+    if not fits_in_memory(needed, available):
+        raise BakeError(f"{what}: sampling a background runs the whole model token by token, which needs "
+                        f"{needed / 2**30:.1f} GiB at float32 in memory ({available / 2**30:.1f} GiB available): give a corpus "
+                        "background instead ('background: {corpus: {file: texts.txt}}'), e.g. texts sampled from this model "
+                        "on a larger machine")
+    return load_model(path, dtype=torch.float32)

@@ -218,3 +218,20 @@ def test_block_tensors_the_family_table_cannot_find_are_refused(tiny_models, tmp
                                         r"'model\.layers'.*collection: memory") as err:
         Skeleton(folder, family, meta_model(folder, 2))
     assert "\n" not in str(err.value)
+
+
+def test_sampling_a_background_from_a_model_bigger_than_memory_is_refused(tiny_models, tmp_path, monkeypatch):
+    """Only when the sample is not cached: a cached background needs no generation, so streaming bakes anyway."""
+    recipe = write_recipe(tmp_path, tiny_models["gpt2"], layer=1)
+    available = {"bytes": 1000}
+    monkeypatch.setattr(streaming, "mem_available", lambda: available["bytes"])
+    err = assert_one_line_error(invoke("vector", recipe, "-o", tmp_path / "v.safetensors"))
+    assert "sampling a background" in err and "corpus" in err and "GiB available" in err
+    assert not (tmp_path / "v.safetensors").exists()
+    available["bytes"] = 1 << 40
+    assert_ok(invoke("vector", recipe, "-o", tmp_path / "memory.safetensors"))  # samples and caches the background
+    available["bytes"] = 1000
+    assert_ok(invoke("vector", recipe, "-o", tmp_path / "streamed.safetensors"))  # auto: streams, spilling to disk
+    memory, streamed = (VectorSet.load(tmp_path / n) for n in ("memory.safetensors", "streamed.safetensors"))
+    ((point, v),) = memory.vectors.items()
+    assert float((streamed.vectors[point] - v).abs().max()) <= 1e-10 * float(v.abs().max())
