@@ -24,7 +24,7 @@ from bake.fold import fold_checkpoint
 from bake.manifest import MANIFEST
 from bake.models import DTYPES, ModelSource, cache_dir, generate, load_model, load_tokenizer, resolve_model, source_dtype, text_config
 from bake.recipe import PreviewSpec, Recipe, Steering, VerifySpec, parse_recipe
-from bake.streaming import Job, collect_sets, load_whole
+from bake.streaming import Job, collect_sets, compare_streaming, load_whole, streams_verification
 from bake.vectorfile import VectorSet, tensor_name
 from bake.vectors import ROLES, steering_vector
 from bake.verify import compare, describe
@@ -227,7 +227,8 @@ def fold(
     ``link`` hard-links unchanged shards; ``verify.scope = "steered"`` verifies with
     blocks 0..L only (no preview then). ``allow_remote_code`` bakes sites that have no
     stock bias slot into a constant-bias module (``bake.remote``): the output then loads
-    only with ``trust_remote_code=True`` and is verified loaded that way.
+    only with ``trust_remote_code=True`` and is verified loaded that way. Verification streams block by
+    block (logits, no greedy runs or preview) as ``recipe.collection`` says (``streams_verification``).
     """
     if str(out).lower().endswith(".gguf"):  # the GGUF base with the steering as bias tensors (bake.gguf_export)
         from bake import gguf_export
@@ -242,16 +243,21 @@ def fold(
     with staged_output(out, force) as stage:
         fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype, link=link, allow_remote_code=allow_remote_code)
         blocks = 1 + max(layer for layer, _ in vectors.vectors) if verify.scope == "steered" else None
-        # Remote code only for a constant-bias module: then loaded exactly as its users must load it.
-        baked = load_model(stage, layers=blocks, trust_remote_code=fold_record["remote_code"] is not None)
-        base = load_model(source.path, dtype=next(baked.parameters()).dtype, layers=blocks)
         tokenizer = load_tokenizer(stage)
-        report = compare(base, baked, tokenizer, vectors, verify.prompts, verify.tokens, verify.atol)
+        streamed = streams_verification(source.path, blocks, recipe.collection if recipe else "auto",
+                                        fold_record["remote_code"] is not None)
+        if streamed:
+            report = compare_streaming(source.path, stage, vectors, tokenizer, verify.prompts, verify.atol, blocks)
+        else:
+            # Remote code only for a constant-bias module: then loaded exactly as its users must load it.
+            baked = load_model(stage, layers=blocks, trust_remote_code=fold_record["remote_code"] is not None)
+            base = load_model(source.path, dtype=next(baked.parameters()).dtype, layers=blocks)
+            report = compare(base, baked, tokenizer, vectors, verify.prompts, verify.tokens, verify.atol)
         report["scope"] = verify.scope if blocks is None else f"blocks 0..{blocks - 1}"
         if not report["passed"]:
             raise BakeError(describe(report) + ": nothing was written")
         samples = []
-        if preview is not None and preview.prompts and blocks is None:
+        if preview is not None and preview.prompts and blocks is None and not streamed:
             before = generate(base, tokenizer, preview.prompts, preview.tokens, preview.chat)
             after = generate(baked, tokenizer, preview.prompts, preview.tokens, preview.chat)
             samples = list(zip(preview.prompts, before, after))
@@ -300,11 +306,15 @@ def _check_foldable(recipe: Recipe, allow_remote_code: bool = False) -> None:
     remote.refuse_steered_source(source.config, f"model {recipe.model!r}")
     cfg = text_config(source.path)
     family = family_for(cfg)
+    module = False
     for i, entry in enumerate(recipe.steering):
         try:
-            (family.slot if allow_remote_code else family.bias_slot)(entry.site, cfg)
+            module |= (family.slot if allow_remote_code else family.bias_slot)(entry.site, cfg).bias is None
         except BakeError as e:
             raise BakeError(f"steering.{i}.site: {e}") from None
+    if module:  # a constant-bias module cannot be verified block by block: refuse that now, not after collection
+        blocks = 1 + max(e.layer for e in recipe.steering) if recipe.verify.scope == "steered" else None
+        streams_verification(source.path, blocks, recipe.collection, remote_code=True)
 
 
 def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allow_remote_code: bool = False,

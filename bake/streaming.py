@@ -108,10 +108,11 @@ class Skeleton:
         self.blocks = module_at(self.model, family.blocks)
         self.block_infos = [self._infos(f"{family.blocks}.{i}.", block.state_dict()) for i, block in enumerate(self.blocks)]
         head = self.model.get_output_embeddings()
-        head_names = {f"{name}." for name, m in self.model.named_modules() if m is head and head is not None}
-        rest = {k: v for k, v in self.model.state_dict().items()
-                if not k.startswith(f"{family.blocks}.") and not any(k.startswith(h) for h in head_names)}
-        self.rest_infos = self._infos("", rest)
+        self.tied = head is not None and head.weight is self.model.get_input_embeddings().weight
+        self.head = next((name for name, m in self.model.named_modules() if m is head), "") if head is not None else ""
+        state = self.model.state_dict()
+        self.rest_infos = self._infos("", {k: v for k, v in state.items() if not _under(k, family.blocks)
+                                           and not _under(k, self.head)})
 
     def _infos(self, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
         return {name: self._find(prefix + name, tuple(t.shape)) for name, t in state.items()}
@@ -134,10 +135,18 @@ class Skeleton:
     def block_bytes(self) -> int:
         return max(_float32_bytes(infos) for infos in self.block_infos)
 
-    def load_outside(self) -> None:
-        """Materialise what runs before block 0 (embeddings, rotary tables); the LM head is left on meta."""
+    def load_outside(self, head: bool = False) -> None:
+        """Materialise what runs before block 0 (embeddings, rotary tables) and after the last (final norm); the LM
+        head only with ``head`` (a tied head shares the embeddings)."""
         self._fill_buffers(self.model, skip=self.family.blocks)
         self._assign(self.model, self.rest_infos)
+        if head and self.head:
+            module = module_at(self.model, self.head)
+            state = {k: v for k, v in self.model.state_dict().items() if _under(k, self.head)
+                     and not (self.tied and k == f"{self.head}.weight")}
+            self._assign(self.model, self._infos("", state))
+            if self.tied:
+                module.weight = self.model.get_input_embeddings().weight
 
     def free_outside(self) -> None:
         """Back to meta once every batch is embedded (no block is loaded then, so the whole model goes)."""
@@ -170,6 +179,10 @@ class Skeleton:
                     self.model._init_weights(module)
 
 
+def _under(name: str, prefix: str) -> bool:
+    return bool(prefix) and (name == prefix or name.startswith(f"{prefix}."))
+
+
 class _Passed(tuple):
     """What a stand-in block hands on: indexes like a block's tuple output; the next stand-in ignores it."""
 
@@ -186,16 +199,23 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor | None) -> tupl
     return args, {**kwargs, first: hidden}
 
 
+def _call(block: torch.nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> Any:
+    """The block run on ``hidden`` with the other arguments the model handed it."""
+    args, kwargs = _with_hidden(*call, hidden)
+    return block(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def _stand_ins(blocks: torch.nn.ModuleList, calls: list[tuple[tuple, dict]]) -> Iterator[None]:
-    """Every block's forward records its call (hidden states left out) instead of running; the last one stops the pass."""
+def _stand_ins(blocks: torch.nn.ModuleList, calls: list[tuple[tuple, dict]], final: Any = None) -> Iterator[None]:
+    """Every block's forward records its call (hidden states left out) instead of running; the last one stops
+    the pass, or returns ``final`` (the last real block's output) so the model's own code computes the logits."""
 
     def stand_in(last: bool):
         def forward(*args: Any, **kwargs: Any):
             calls.append(_with_hidden(args, kwargs, None) if calls else (args, kwargs))
-            if last:
+            if last and final is None:
                 raise _Stop
-            return _Passed((_hidden(args, kwargs),))
+            return final if last else _Passed((_hidden(args, kwargs),))
         return forward
 
     for i, block in enumerate(blocks):
@@ -301,8 +321,7 @@ def collect_streaming(
                     if i > deepest[j]:
                         continue
                     current["moments"], current["mask"] = results[j], masks[b]
-                    args, kwargs = _with_hidden(*calls[b][i], store.get(b))
-                    out = first_tensor(block(*args, **kwargs))
+                    out = first_tensor(_call(block, calls[b][i], store.get(b)))
                     if i < deepest[j]:
                         store.put(b, out)
                 skeleton.free_block(i)
@@ -346,3 +365,94 @@ def load_whole(path: Path, what: str) -> torch.nn.Module:
                         "background instead ('background: {corpus: {file: texts.txt}}'), e.g. texts sampled from this model "
                         "on a larger machine")
     return load_model(path, dtype=torch.float32)
+
+
+def _embedded(skeleton: Skeleton, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """Each prompt's (unbatched, unpadded) hidden states entering block 0, and every block's call arguments."""
+    skeleton.load_outside()
+    hidden, calls = [], []
+    for ids in prompts:
+        seen: list[tuple[tuple, dict]] = []
+        with _stand_ins(skeleton.blocks, seen), contextlib.suppress(_Stop):
+            skeleton.model(input_ids=torch.tensor([ids]), use_cache=False)
+        hidden.append(_hidden(*seen[0]).clone())
+        calls.append([_with_hidden(*call, None) for call in seen])
+    skeleton.free_outside()
+    return hidden, calls
+
+
+def _logits(skeleton: Skeleton, prompts: list[list[int]], finals: list[Any]) -> list[torch.Tensor]:
+    """Logits from each prompt's last block output, through the model's own final norm and head."""
+    skeleton.load_outside(head=True)
+    logits = []
+    for ids, final in zip(prompts, finals):
+        with _stand_ins(skeleton.blocks, [], final=final):
+            logits.append(skeleton.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float())
+    skeleton.free_outside()
+    return logits
+
+
+@torch.inference_mode()
+def compare_streaming(base: Path, baked: Path, vectors, tokenizer, prompts: list[str], atol: float | None = None,
+                      layers: int | None = None) -> dict[str, Any]:
+    """``bake.verify.compare`` block by block: the base (plain and hook-steered) and the baked checkpoint streamed
+    side by side, one block of each in memory, in float32; the logits of blocks 0..layers-1 (all when None).
+
+    Greedy continuations are not compared (generation reads every weight per token); the residual after every
+    block is, hooked vs baked, so a gap is located. The tolerance is that of the baked checkpoint's stored dtype.
+    """
+    from bake.architectures import family_for
+    from bake.models import prompt_ids, source_dtype, text_config
+    from bake.verify import DEFAULT_ATOL, steered
+
+    ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
+    sides = {name: Skeleton(path, family_for(text_config(path)), meta_model(path, layers))
+             for name, path in (("base", base), ("baked", baked))}
+    base_sk, baked_sk = sides["base"], sides["baked"]
+    if len(base_sk.blocks) != len(baked_sk.blocks):
+        raise BakeError(f"{str(baked)!r} has {len(baked_sk.blocks)} blocks, its base {len(base_sk.blocks)}: not a bake of it")
+    plain, base_calls = _embedded(base_sk, ids)
+    baked_h, baked_calls = _embedded(baked_sk, ids)
+    hooked = list(plain)
+    outputs: dict[str, list[Any]] = {"plain": [None] * len(ids), "hooked": [None] * len(ids), "baked": [None] * len(ids)}
+    block_diffs = []
+    for i in tqdm(range(len(base_sk.blocks)), desc="verifying", unit="block", leave=False):
+        base_block, baked_block = base_sk.load_block(i), baked_sk.load_block(i)
+        worst = 0.0
+        for p in range(len(ids)):
+            outputs["plain"][p] = _call(base_block, base_calls[p][i], plain[p])
+            with steered(base_sk.model, base_sk.family, vectors):
+                outputs["hooked"][p] = _call(base_block, base_calls[p][i], hooked[p])
+            outputs["baked"][p] = _call(baked_block, baked_calls[p][i], baked_h[p])
+            plain[p], hooked[p], baked_h[p] = (first_tensor(outputs[k][p]) for k in ("plain", "hooked", "baked"))
+            worst = max(worst, float((hooked[p] - baked_h[p]).abs().max()))
+        block_diffs.append(worst)
+        base_sk.free_block(i)
+        baked_sk.free_block(i)
+    plain_logits = _logits(base_sk, ids, outputs["plain"])
+    hooked_logits = _logits(base_sk, ids, outputs["hooked"])
+    baked_logits = _logits(baked_sk, ids, outputs["baked"])
+    atol = atol if atol is not None else DEFAULT_ATOL.get(source_dtype(baked_sk.ckpt.config), 1e-3)
+    diff = max(float((a - b).abs().max()) for a, b in zip(baked_logits, hooked_logits))
+    effect = max(float((a - b).abs().max()) for a, b in zip(baked_logits, plain_logits))
+    present = effect > atol or not any(float(v.abs().max()) > 0 for v in vectors.vectors.values())
+    return {
+        "dtype": "float32", "prompts": len(prompts), "max_abs_logit_diff": diff,
+        "max_abs_logit": max(float(a.abs().max()) for a in hooked_logits), "atol": atol,
+        "greedy_tokens": 0, "greedy_identical": True, "greedy_divergent": 0, "greedy_near_ties": 0, "greedy_ok": True,
+        "steering_effect": effect, "steering_present": present, "streamed": True, "max_abs_residual_diff_per_block": block_diffs,
+        "passed": diff <= atol and present,
+    }
+
+
+def streams_verification(path: Path, layers: int | None, collection: Collection, remote_code: bool) -> bool:
+    """Whether verification streams: when asked, or (``auto``) when base and baked model would not fit in memory
+    together. A constant-bias module (``bake.remote``) is verified in memory only, loaded as its users load it."""
+    if collection == "memory":
+        return False
+    streamed = collection == "streaming" or not fits_in_memory(2 * in_memory_bytes(meta_model(path, layers)))
+    if streamed and remote_code:
+        raise BakeError("a constant-bias module (allow_remote_code) is verified in memory, loaded with trust_remote_code "
+                        "as its users load it, and streaming verification cannot do that: set 'collection: memory' "
+                        "on a machine where base and baked model fit, or bake a site with a stock bias slot")
+    return streamed

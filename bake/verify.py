@@ -121,6 +121,8 @@ def compare(base, baked, tokenizer, vectors: VectorSet, prompts: list[str], toke
 
 
 def _greedy_words(report: dict[str, Any]) -> str:
+    if report.get("streamed"):
+        return "not run (verified block by block)"
     if report["greedy_identical"]:
         return "identical"
     return f"{report['greedy_divergent']} of {report['prompts']} diverge ({report['greedy_near_ties']} at near-ties)"

@@ -235,3 +235,60 @@ def test_sampling_a_background_from_a_model_bigger_than_memory_is_refused(tiny_m
     memory, streamed = (VectorSet.load(tmp_path / n) for n in ("memory.safetensors", "streamed.safetensors"))
     ((point, v),) = memory.vectors.items()
     assert float((streamed.vectors[point] - v).abs().max()) <= 1e-10 * float(v.abs().max())
+
+
+# --- verification block by block ----------------------------------------------
+
+
+def _baked(src: Path, tmp_path: Path, layer: int = 1) -> tuple[Path, VectorSet]:
+    from bake.fold import fold_checkpoint
+
+    torch.manual_seed(1)
+    vectors = VectorSet({(layer, "resid_post"): torch.randn(text_config(src).hidden_size)}, {})
+    out = tmp_path / "baked"
+    out.mkdir()
+    fold_checkpoint(src, vectors, out, None)
+    return out, vectors
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("layers", [None, 2])
+def test_streamed_verification_measures_what_the_in_memory_one_does(models, case, layers, tmp_path, one_thread):
+    """Tied head (GPT-2), relabelled bakes (Qwen2 written as Llama, Phi-3 with its projections split): the same
+    logit gap and steering effect as ``compare``, for the full model and for blocks 0..1."""
+    from bake.verify import compare
+
+    src = models[case]
+    baked, vectors = _baked(src, tmp_path)
+    tokenizer = load_tokenizer(src)
+    prompts = ["the happy dog", "tell me about the king and the dragon in the castle"]
+    expected = compare(load_model(src, layers=layers), load_model(baked, layers=layers), tokenizer, vectors, prompts, 2)
+    got = streaming.compare_streaming(src, baked, vectors, tokenizer, prompts, layers=layers)
+    assert got["passed"] and expected["passed"]
+    for key in ("max_abs_logit_diff", "steering_effect", "max_abs_logit"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+    wrong = VectorSet({p: 2 * v for p, v in vectors.vectors.items()}, {})
+    failed = streaming.compare_streaming(src, baked, wrong, tokenizer, prompts, layers=layers)
+    assert not failed["passed"]
+    per_block = failed["max_abs_residual_diff_per_block"]
+    assert per_block[0] < 1e-5 < per_block[1]  # the gap starts where the vector joins
+
+
+def test_bake_run_streaming_collects_and_verifies_block_by_block(tiny_models, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_models["llama"], layer=1, extra="collection: streaming\n")
+    out = tmp_path / "out"
+    result = invoke("run", recipe, "-o", out)
+    assert_ok(result)
+    assert "verification PASSED" in result.output and "verified block by block" in result.output
+    report = json.loads((out / "bake.json").read_text())["verification"]
+    assert report["streamed"] and report["passed"] and len(report["max_abs_residual_diff_per_block"]) == 4
+    reloaded = load_model(out)
+    assert reloaded.model.layers[1].mlp.down_proj.bias is not None
+
+
+def test_constant_bias_module_is_not_verified_by_streaming(models, tmp_path):
+    recipe = write_recipe(tmp_path, models["gemma2"], layer=1)
+    out = tmp_path / "out"
+    err = assert_one_line_error(invoke("run", recipe, "-o", out, "--streaming", "--allow-remote-code"))
+    assert "constant-bias module" in err and "collection: memory" in err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
