@@ -35,15 +35,26 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bake.activations import Moments, _my_share, _Stop, batches, collect, first_tensor, module_at, padded, record_points
+from bake.activations import (
+    Moments,
+    _my_share,
+    _Stop,
+    batches,
+    collect,
+    first_tensor,
+    module_at,
+    padded,
+    record_points,
+)
 from bake.architectures import Family, Site
 from bake.checkpoint import Checkpoint, TensorInfo
 from bake.data import Example
@@ -106,7 +117,8 @@ class Skeleton:
         self.path, self.family, self.model = Path(path), family, model
         self.ckpt = Checkpoint.open(path)
         self.blocks = module_at(self.model, family.blocks)
-        self.block_infos = [self._infos(f"{family.blocks}.{i}.", block.state_dict()) for i, block in enumerate(self.blocks)]
+        self.block_infos = [self._infos(f"{family.blocks}.{i}.", block.state_dict())
+                            for i, block in enumerate(self.blocks)]
         head = self.model.get_output_embeddings()
         self.tied = head is not None and head.weight is self.model.get_input_embeddings().weight
         self.head = next((name for name, m in self.model.named_modules() if m is head), "") if head is not None else ""
@@ -127,9 +139,10 @@ class Skeleton:
                     raise BakeError(f"{str(self.path)!r}: tensor {candidate!r} has shape {list(info.shape)} but the "
                                     f"config makes it {list(shape)}: the shards do not match config.json")
                 return info
-        raise BakeError(f"{str(self.path)!r}: tensor {name!r} is not in its safetensors shards, so streaming cannot find "
-                        f"the {self.family.name} weights (blocks under {self.family.blocks!r}): use 'collection: memory' "
-                        "(transformers may map other names) or re-save the model with save_pretrained")
+        raise BakeError(f"{str(self.path)!r}: tensor {name!r} is not in its safetensors shards, so streaming "
+                        f"cannot find the {self.family.name} weights (blocks under {self.family.blocks!r}): use "
+                        "'collection: memory' (transformers may map other names) or re-save the model with "
+                        "save_pretrained")
 
     @property
     def block_bytes(self) -> int:
@@ -243,9 +256,10 @@ class HiddenStates:
         spill_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(spill_dir).free
         if free < self.nbytes:
-            raise BakeError(f"streaming collection needs {self.nbytes} bytes ({self.nbytes / 2**30:.2f} GiB) of disk for the "
-                            f"hidden states, which do not fit in memory, but {str(spill_dir)!r} has {free} bytes free: free "
-                            "space there, set BAKE_CACHE to a larger disk, or lower batch_tokens/max_tokens or the text count")
+            raise BakeError(f"streaming collection needs {self.nbytes} bytes ({self.nbytes / 2**30:.2f} GiB) of disk "
+                            f"for the hidden states, which do not fit in memory, but {str(spill_dir)!r} has {free} "
+                            "bytes free: free space there, set BAKE_CACHE to a larger disk, or lower "
+                            "batch_tokens/max_tokens or the text count")
         fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".f32", dir=spill_dir)
         os.close(fd)
         self.file = Path(name)
@@ -258,7 +272,8 @@ class HiddenStates:
 
     def put(self, b: int, hidden: torch.Tensor) -> None:
         if hidden.dtype != torch.float32 or tuple(hidden.shape) != self.shapes[b]:
-            raise ValueError(f"batch {b}: hidden states {hidden.dtype} {list(hidden.shape)}, expected float32 {self.shapes[b]}")
+            raise ValueError(f"batch {b}: hidden states {hidden.dtype} {list(hidden.shape)}, "
+                             f"expected float32 {self.shapes[b]}")
         if self.file is None:
             self._memory[b] = hidden
         else:
@@ -313,7 +328,8 @@ def collect_streaming(
             masks.append(counted)
         skeleton.free_outside()
         current: dict = {}
-        handles = record_points(skeleton.model, skeleton.family, sorted({p for job in jobs for p in job.points}), current)
+        points = sorted({p for job in jobs for p in job.points})
+        handles = record_points(skeleton.model, skeleton.family, points, current)
         try:
             for i in tqdm(range(len(skeleton.blocks)), desc=jobs[0].desc, unit="block", leave=False):
                 block = skeleton.load_block(i)
@@ -361,13 +377,13 @@ def load_whole(path: Path, what: str) -> torch.nn.Module:
     needed, available = in_memory_bytes(meta_model(path, None)), mem_available()
     if not fits_in_memory(needed, available):
         raise BakeError(f"{what}: sampling a background runs the whole model token by token, which needs "
-                        f"{needed / 2**30:.1f} GiB at float32 in memory ({available / 2**30:.1f} GiB available): give a corpus "
-                        "background instead ('background: {corpus: {file: texts.txt}}'), e.g. texts sampled from this model "
-                        "on a larger machine")
+                        f"{needed / 2**30:.1f} GiB at float32 in memory ({available / 2**30:.1f} GiB available): give "
+                        "a corpus background instead ('background: {corpus: {file: texts.txt}}'), e.g. texts sampled "
+                        "from this model on a larger machine")
     return load_model(path, dtype=torch.float32)
 
 
-def _embedded(skeleton: Skeleton, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+def _embedded(skeleton: Skeleton, prompts: list[list[int]]) -> tuple[list[torch.Tensor], list[list[tuple]]]:
     """Each prompt's (unbatched, unpadded) hidden states entering block 0, and every block's call arguments."""
     skeleton.load_outside()
     hidden, calls = [], []
@@ -410,11 +426,12 @@ def compare_streaming(base: Path, baked: Path, vectors, tokenizer, prompts: list
              for name, path in (("base", base), ("baked", baked))}
     base_sk, baked_sk = sides["base"], sides["baked"]
     if len(base_sk.blocks) != len(baked_sk.blocks):
-        raise BakeError(f"{str(baked)!r} has {len(baked_sk.blocks)} blocks, its base {len(base_sk.blocks)}: not a bake of it")
+        raise BakeError(f"{str(baked)!r} has {len(baked_sk.blocks)} blocks, its base {len(base_sk.blocks)}: "
+                        "not a bake of it")
     plain, base_calls = _embedded(base_sk, ids)
     baked_h, baked_calls = _embedded(baked_sk, ids)
     hooked = list(plain)
-    outputs: dict[str, list[Any]] = {"plain": [None] * len(ids), "hooked": [None] * len(ids), "baked": [None] * len(ids)}
+    outputs: dict[str, list[Any]] = {k: [None] * len(ids) for k in ("plain", "hooked", "baked")}
     block_diffs = []
     for i in tqdm(range(len(base_sk.blocks)), desc="verifying", unit="block", leave=False):
         base_block, baked_block = base_sk.load_block(i), baked_sk.load_block(i)
@@ -440,7 +457,8 @@ def compare_streaming(base: Path, baked: Path, vectors, tokenizer, prompts: list
         "dtype": "float32", "prompts": len(prompts), "max_abs_logit_diff": diff,
         "max_abs_logit": max(float(a.abs().max()) for a in hooked_logits), "atol": atol,
         "greedy_tokens": 0, "greedy_identical": True, "greedy_divergent": 0, "greedy_near_ties": 0, "greedy_ok": True,
-        "steering_effect": effect, "steering_present": present, "streamed": True, "max_abs_residual_diff_per_block": block_diffs,
+        "steering_effect": effect, "steering_present": present, "streamed": True,
+        "max_abs_residual_diff_per_block": block_diffs,
         "passed": diff <= atol and present,
     }
 
@@ -452,7 +470,8 @@ def streams_verification(path: Path, layers: int | None, collection: Collection,
         return False
     streamed = collection == "streaming" or not fits_in_memory(2 * in_memory_bytes(meta_model(path, layers)))
     if streamed and remote_code:
-        raise BakeError("a constant-bias module (allow_remote_code) is verified in memory, loaded with trust_remote_code "
-                        "as its users load it, and streaming verification cannot do that: set 'collection: memory' "
-                        "on a machine where base and baked model fit, or bake a site with a stock bias slot")
+        raise BakeError("a constant-bias module (allow_remote_code) is verified in memory, loaded with "
+                        "trust_remote_code as its users load it, and streaming verification cannot do that: set "
+                        "'collection: memory' on a machine where base and baked model fit, or bake a site with a "
+                        "stock bias slot")
     return streamed

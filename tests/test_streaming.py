@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny, tiny_config
 from safetensors.torch import load_file, save_file
+from test_cli import assert_ok, assert_one_line_error, invoke, write_recipe
 
 from bake import streaming
 from bake.activations import collect
@@ -18,20 +20,27 @@ from bake.checkpoint import TensorInfo
 from bake.data import tokenize
 from bake.errors import BakeError
 from bake.models import load_model, load_tokenizer, text_config
-from bake.streaming import HEADROOM, MARGIN, Job, Skeleton, collect_sets, collect_streaming, in_memory_bytes, meta_model
+from bake.streaming import (
+    HEADROOM,
+    MARGIN,
+    Job,
+    Skeleton,
+    collect_sets,
+    collect_streaming,
+    in_memory_bytes,
+    meta_model,
+)
 from bake.vectorfile import VectorSet
-from conftest import save_tiny, tiny_config
-from test_cli import assert_ok, assert_one_line_error, invoke, write_recipe
 
 TEXTS = ["the happy dog is here", "a sad cat", "tell me about your day today",
          "the king and the dragon in the castle and the ship and the star", "yes", "what a wonderful bright day"]
 REPLIES = ["i love the sun and the tea", "the weather is so bright today", "no"]
-_SLIDING = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention"] * 2)
+_SLIDING = {"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"] * 2}
 # Several families, and the layouts that give them their second site or per-layer masks and rotary tables.
 CASES = {
     "gpt2": {}, "llama": {}, "qwen2": {}, "phi3": {}, "opt": {}, "bloom": {}, "gemma3_text": _SLIDING,
-    "gemma2": _SLIDING, "gpt_neox": {}, "gpt_neox-sequential": dict(use_parallel_residual=False),
-    "falcon": {}, "falcon-sequential": dict(parallel_attn=False, new_decoder_architecture=False),
+    "gemma2": _SLIDING, "gpt_neox": {}, "gpt_neox-sequential": {"use_parallel_residual": False},
+    "falcon": {}, "falcon-sequential": {"parallel_attn": False, "new_decoder_architecture": False},
 }
 LAYERS = (0, 2)
 
@@ -39,7 +48,8 @@ LAYERS = (0, 2)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("streaming")
-    return {case: save_tiny(root / case, tiny_config(case.split("-")[0], **overrides)) for case, overrides in CASES.items()}
+    return {case: save_tiny(root / case, tiny_config(case.split("-")[0], **overrides))
+            for case, overrides in CASES.items()}
 
 
 def _setup(path: Path):
@@ -78,7 +88,7 @@ def test_each_block_gets_its_own_mask_and_rotary_table(models):
     """Gemma 3 hands sliding and full layers different masks and rotary tables: block 0's arguments would be wrong
     for block 1, so every block's call is recorded."""
     path = models["gemma3_text"]
-    family, tokenizer, jobs = _setup(path)
+    family, tokenizer, _ = _setup(path)
     skeleton = Skeleton(path, family, meta_model(path, 2))
     skeleton.load_outside()
     ids = torch.tensor([tokenizer(TEXTS[3]).input_ids])
@@ -211,8 +221,8 @@ def test_block_tensors_the_family_table_cannot_find_are_refused(tiny_models, tmp
     folder = tmp_path / "renamed"
     shutil.copytree(tiny_models["llama"], folder)
     tensors = load_file(folder / "model.safetensors")
-    save_file({n.replace("model.layers.1.", "model.blocks.1."): t for n, t in tensors.items()}, folder / "model.safetensors",
-              metadata={"format": "pt"})
+    renamed = {n.replace("model.layers.1.", "model.blocks.1."): t for n, t in tensors.items()}
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
     family = family_for(text_config(folder))
     with pytest.raises(BakeError, match=r"tensor 'model\.layers\.1\..*' is not in its safetensors shards.*Llama.*"
                                         r"'model\.layers'.*collection: memory") as err:
