@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -261,14 +260,15 @@ class HiddenStates:
                             "bytes free: free space there, set BAKE_CACHE to a larger disk, or lower "
                             "batch_tokens/max_tokens or the text count")
         fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".f32", dir=spill_dir)
+        os.ftruncate(fd, self.nbytes)  # sparse: disk is used as batches are written
         os.close(fd)
         self.file = Path(name)
-        self._map = np.memmap(self.file, dtype=np.float32, mode="w+", shape=(self.offsets[-1],))
+        self._map = torch.from_file(name, shared=True, size=self.offsets[-1], dtype=torch.float32)
 
     def get(self, b: int) -> torch.Tensor:
         if self.file is None:
             return self._memory[b]
-        return torch.from_numpy(np.array(self._map[self.offsets[b]:self.offsets[b + 1]])).reshape(self.shapes[b])
+        return self._map[self.offsets[b]:self.offsets[b + 1]].clone().reshape(self.shapes[b])
 
     def put(self, b: int, hidden: torch.Tensor) -> None:
         if hidden.dtype != torch.float32 or tuple(hidden.shape) != self.shapes[b]:
@@ -277,7 +277,7 @@ class HiddenStates:
         if self.file is None:
             self._memory[b] = hidden
         else:
-            self._map[self.offsets[b]:self.offsets[b + 1]] = hidden.reshape(-1).numpy()
+            self._map[self.offsets[b]:self.offsets[b + 1]].copy_(hidden.reshape(-1))
 
     def close(self) -> None:
         self._memory = [None] * len(self.shapes)

@@ -187,7 +187,8 @@ def test_not_enough_disk_is_refused_before_any_block_is_read(tiny_models, tmp_pa
     monkeypatch.setattr(TensorInfo, "read", lambda info: reads.append(info.name) or original(info))
     monkeypatch.setattr(streaming, "mem_available", lambda: 0)  # no room for hidden states: they must spill
     monkeypatch.setattr(streaming.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
-    recipe = write_recipe(tmp_path, tiny_models["llama"], layer=2)
+    corpus = "    background: {corpus: {texts: [the day is good, a dark night]}}\n"  # no sampling: it is refused here
+    recipe = write_recipe(tmp_path, tiny_models["llama"], layer=2, entry_extra=corpus)
     out = tmp_path / "v.safetensors"
     err = assert_one_line_error(invoke("vector", recipe, "-o", out, "--streaming"))
     assert "streaming collection needs" in err and "bytes" in err and "100 bytes free" in err
@@ -232,6 +233,7 @@ def test_block_tensors_the_family_table_cannot_find_are_refused(tiny_models, tmp
 
 def test_sampling_a_background_from_a_model_bigger_than_memory_is_refused(tiny_models, tmp_path, monkeypatch):
     """Only when the sample is not cached: a cached background needs no generation, so streaming bakes anyway."""
+    monkeypatch.setenv("BAKE_CACHE", str(tmp_path / "cache"))  # not the session's cache, where it may be sampled already
     recipe = write_recipe(tmp_path, tiny_models["gpt2"], layer=1)
     available = {"bytes": 1000}
     monkeypatch.setattr(streaming, "mem_available", lambda: available["bytes"])
