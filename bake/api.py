@@ -48,8 +48,8 @@ def fold(model: str, vectors: VectorSet, out: str | Path, options: FoldOptions |
     when ``out`` ends in .gguf (``bake.formats.for_path``).
 
     ``options`` (``bake.formats.base.FoldOptions``) or its fields as keywords (``dtype``, ``force``, ``verify``,
-    ``preview``, ``base_model_id``, ``revision``, ``recipe``, ``link``, ``allow_remote_code``) say how. Nothing is
-    written unless the output verified; the source is never modified.
+    ``preview``, ``base_model_id``, ``revision``, ``recipe``, ``link``, ``allow_remote_code``, ``collection``) say how.
+    Nothing is written unless the output verified; the source is never modified.
     """
     options = dataclasses.replace(options or FoldOptions(), **settings)
     return formats.for_path(out).fold(model, vectors, Path(out), options)

@@ -11,10 +11,14 @@ import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from bake.errors import BakeError, OutputExists
+
+if TYPE_CHECKING:
+    from bake.recipe import Recipe
 
 # Exit codes: 0 done; 1 bad input (BakeError) or a check that failed (verification, inspect); 2 usage error
 # (bad option value, missing argument, unknown option or command); 130 interrupted (Ctrl-C); 143 SIGTERM.
@@ -134,6 +138,11 @@ def _warn_not_portable(manifest: dict) -> None:
         click.echo(f"NOTE: {module['class']} is {module['note']} (see docs/remote-code.md)")
 
 
+def _with_collection(recipe: Recipe, streaming: bool) -> Recipe:
+    """The recipe with ``collection: streaming`` when ``--streaming`` was given."""
+    return recipe.model_copy(update={"collection": "streaming"}) if streaming else recipe
+
+
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(),
@@ -148,9 +157,12 @@ def _warn_not_portable(manifest: dict) -> None:
 @click.option("--format", "output_format", type=click.Choice(["hf", "gguf"]),
               help="gguf: write the .gguf base with the steering as bias tensors, for llama.cpp and Ollama "
                    "(default: the recipe's output_format, or gguf when OUT ends in .gguf).")
+@click.option("--streaming", is_flag=True,
+              help="Collect and verify one block at a time (a model bigger than memory); "
+                   "default: the recipe's 'collection'.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def run(recipe: str | None, output: str | None, from_manifest: str | None, recipe_dir: str | None, force: bool,
-        allow_remote_code: bool, output_format: str | None) -> None:
+        allow_remote_code: bool, output_format: str | None, streaming: bool) -> None:
     """Compute the recipe's vectors, fold them, verify, and write a standalone checkpoint.
 
     \b
@@ -174,7 +186,8 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
         click.echo(f"wrote {result.path}: " + ("bit-identical to the original (every file but bake.json)" if not differ
                    else f"{len(differ)} file(s) differ from the original: {', '.join(differ[:5])}"))
         return
-    result = api.run(load_recipe(recipe), output, force, allow_remote_code=allow_remote_code, output_format=output_format)
+    result = api.run(_with_collection(load_recipe(recipe), streaming), output, force,
+                     allow_remote_code=allow_remote_code, output_format=output_format)
     click.echo(entry_table(result.manifest["vectors"]["entries"]))
     click.echo(for_path(result.path).describe(result.verification))
     if result.preview:
@@ -186,8 +199,10 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Vector file to write (.safetensors).")
+@click.option("--streaming", is_flag=True,
+              help="Collect one block at a time (a model bigger than memory); default: the recipe's 'collection'.")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
-def vector(recipe: str, output: str, force: bool) -> None:
+def vector(recipe: str, output: str, force: bool, streaming: bool) -> None:
     """Compute the recipe's steering vectors and write a vector file (no fold).
 
     Under torchrun or accelerate launch, ranks split the texts and rank 0 writes.
@@ -205,7 +220,7 @@ def vector(recipe: str, output: str, force: bool) -> None:
 
     check_output(output, force, is_vector_file)
     rank = _start_distributed()
-    vectors = api.compute_vectors(load_recipe(recipe))
+    vectors = api.compute_vectors(_with_collection(load_recipe(recipe), streaming))
     if rank == 0:
         vectors.save(output, force)
         click.echo(entry_table(vectors.meta["entries"]))

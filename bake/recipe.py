@@ -20,6 +20,8 @@ from bake.gguffile import is_gguf
 
 Method = Literal["mean-centred", "mean", "actadd", "contrast"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Collection = Literal["auto", "memory", "streaming"]
+"""How activations are collected and outputs verified: all blocks 0..L in memory, or one block at a time."""
 
 
 def _not_bool(value: Any) -> Any:
@@ -296,6 +298,10 @@ class Recipe(_Strict):
     seed: Integer = 0
     max_tokens: Integer = Field(default=256, ge=2, description="texts are truncated to this many tokens")
     batch_tokens: Integer = Field(default=4096, ge=16)
+    collection: Collection = Field(
+        default="auto", description="'streaming' loads one block at a time (a model bigger than memory); 'auto' "
+        "streams when blocks 0..L do not fit in the memory available (bake.collection.streaming)"
+    )
     background: Background = Field(default_factory=lambda: Background(sample=ModelSample()))
     steering: list[Steering] = Field(min_length=1)
     verify: VerifySpec = Field(default_factory=VerifySpec)

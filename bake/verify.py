@@ -15,10 +15,22 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
-from bake.collection.activations import hook_module, watch_residual
+from bake.collection.activations import first_tensor, hook_module, watch_residual
+from bake.collection.streaming import (
+    Skeleton,
+    embed_prompts,
+    fits_in_memory,
+    in_memory_bytes,
+    meta_model,
+    prompt_logits,
+    run_block,
+)
+from bake.errors import BakeError
 from bake.families.hf import Family, family_for
-from bake.sources.load import load_model, load_tokenizer, prompt_ids
+from bake.recipe import Collection
+from bake.sources.load import load_model, load_tokenizer, prompt_ids, source_dtype, text_config
 from bake.vectorfile import Point, VectorSet, tensor_name
 
 # Default max |Δlogit| per compute dtype: hook and bias add the same numbers in a
@@ -58,11 +70,10 @@ def _logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
     return [model(input_ids=torch.tensor([x])).logits[0].float() for x in ids]
 
 
-@torch.inference_mode()
-def residual_norms(model, family: Family, ids: list[list[int]], points: list[Point]) -> dict[Point, float]:
-    """Mean L2 norm of the unsteered residual at each point over the probe tokens (the first, often an
-    outlier, left out as the collection leaves it out): the scale a vector's norm is judged against."""
-    totals = {p: [0.0, 0] for p in points}
+@contextlib.contextmanager
+def _norms_recorded(model, family: Family, points: list[Point], totals: dict[Point, list]) -> Iterator[None]:
+    """While open, each forward adds the L2 norms of the residual at each point (one prompt, its first token
+    left out as the collection leaves it out) to ``totals[point]`` = [sum, count]."""
 
     def recorder(point: Point):
         def record(residual: torch.Tensor) -> None:
@@ -73,12 +84,25 @@ def residual_norms(model, family: Family, ids: list[list[int]], points: list[Poi
 
     handles = [watch_residual(model, family, layer, site, recorder((layer, site))) for layer, site in points]
     try:
-        for x in ids:
-            model(input_ids=torch.tensor([x]))
+        yield
     finally:
         for h in handles:
             h.remove()
+
+
+def _means(totals: dict[Point, list]) -> dict[Point, float]:
     return {p: total / count if count else 0.0 for p, (total, count) in totals.items()}
+
+
+@torch.inference_mode()
+def residual_norms(model, family: Family, ids: list[list[int]], points: list[Point]) -> dict[Point, float]:
+    """Mean L2 norm of the unsteered residual at each point over the probe tokens: the scale a vector's norm is
+    judged against."""
+    totals = {p: [0.0, 0] for p in points}
+    with _norms_recorded(model, family, points, totals):
+        for x in ids:
+            model(input_ids=torch.tensor([x]))
+    return _means(totals)
 
 
 def _lower(vectors: VectorSet, point: Point) -> str:
@@ -182,6 +206,8 @@ def compare(base, baked, tokenizer, vectors: VectorSet, prompts: list[str], toke
 
 
 def _greedy_words(report: dict[str, Any]) -> str:
+    if report.get("streamed"):
+        return "not run (verified block by block)"
     if report["greedy_identical"]:
         return "identical"
     return f"{report['greedy_divergent']} of {report['prompts']} diverge ({report['greedy_near_ties']} at near-ties)"
@@ -212,3 +238,72 @@ def verify(base: Path, baked: Path, vectors: VectorSet, prompts: list[str], toke
     dtype = next(baked_model.parameters()).dtype
     base_model = load_model(base, dtype=dtype)
     return compare(base_model, baked_model, load_tokenizer(baked), vectors, prompts, tokens, atol)
+
+
+@torch.inference_mode()
+def compare_streaming(base: Path, baked: Path, vectors: VectorSet, tokenizer, prompts: list[str],
+                      atol: float | None = None, layers: int | None = None) -> dict[str, Any]:
+    """``bake.verify.compare`` block by block: the base (plain and hook-steered) and the baked checkpoint streamed
+    side by side, one block of each in memory, in float32; the logits of blocks 0..layers-1 (all when None).
+
+    Greedy continuations are not compared (generation reads every weight per token); the residual after every
+    block is, hooked vs baked, so a gap is located. The tolerance is that of the baked checkpoint's stored dtype.
+    """
+    ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
+    sides = {name: Skeleton(path, family_for(text_config(path)), meta_model(path, layers))
+             for name, path in (("base", base), ("baked", baked))}
+    base_sk, baked_sk = sides["base"], sides["baked"]
+    if len(base_sk.blocks) != len(baked_sk.blocks):
+        raise BakeError(f"{str(baked)!r} has {len(baked_sk.blocks)} blocks, its base {len(base_sk.blocks)}: "
+                        "not a bake of it")
+    plain, base_calls = embed_prompts(base_sk, ids)
+    baked_h, baked_calls = embed_prompts(baked_sk, ids)
+    hooked = list(plain)
+    totals = {p: [0.0, 0] for p in sorted(vectors.vectors)}
+    outputs: dict[str, list[Any]] = {k: [None] * len(ids) for k in ("plain", "hooked", "baked")}
+    block_diffs = []
+    for i in tqdm(range(len(base_sk.blocks)), desc="verifying", unit="block", leave=False):
+        base_block, baked_block = base_sk.load_block(i), baked_sk.load_block(i)
+        worst = 0.0
+        for p in range(len(ids)):
+            with _norms_recorded(base_sk.model, base_sk.family, sorted(totals), totals):
+                outputs["plain"][p] = run_block(base_block, base_calls[p][i], plain[p])
+            with steered(base_sk.model, base_sk.family, vectors):
+                outputs["hooked"][p] = run_block(base_block, base_calls[p][i], hooked[p])
+            outputs["baked"][p] = run_block(baked_block, baked_calls[p][i], baked_h[p])
+            plain[p], hooked[p], baked_h[p] = (first_tensor(outputs[k][p]) for k in ("plain", "hooked", "baked"))
+            worst = max(worst, float((hooked[p] - baked_h[p]).abs().max()))
+        block_diffs.append(worst)
+        base_sk.free_block(i)
+        baked_sk.free_block(i)
+    plain_logits = prompt_logits(base_sk, ids, outputs["plain"])
+    hooked_logits = prompt_logits(base_sk, ids, outputs["hooked"])
+    baked_logits = prompt_logits(baked_sk, ids, outputs["baked"])
+    atol = atol if atol is not None else DEFAULT_ATOL.get(source_dtype(baked_sk.ckpt.config), 1e-3)
+    diff = max(float((a - b).abs().max()) for a, b in zip(baked_logits, hooked_logits))
+    effect = max(float((a - b).abs().max()) for a, b in zip(baked_logits, plain_logits))
+    present = effect > atol or not any(float(v.abs().max()) > 0 for v in vectors.vectors.values())
+    dead = degenerate(hooked_logits + baked_logits, vectors, _means(totals))
+    return {
+        "dtype": "float32", "prompts": len(prompts), "max_abs_logit_diff": diff,
+        "max_abs_logit": max(float(a.abs().max()) for a in hooked_logits), "atol": atol,
+        "greedy_tokens": 0, "greedy_identical": True, "greedy_divergent": 0, "greedy_near_ties": 0, "greedy_ok": True,
+        "steering_effect": effect, "steering_present": present, "streamed": True,
+        "max_abs_residual_diff_per_block": block_diffs, "degenerate": dead,
+        "passed": diff <= atol and present and not dead,
+    }
+
+
+def streams_verification(path: Path, layers: int | None, collection: Collection, remote_code: bool) -> bool:
+    """Whether verification streams: when asked, or (``auto``) when base and baked model would not fit in memory
+    together. A constant-bias module (``bake.formats.hf.remote``) is verified in memory only, loaded as its users
+    load it."""
+    if collection == "memory":
+        return False
+    streamed = collection == "streaming" or not fits_in_memory(2 * in_memory_bytes(meta_model(path, layers)))
+    if streamed and remote_code:
+        raise BakeError("a constant-bias module (allow_remote_code) is verified in memory, loaded with "
+                        "trust_remote_code as its users load it, and streaming verification cannot do that: set "
+                        "'collection: memory' on a machine where base and baked model fit, or bake a site with a "
+                        "stock bias slot")
+    return streamed

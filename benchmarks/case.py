@@ -118,6 +118,39 @@ def collect(args: dict) -> dict:
     }
 
 
+def _io() -> dict[str, int]:
+    """This process's I/O counters: ``rchar`` bytes read through read() calls, ``read_bytes`` from the device."""
+    return {k: int(v) for k, v in (line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())}
+
+
+def stream(args: dict) -> dict:
+    """Mean residual after block ``layer`` by bake's streaming collection (one block in memory at a time),
+    or by the in-memory truncated path (``way: memory``), with the bytes read."""
+    from bake.collection.activations import batches, block
+    from bake.collection.streaming import Job, collect_sets, in_memory_bytes, meta_model
+    from bake.families.hf import family_for
+    from bake.sources.load import text_config
+
+    path = Path(args["model"])
+    examples, pad_id = _examples(args["tokens"])
+    layer, point = args["layer"], (args["layer"], "resid_post")
+    before, start = _io(), time.perf_counter()
+    (moments,) = collect_sets(path, family_for(text_config(path)), [Job(examples, [point])], args["batch_tokens"], pad_id,
+                              args["way"])
+    done, after = time.perf_counter(), _io()
+    return {
+        "s": done - start,
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "rchar": after["rchar"] - before["rchar"],
+        "read_bytes": after["read_bytes"] - before["read_bytes"],
+        "in_memory_bytes": in_memory_bytes(meta_model(path, layer + 1)),
+        "block_bytes": in_memory_bytes(block(meta_model(path, 1), family_for(text_config(path)), 0)),
+        "hidden_bytes": 4 * text_config(path).hidden_size * sum(len(g) * max(len(e.input_ids) for e in g)
+                                                                for g in batches(examples, args["batch_tokens"])),
+        "mean": moments[point].mean.tolist(),
+    }
+
+
 def depth(args: dict) -> dict:
     """How many blocks a model has (resolving it, and converting a GGUF once, on the way)."""
     from bake.sources.resolve import resolve_model
@@ -212,7 +245,7 @@ def generate(args: dict) -> dict:
     return {"op_s": elapsed, "tokens": sum(len(o) for o in outputs), "outputs": outputs}
 
 
-KINDS = {f.__name__: f for f in (collect, depth, fold, cp, floor, prepare_baked, generate)}
+KINDS = {f.__name__: f for f in (collect, stream, depth, fold, cp, floor, prepare_baked, generate)}
 
 
 def main() -> None:

@@ -28,6 +28,11 @@ SPECS: dict[str, dict] = {
                         num_key_value_heads=8, vocab_size=128256, max_shard_mb=1024),
     "llama-3.5gb-quick": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
                               num_key_value_heads=4, vocab_size=32000, max_shard_mb=64),
+    # 8B-like blocks (Llama 3 8B's widths), 64 of them: 28 GB in bf16, more than this machine's memory.
+    "llama-8b-blocks": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=64, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=49152, max_shard_mb=4096),
+    "llama-8b-blocks-quick": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=16, num_attention_heads=8,
+                                  num_key_value_heads=2, vocab_size=49152, max_shard_mb=256),
 }
 
 

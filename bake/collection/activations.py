@@ -93,6 +93,21 @@ def watch_residual(model: torch.nn.Module, family: Family, layer: int, site: Sit
     return hook_module(model, family, layer, site).register_forward_hook(lambda _m, _i, out: fn(first_tensor(out)))
 
 
+def record_points(model: torch.nn.Module, family: Family, points: list[tuple[int, Site]],
+                  current: dict) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks adding the residual at each point, at the counted positions ``current["mask"]``, into
+    ``current["moments"][point]`` (a pass that does not measure a point has no entry for it). Activations
+    flattened to [batch * width, hidden] (OPT's decoder layer does so before its final LayerNorm) are unflattened."""
+    def recorder(point):
+        def record(acts: torch.Tensor) -> None:
+            if point in current["moments"]:
+                mask = current["mask"]
+                current["moments"][point].add(acts.reshape(*mask.shape, acts.shape[-1])[mask])
+        return record
+
+    return [watch_residual(model, family, layer, site, recorder((layer, site))) for layer, site in points]
+
+
 def batches(examples: list[Example], batch_tokens: int) -> list[list[Example]]:
     """Group examples, sorted by length to cut padding, into batches of at most ``batch_tokens``
     padded tokens (a single longer example forms its own batch)."""
@@ -154,21 +169,18 @@ def collect(
     hidden = model.config.get_text_config().hidden_size
     moments = {p: kind.zeros(hidden) for p in points}
     deepest = max(layer for layer, _ in points)
-    mask_holder: dict[str, torch.Tensor] = {}
+    current: dict = {"moments": moments}
     device = model.get_input_embeddings().weight.device
-
-    def recorder(point):
-        return lambda acts: moments[point].add(acts[mask_holder["mask"]])
 
     def stopper(_module, _inputs, _output):
         raise _Stop
 
-    handles = [watch_residual(model, family, layer, site, recorder((layer, site))) for layer, site in points]
+    handles = record_points(model, family, points, current)
     handles.append(block(model, family, deepest).register_forward_hook(stopper))
     try:
         for group in tqdm(_my_share(batches(examples, batch_tokens)), desc=desc, unit="batch", leave=False):
             ids, attention, counted = padded(group, pad_id)
-            mask_holder["mask"] = counted.to(device)
+            current["mask"] = counted.to(device)
             try:
                 model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
             except _Stop:

@@ -15,14 +15,15 @@ from typing import Any
 import torch
 
 from bake import manifest as manifests
-from bake.collection.activations import Moments, collect
+from bake.collection.activations import Moments
 from bake.collection.methods import ROLES, steering_vector
+from bake.collection.streaming import Job, collect_sets, load_whole
 from bake.collection.texts import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
 from bake.errors import BakeError
 from bake.families.hf import Site, family_for
 from bake.recipe import Recipe, Steering
 from bake.sources import trust
-from bake.sources.load import load_model, load_tokenizer, text_config
+from bake.sources.load import load_tokenizer, text_config
 from bake.sources.resolve import ModelSource, cache_dir, resolve_model
 from bake.vectorfile import VectorSet, tensor_name
 
@@ -103,9 +104,9 @@ def measure_vectors(recipe: Recipe) -> MeasuredVectors:
     """Every steering entry of ``recipe`` measured on its base model, at coefficient 1.
 
     Only blocks 0..L of the deepest layer
-    L are built and loaded; each distinct text set runs through them once, for all
-    the points that need it. The full model is loaded only to sample a background
-    that is not cached yet.
+    L are built and loaded (all at once, or one at a time per ``recipe.collection``: bake.collection.streaming);
+    each distinct text set runs through them once, for all the points that need it. The full model
+    is loaded only to sample a background that is not cached yet.
     """
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
     trust.refuse_steered_source(source.config, f"model {recipe.model!r}")
@@ -121,18 +122,16 @@ def measure_vectors(recipe: Recipe) -> MeasuredVectors:
         except BakeError as e:
             raise BakeError(f"steering.{i}.site: {e}") from None
     tokenizer = load_tokenizer(source.path)
-    full_model = functools.cache(lambda: load_model(source.path, dtype=torch.float32))
+    full_model = functools.cache(lambda: load_whole(source.path, f"model {recipe.model!r}"))
     role_sets = [_role_sets(recipe, entry, i, full_model, tokenizer, source) for i, entry in enumerate(recipe.steering)]
     full_model.cache_clear()  # free it before building the truncated model
-    model = load_model(source.path, dtype=torch.float32, layers=1 + max(e.layer for e in recipe.steering))
     needed: dict[str, tuple[_TextSet, set[tuple[int, Site]]]] = {}
     for entry, sets in zip(recipe.steering, role_sets):
         for s in sets.values():
             needed.setdefault(s.key, (s, set()))[1].add((entry.layer, entry.site))
-    measured: dict[str, dict[tuple[int, Site], Moments]] = {
-        key: collect(model, family, s.examples, sorted(points), recipe.batch_tokens, tokenizer.pad_token_id, desc=f"collecting {s.info['kind']}")
-        for key, (s, points) in needed.items()
-    }
+    jobs = [Job(s.examples, sorted(points), f"collecting {s.info['kind']}") for s, points in needed.values()]
+    results = collect_sets(source.path, family, jobs, recipe.batch_tokens, tokenizer.pad_token_id, recipe.collection)
+    measured: dict[str, dict[tuple[int, Site], Moments]] = dict(zip(needed, results))
 
     points, units, entries = [], [], []
     for entry, sets in zip(recipe.steering, role_sets):

@@ -10,14 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from bake.recipe import PreviewSpec, Recipe, VerifySpec
+from bake.recipe import Collection, PreviewSpec, Recipe, VerifySpec
 from bake.vectorfile import VectorSet
 
 
 @dataclass(frozen=True)
 class FoldOptions:
-    """How to fold (defaults: a plain bake). ``link``, ``dtype``, ``allow_remote_code`` and ``verify.scope`` apply
-    to a checkpoint folder only; ``preview`` adds base vs steered samples; ``recipe`` is recorded in the manifest."""
+    """How to fold (defaults: a plain bake). ``link``, ``dtype``, ``allow_remote_code``, ``verify.scope`` and
+    ``collection`` apply to a checkpoint folder only; ``preview`` adds base vs steered samples; ``recipe`` is
+    recorded in the manifest."""
 
     dtype: str = "auto"
     force: bool = False
@@ -28,12 +29,15 @@ class FoldOptions:
     recipe: Recipe | None = None
     link: bool = False
     allow_remote_code: bool = False
+    collection: Collection = "auto"
+    """How to verify: in memory, block by block ('streaming'), or 'auto' (streams when both models would not fit)."""
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, **settings: Any) -> FoldOptions:
         """The options a recipe asks for (``settings`` override them)."""
         recorded = dict(dtype=recipe.dtype, verify=recipe.verify, preview=recipe.preview,
-                        base_model_id=recipe.base_model_id, revision=recipe.revision, recipe=recipe, allow_remote_code=recipe.allow_remote_code)
+                        base_model_id=recipe.base_model_id, revision=recipe.revision, recipe=recipe,
+                        allow_remote_code=recipe.allow_remote_code, collection=recipe.collection)
         return cls(**{**recorded, **settings})
 
     @property

@@ -51,6 +51,18 @@ def text_config(path: Path) -> Any:
     return _auto_config(path).get_text_config()
 
 
+def truncated_config(path: Path, layers: int | None = None) -> Any:
+    """The model's transformers config, cut to blocks 0..layers-1 when ``layers`` is given (so a meta skeleton
+    is cut the same way as a loaded model)."""
+    config = _auto_config(path)
+    if layers is not None:
+        text = config.get_text_config()
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:layers]
+    return config
+
+
 def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any) -> Any:
     """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode.
 
@@ -65,12 +77,7 @@ def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None 
 
     require_safetensors(path)
     kwargs["use_safetensors"] = True
-    config = _auto_config(path)
-    if layers is not None:
-        text = config.get_text_config()
-        text.num_hidden_layers = layers
-        if getattr(text, "layer_types", None):
-            text.layer_types = text.layer_types[:layers]
+    config = truncated_config(path, layers)
     if torch.cuda.is_available():
         kwargs.setdefault("device_map", "auto")
     if "trust_remote_code" not in kwargs and trust.is_steered(path):

@@ -5,6 +5,8 @@ matched the hook-steered base; otherwise nothing is written and ``BakeError`` sa
 modified. ``link`` hard-links unchanged shards; ``verify.scope = "steered"`` verifies with blocks 0..L only
 (no preview then). ``allow_remote_code`` bakes sites that have no stock bias slot into a constant-bias module
 (``bake.formats.hf.remote``): the output then loads only with ``trust_remote_code=True`` and is verified so.
+Verification streams block by block (logits, no greedy runs or preview) as ``options.collection`` says
+(``bake.verify.streams_verification``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from bake.sources import trust
 from bake.sources.load import DTYPES, generate, load_model, load_tokenizer, source_dtype, text_config
 from bake.sources.resolve import ModelSource, resolve_model
 from bake.vectorfile import VectorSet
-from bake.verify import compare, describe
+from bake.verify import compare, compare_streaming, describe, streams_verification
 
 VECTORS_IN_OUTPUT = "bake/vectors.safetensors"
 
@@ -62,11 +64,16 @@ class HFFormat:
         trust.refuse_steered_source(source.config, f"model {recipe.model!r}")
         cfg = text_config(source.path)
         family = family_for(cfg)
+        module = False
         for i, entry in enumerate(recipe.steering):
             try:
-                (family.slot if options.allow_remote_code else family.bias_slot)(entry.site, cfg)
+                module |= (family.slot if options.allow_remote_code else family.bias_slot)(entry.site, cfg).bias is None
             except BakeError as e:
                 raise BakeError(f"steering.{i}.site: {e}") from None
+        if module:  # a constant-bias module cannot be verified block by block: refuse that now, not after collection
+            scope = (options.verify or recipe.verify).scope
+            blocks = 1 + max(e.layer for e in recipe.steering) if scope == "steered" else None
+            streams_verification(source.path, blocks, options.collection, remote_code=True)
 
     def fold(self, model: str, vectors: VectorSet, out: Path, options: FoldOptions) -> BakeResult:
         recipe, preview = options.recipe, options.preview
@@ -80,16 +87,21 @@ class HFFormat:
             fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype, link=options.link,
                                           allow_remote_code=options.allow_remote_code)
             blocks = 1 + max(layer for layer, _ in vectors.vectors) if verify.scope == "steered" else None
-            # Remote code only for a constant-bias module: then loaded exactly as its users must load it.
-            baked = load_model(stage, layers=blocks, trust_remote_code=fold_record["remote_code"] is not None)
-            base = load_model(source.path, dtype=next(baked.parameters()).dtype, layers=blocks)
             tokenizer = load_tokenizer(stage)
-            report = compare(base, baked, tokenizer, vectors, verify.prompts, verify.tokens, verify.atol)
+            module = fold_record["remote_code"] is not None
+            streamed = streams_verification(source.path, blocks, options.collection, module)
+            if streamed:
+                report = compare_streaming(source.path, stage, vectors, tokenizer, verify.prompts, verify.atol, blocks)
+            else:
+                # Remote code only for a constant-bias module: then loaded exactly as its users must load it.
+                baked = load_model(stage, layers=blocks, trust_remote_code=module)
+                base = load_model(source.path, dtype=next(baked.parameters()).dtype, layers=blocks)
+                report = compare(base, baked, tokenizer, vectors, verify.prompts, verify.tokens, verify.atol)
             report["scope"] = verify.scope if blocks is None else f"blocks 0..{blocks - 1}"
             if not report["passed"]:
                 raise BakeError(describe(report) + ": nothing was written")
             samples = []
-            if preview is not None and preview.prompts and blocks is None:
+            if preview is not None and preview.prompts and blocks is None and not streamed:
                 before = generate(base, tokenizer, preview.prompts, preview.tokens, preview.chat)
                 after = generate(baked, tokenizer, preview.prompts, preview.tokens, preview.chat)
                 samples = list(zip(preview.prompts, before, after))
