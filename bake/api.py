@@ -42,8 +42,9 @@ def compute_vectors(recipe: Recipe) -> VectorSet:
     return measured.scaled([e.coefficient for e in recipe.steering])
 
 
-def fold(model: str, vectors: VectorSet, out: str | Path, options: FoldOptions | None = None, /,
-         **settings: Any) -> BakeResult:
+def fold(
+    model: str, vectors: VectorSet, out: str | Path, options: FoldOptions | None = None, /, **settings: Any
+) -> BakeResult:
     """Bake ``vectors`` into ``model`` and write a verified output to ``out``: a checkpoint folder, or a GGUF file
     when ``out`` ends in .gguf (``bake.formats.for_path``).
 
@@ -65,8 +66,13 @@ def verify(base: str, baked: str | Path, vectors: VectorSet, spec: VerifySpec | 
     return verify_paths(source.path, Path(baked), vectors, spec.prompts, spec.tokens, spec.atol)
 
 
-def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allow_remote_code: bool = False,
-        output_format: str | None = None) -> BakeResult:
+def run(
+    recipe: Recipe,
+    out: str | Path | None = None,
+    force: bool = False,
+    allow_remote_code: bool = False,
+    output_format: str | None = None,
+) -> BakeResult:
     """The whole recipe: compute the vectors, fold, verify, write, with base vs steered samples.
 
     ``allow_remote_code`` (or ``allow_remote_code: true`` in the recipe) allows a constant-bias module.
@@ -84,7 +90,9 @@ def run(recipe: Recipe, out: str | Path | None = None, force: bool = False, allo
     return output.fold(recipe.model, compute_vectors(recipe), Path(target), options)
 
 
-def rebuild(baked: str | Path, out: str | Path, force: bool = False, recipe_dir: str | Path | None = None) -> tuple[BakeResult, list[str]]:
+def rebuild(
+    baked: str | Path, out: str | Path, force: bool = False, recipe_dir: str | Path | None = None
+) -> tuple[BakeResult, list[str]]:
     """Bake again from a baked checkpoint's manifest (``bake run --from-manifest``).
 
     Refused unless the base model and every text set are the ones recorded (by
@@ -98,28 +106,45 @@ def rebuild(baked: str | Path, out: str | Path, force: bool = False, recipe_dir:
     manifest = manifests.read(folder)
     recorded = manifest.get("recipe")
     if not recorded:
-        raise BakeError(f"{str(folder)!r} was baked from a vector file, not a recipe: rebuild it with "
-                        f"bake fold {manifest['base']['spec']} {folder / manifest['vector_file']}")
+        raise BakeError(
+            f"{str(folder)!r} was baked from a vector file, not a recipe: rebuild it with "
+            f"bake fold {manifest['base']['spec']} {folder / manifest['vector_file']}"
+        )
     base_dir = Path(recipe_dir or recorded["base_dir"])
     if not base_dir.is_dir():
-        raise BakeError(f"the recipe's folder {str(base_dir)!r} (where its data paths start) does not exist here: pass --recipe-dir")
+        raise BakeError(
+            f"the recipe's folder {str(base_dir)!r} (where its data paths start) does not exist here: pass --recipe-dir"
+        )
     recipe = parse_recipe(recorded["text"], base_dir, where=f"{folder / MANIFEST} (recipe)")
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
     if source.identity != manifest["base"]["identity"]:
-        raise BakeError(f"model {recipe.model!r} is not the base this was baked from ({source.identity} here, "
-                        f"{manifest['base']['identity']} recorded): use the same base model")
+        raise BakeError(
+            f"model {recipe.model!r} is not the base this was baked from ({source.identity} here, "
+            f"{manifest['base']['identity']} recorded): use the same base model"
+        )
     vectors = compute_vectors(recipe)
     for old, new in zip(manifest["vectors"]["entries"], vectors.meta["entries"]):
         for role, info in old["data"].items():
             now = new["data"][role]["sha256"]
             if now != info["sha256"]:
-                raise BakeError(f"steering {old['name']!r}: its {role} texts changed since the bake (sha256 {info['sha256'][:12]}… "
-                                f"recorded, {now[:12]}… now): restore them to rebuild the same checkpoint")
-    result = fold(recipe.model, vectors, out, FoldOptions.from_recipe(
-        recipe, force=force, allow_remote_code=manifest["fold"]["remote_code"] is not None))
+                raise BakeError(
+                    f"steering {old['name']!r}: its {role} texts changed since the bake (sha256 {info['sha256'][:12]}… "
+                    f"recorded, {now[:12]}… now): restore them to rebuild the same checkpoint"
+                )
+    result = fold(
+        recipe.model,
+        vectors,
+        out,
+        FoldOptions.from_recipe(recipe, force=force, allow_remote_code=manifest["fold"]["remote_code"] is not None),
+    )
     files = {p.relative_to(d).as_posix() for d in (folder, Path(out)) for p in d.rglob("*") if p.is_file()} - {MANIFEST}
-    differ = sorted(f for f in files if not (folder / f).is_file() or not (Path(out) / f).is_file()
-                    or not filecmp.cmp(folder / f, Path(out) / f, shallow=False))
+    differ = sorted(
+        f
+        for f in files
+        if not (folder / f).is_file()
+        or not (Path(out) / f).is_file()
+        or not filecmp.cmp(folder / f, Path(out) / f, shallow=False)
+    )
     return result, differ
 
 
@@ -138,7 +163,9 @@ def _replace_files(folder: Path, texts: dict[str, str]) -> None:
             stack.enter_context(staged_output(folder / name, True, ours=lambda p: True, file=True)).write_text(text)
 
 
-def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, tokens: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: str | Path, prompts: list[str] | None = None, tokens: int | None = None
+) -> dict[str, Any]:
     """Measure a baked checkpoint against the base it was baked from (``bake eval``): effect and cost figures
     (``bake.evaluation.evaluate``) with the settings of its recipe's ``evaluate`` section, or the defaults for a bake from a
     vector file. The figures go into its ``bake.json`` under ``evaluation`` and its model card."""
@@ -146,22 +173,42 @@ def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, toke
     require_safetensors(folder)
     manifest = manifests.read(folder)
     recorded = manifest.get("recipe")
-    recipe = parse_recipe(recorded["text"], Path(recorded["base_dir"]), where=f"{folder / MANIFEST} (recipe)") if recorded else None
+    recipe = (
+        parse_recipe(recorded["text"], Path(recorded["base_dir"]), where=f"{folder / MANIFEST} (recipe)")
+        if recorded
+        else None
+    )
     spec = recipe.evaluate if recipe else EvaluateSpec()
     spec = spec.model_copy(update={"tokens": tokens}) if tokens else spec
-    source = resolve_model(manifest["base"]["spec"], recipe.revision if recipe else None, recipe.base_dir if recipe else None)
+    source = resolve_model(
+        manifest["base"]["spec"], recipe.revision if recipe else None, recipe.base_dir if recipe else None
+    )
     if source.identity != manifest["base"]["identity"]:
-        raise BakeError(f"base model {manifest['base']['spec']!r} is not the one {str(folder)!r} was baked from "
-                        f"({source.identity} here, {manifest['base']['identity']} recorded): evaluate where that base is available")
+        raise BakeError(
+            f"base model {manifest['base']['spec']!r} is not the one {str(folder)!r} was baked from "
+            f"({source.identity} here, {manifest['base']['identity']} recorded): evaluate where that base is available"
+        )
     tokenizer = load_tokenizer(folder)
     base = load_model(source.path, dtype=torch.float32)
-    data = build_data(spec, tokenizer, recipe, recipe.steering[0] if recipe else None, source.key, lambda: base, prompts, need_effect=False)
+    data = build_data(
+        spec,
+        tokenizer,
+        recipe,
+        recipe.steering[0] if recipe else None,
+        source.key,
+        lambda: base,
+        prompts,
+        need_effect=False,
+    )
     vectors = VectorSet.load(folder / manifest["vector_file"])
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed if recipe else 0)
         evaluator = Evaluator(base, tokenizer, data, list(vectors.vectors))
         steered = evaluator.measure(load_model(folder, dtype=torch.float32), vectors)
-    figures = {side: {k: v for k, v in f.items() if k != "replies"} for side, f in (("base", evaluator.base), ("steered", steered))}
+    figures = {
+        side: {k: v for k, v in f.items() if k != "replies"}
+        for side, f in (("base", evaluator.base), ("steered", steered))
+    }
     manifest["evaluation"] = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "headline": data.headline,
@@ -170,7 +217,10 @@ def evaluate_checkpoint(path: str | Path, prompts: list[str] | None = None, toke
         **figures,
         "data": data.info,
         "skipped": data.skipped,
-        "samples": [{"prompt": p, "base": b, "steered": s} for p, b, s in zip(data.prompts, evaluator.base["replies"], steered["replies"])],
+        "samples": [
+            {"prompt": p, "base": b, "steered": s}
+            for p, b, s in zip(data.prompts, evaluator.base["replies"], steered["replies"])
+        ],
     }
     _replace_files(folder, {MANIFEST: manifests.dumps(manifest), "README.md": card.render(manifest)})
     return manifest["evaluation"]

@@ -18,9 +18,10 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -36,9 +37,18 @@ _PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _COPY_CHUNK = 1 << 24
 
 ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
@@ -66,8 +76,9 @@ def inside(folder: Path, name: str, what: str = "manifest") -> Path:
     root = Path(folder).resolve()
     roots = [root, root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [root]
     if not any(path.resolve().is_relative_to(r) for r in roots):
-        raise BakeError(f"{str(folder)!r}: the {what} names {name!r}, which leads outside the folder: "
-                        "refusing to use it")
+        raise BakeError(
+            f"{str(folder)!r}: the {what} names {name!r}, which leads outside the folder: refusing to use it"
+        )
     return path
 
 
@@ -107,8 +118,10 @@ class TensorInfo:
         return flat.view(self.torch_dtype).reshape(self.shape)
 
     def _truncated(self, at: int) -> BakeError:
-        return BakeError(f"{str(self.file)!r} is truncated: tensor {self.name} needs bytes up to {self.end} but "
-                         f"the file ends at {at}: download or copy the file again")
+        return BakeError(
+            f"{str(self.file)!r} is truncated: tensor {self.name} needs bytes up to {self.end} but "
+            f"the file ends at {at}: download or copy the file again"
+        )
 
 
 def _unreadable(path: Path, why: str) -> BakeError:
@@ -140,8 +153,12 @@ def _tensor_info(path: Path, name: str, h: Any, base: int, size: int) -> TensorI
         raise _unreadable(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise _unreadable(path, f"tensor {name!r} has shape {shape!r}, not a list of sizes")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise _unreadable(path, f"tensor {name!r} has data_offsets {offsets!r}, not [start, end]")
     info = TensorInfo(name, path, dtype, tuple(shape), base + offsets[0], base + offsets[1])
     if info.end > size:
@@ -180,8 +197,12 @@ def require_safetensors(path: Path) -> None:
     path = Path(path)
     if not ((path / SINGLE).is_file() or (path / INDEX).is_file()):
         found = sorted(p.name for p in path.iterdir() if p.name.endswith(_PICKLE_WEIGHTS)) if path.is_dir() else []
-        hint = (f" (only pickle weights found: {', '.join(found[:3])}; bake never loads pickles: convert them to "
-                "safetensors first)" if found else ": give a folder with safetensors weights")
+        hint = (
+            f" (only pickle weights found: {', '.join(found[:3])}; bake never loads pickles: convert them to "
+            "safetensors first)"
+            if found
+            else ": give a folder with safetensors weights"
+        )
         raise BakeError(f"{str(path)!r} has no {SINGLE} or {INDEX}{hint}")
     try:
         named = json.loads((path / "config.json").read_text()).get("transformers_weights")
@@ -189,8 +210,10 @@ def require_safetensors(path: Path) -> None:
         return
     safe = isinstance(named, str) and named.endswith((".safetensors", ".safetensors.index.json"))
     if named is not None and not safe:
-        raise BakeError(f"{str(path / 'config.json')!r} points transformers at weights {named!r}, not a safetensors "
-                        "file: bake never loads pickles; remove transformers_weights or convert the weights")
+        raise BakeError(
+            f"{str(path / 'config.json')!r} points transformers at weights {named!r}, not a safetensors "
+            "file: bake never loads pickles; remove transformers_weights or convert the weights"
+        )
 
 
 @dataclass
@@ -204,7 +227,7 @@ class Checkpoint:
     indexed: bool
 
     @classmethod
-    def open(cls, path: str | Path) -> "Checkpoint":
+    def open(cls, path: str | Path) -> Checkpoint:
         path = Path(path)
         require_safetensors(path)
         if (path / SINGLE).is_file():
@@ -214,8 +237,10 @@ class Checkpoint:
                 index = json.loads((path / INDEX).read_text())
                 names, indexed, index_meta = sorted(set(index["weight_map"].values())), True, index.get("metadata", {})
             except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-                raise BakeError(f"{str(path / INDEX)!r} is not a valid safetensors index ({e.__class__.__name__}): "
-                                "it needs a 'weight_map' object of tensor -> shard names") from None
+                raise BakeError(
+                    f"{str(path / INDEX)!r} is not a valid safetensors index ({e.__class__.__name__}): "
+                    "it needs a 'weight_map' object of tensor -> shard names"
+                ) from None
             for name in names:
                 try:
                     inside(path, plain_name(name), INDEX)
@@ -307,7 +332,9 @@ def write_checkpoint(
     placed = {}
     for shard, infos in src.shards.items():
         out_name = placed[shard] = RENAMED_SINGLE if (added and not src.indexed) else shard
-        needs_cast = cast is not None and any(i.torch_dtype.is_floating_point and i.torch_dtype != cast for i in infos.values())
+        needs_cast = cast is not None and any(
+            i.torch_dtype.is_floating_point and i.torch_dtype != cast for i in infos.values()
+        )
         touched = changed.keys() & infos.keys()
         if not needs_cast and not removed & infos.keys() and all(_same_layout(infos[n], changed[n]) for n in touched):
             # Unchanged, or only same-sized tensors replaced: the original file with those bytes
@@ -438,8 +465,9 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def check_output(target: str | Path, force: bool, ours: Callable[[Path], bool], sources: Iterable[str | Path] = (),
-                 needed: int = 0) -> None:
+def check_output(
+    target: str | Path, force: bool, ours: Callable[[Path], bool], sources: Iterable[str | Path] = (), needed: int = 0
+) -> None:
     """Refuse, before any work, an output bake must not write; every writer calls this first.
 
     Never the source, inside it or around it (symlinks resolved), never the working folder, never under a file
@@ -458,20 +486,25 @@ def check_output(target: str | Path, force: bool, ours: Callable[[Path], bool], 
         raise BakeError(f"output {str(target)!r} is or contains the current folder: write to a new path outside it")
     anchor = _existing_ancestor(full)
     if not anchor.is_dir():
-        raise BakeError(f"output {str(target)!r}: {str(anchor)!r} is a file, not a folder: "
-                        "choose a path under a folder")
+        raise BakeError(
+            f"output {str(target)!r}: {str(anchor)!r} is a file, not a folder: choose a path under a folder"
+        )
     if not os.access(anchor, os.W_OK | os.X_OK) or os.statvfs(anchor).f_flag & os.ST_RDONLY:
         raise BakeError(f"output {str(target)!r}: the folder {str(anchor)!r} is read-only: choose a writable path")
     if os.path.lexists(full):
         if not force:
             raise OutputExists(target)
         if full.is_symlink() or not ours(full):
-            raise BakeError(f"output {str(target)!r} is {_what_is(full)}, not an output bake wrote: --force "
-                            "replaces only bake's own outputs; remove it yourself or choose another path")
+            raise BakeError(
+                f"output {str(target)!r} is {_what_is(full)}, not an output bake wrote: --force "
+                "replaces only bake's own outputs; remove it yourself or choose another path"
+            )
     free = free_bytes(anchor)
     if needed > free:
-        raise BakeError(f"output {str(target)!r}: needs about {needed} bytes but {str(anchor)!r} has {free} free: "
-                        "free some space or choose another disk")
+        raise BakeError(
+            f"output {str(target)!r}: needs about {needed} bytes but {str(anchor)!r} has {free} free: "
+            "free some space or choose another disk"
+        )
     _clear_stale(full)
 
 
@@ -501,8 +534,10 @@ def _clear_stale(target: Path) -> None:
         if not m or int(m[1]) == os.getpid():
             continue
         if _alive(int(m[1])):
-            raise BakeError(f"another bake run (pid {m[1]}) is writing {str(target)!r} now ({p.name} beside it): "
-                            "wait for it or choose another path")
+            raise BakeError(
+                f"another bake run (pid {m[1]}) is writing {str(target)!r} now ({p.name} beside it): "
+                "wait for it or choose another path"
+            )
         _remove(p)
 
 
@@ -548,8 +583,10 @@ def _publish(staging: Path, target: Path, force: bool, ours: Callable[[Path], bo
     if it is still bake's (it may have changed while this run worked)."""
     if force and os.path.lexists(target):
         if target.is_symlink() or not ours(target):
-            raise BakeError(f"output {str(target)!r} became {_what_is(target)} while bake worked, not an output bake "
-                            "wrote: nothing was replaced")
+            raise BakeError(
+                f"output {str(target)!r} became {_what_is(target)} while bake worked, not an output bake "
+                "wrote: nothing was replaced"
+            )
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent)) / "x"
         os.rename(target, old)
         try:
@@ -570,8 +607,15 @@ def _publish(staging: Path, target: Path, force: bool, ours: Callable[[Path], bo
 
 
 @contextlib.contextmanager
-def staged_output(target: str | Path, force: bool = False, *, ours: Callable[[Path], bool] = lambda path: False,
-                  sources: Iterable[str | Path] = (), file: bool = False, needed: int = 0) -> Iterator[Path]:
+def staged_output(
+    target: str | Path,
+    force: bool = False,
+    *,
+    ours: Callable[[Path], bool] = lambda path: False,
+    sources: Iterable[str | Path] = (),
+    file: bool = False,
+    needed: int = 0,
+) -> Iterator[Path]:
     """Yield an empty temporary folder (or, with ``file``, file path) beside ``target``; it becomes ``target``
     only on success (``check_output`` first, ``rename_noreplace`` last); ``ours`` says what ``force`` may replace
     (by default nothing).
@@ -599,8 +643,10 @@ def staged_output(target: str | Path, force: bool = False, *, ours: Callable[[Pa
     except OSError as e:
         _remove(staging)
         if e.errno == errno.ENOSPC:
-            raise BakeError(f"the disk is full writing {str(target)!r} ({free_bytes(target.parent)} bytes free): "
-                            "nothing was written; free some space or choose another disk") from None
+            raise BakeError(
+                f"the disk is full writing {str(target)!r} ({free_bytes(target.parent)} bytes free): "
+                "nothing was written; free some space or choose another disk"
+            ) from None
         raise
     except BaseException:
         _remove(staging)

@@ -145,24 +145,52 @@ def _with_collection(recipe: Recipe, streaming: bool) -> Recipe:
 
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(),
-              help="Output folder, or FILE.gguf for a GGUF base (default: the recipe's 'output').")
-@click.option("--from-manifest", "from_manifest", type=click.Path(exists=True),
-              help="Rebuild a baked checkpoint from its bake.json (same base, same data) instead of a recipe.")
-@click.option("--recipe-dir", type=click.Path(file_okay=False),
-              help="With --from-manifest: where the recipe's data paths start, if not where it was baked.")
-@click.option("--allow-remote-code", is_flag=True,
-              help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
-                   "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.")
-@click.option("--format", "output_format", type=click.Choice(["hf", "gguf"]),
-              help="gguf: write the .gguf base with the steering as bias tensors, for llama.cpp and Ollama "
-                   "(default: the recipe's output_format, or gguf when OUT ends in .gguf).")
-@click.option("--streaming", is_flag=True,
-              help="Collect and verify one block at a time (a model bigger than memory); "
-                   "default: the recipe's 'collection'.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    help="Output folder, or FILE.gguf for a GGUF base (default: the recipe's 'output').",
+)
+@click.option(
+    "--from-manifest",
+    "from_manifest",
+    type=click.Path(exists=True),
+    help="Rebuild a baked checkpoint from its bake.json (same base, same data) instead of a recipe.",
+)
+@click.option(
+    "--recipe-dir",
+    type=click.Path(file_okay=False),
+    help="With --from-manifest: where the recipe's data paths start, if not where it was baked.",
+)
+@click.option(
+    "--allow-remote-code",
+    is_flag=True,
+    help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
+    "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["hf", "gguf"]),
+    help="gguf: write the .gguf base with the steering as bias tensors, for llama.cpp and Ollama "
+    "(default: the recipe's output_format, or gguf when OUT ends in .gguf).",
+)
+@click.option(
+    "--streaming",
+    is_flag=True,
+    help="Collect and verify one block at a time (a model bigger than memory); default: the recipe's 'collection'.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def run(recipe: str | None, output: str | None, from_manifest: str | None, recipe_dir: str | None, force: bool,
-        allow_remote_code: bool, output_format: str | None, streaming: bool) -> None:
+def run(
+    recipe: str | None,
+    output: str | None,
+    from_manifest: str | None,
+    recipe_dir: str | None,
+    force: bool,
+    allow_remote_code: bool,
+    output_format: str | None,
+    streaming: bool,
+) -> None:
     """Compute the recipe's vectors, fold them, verify, and write a standalone checkpoint.
 
     \b
@@ -183,11 +211,22 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
             raise click.UsageError("--from-manifest needs -o OUT")
         result, differ = api.rebuild(from_manifest, output, force, recipe_dir)
         click.echo(for_path(result.path).describe(result.verification))
-        click.echo(f"wrote {result.path}: " + ("bit-identical to the original (every file but bake.json)" if not differ
-                   else f"{len(differ)} file(s) differ from the original: {', '.join(differ[:5])}"))
+        click.echo(
+            f"wrote {result.path}: "
+            + (
+                "bit-identical to the original (every file but bake.json)"
+                if not differ
+                else f"{len(differ)} file(s) differ from the original: {', '.join(differ[:5])}"
+            )
+        )
         return
-    result = api.run(_with_collection(load_recipe(recipe), streaming), output, force,
-                     allow_remote_code=allow_remote_code, output_format=output_format)
+    result = api.run(
+        _with_collection(load_recipe(recipe), streaming),
+        output,
+        force,
+        allow_remote_code=allow_remote_code,
+        output_format=output_format,
+    )
     click.echo(entry_table(result.manifest["vectors"]["entries"]))
     click.echo(for_path(result.path).describe(result.verification))
     if result.preview:
@@ -198,9 +237,14 @@ def run(recipe: str | None, output: str | None, from_manifest: str | None, recip
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Vector file to write (.safetensors).")
-@click.option("--streaming", is_flag=True,
-              help="Collect one block at a time (a model bigger than memory); default: the recipe's 'collection'.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Vector file to write (.safetensors)."
+)
+@click.option(
+    "--streaming",
+    is_flag=True,
+    help="Collect one block at a time (a model bigger than memory); default: the recipe's 'collection'.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 def vector(recipe: str, output: str, force: bool, streaming: bool) -> None:
     """Compute the recipe's steering vectors and write a vector file (no fold).
@@ -229,9 +273,15 @@ def vector(recipe: str, output: str, force: bool, streaming: bool) -> None:
 
 @main.command("import-cv")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Vector file to write (.safetensors).")
-@click.option("--scale", type=float, multiple=True,
-              help="Multiply the directions (llama.cpp's --control-vector-scaled); once for all files, or once per file.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="Vector file to write (.safetensors)."
+)
+@click.option(
+    "--scale",
+    type=float,
+    multiple=True,
+    help="Multiply the directions (llama.cpp's --control-vector-scaled); once for all files, or once per file.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 def import_cv(files: tuple[str, ...], output: str, scale: tuple[float, ...], force: bool) -> None:
     """Import repeng / llama.cpp control-vector GGUF FILES as a bake vector file (several files add up).
@@ -257,19 +307,43 @@ def import_cv(files: tuple[str, ...], output: str, scale: tuple[float, ...], for
 @main.command()
 @click.argument("model")
 @click.argument("vectors", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder, or FILE.gguf when MODEL is a .gguf.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
-              help="Output dtype; auto keeps the source's.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(), help="Output folder, or FILE.gguf when MODEL is a .gguf."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Output dtype; auto keeps the source's.",
+)
 @click.option("--base-model-id", help="Hub id of the base model, for the model card.")
 @click.option("--link", is_flag=True, help="Hard-link unchanged shards instead of copying them (same filesystem).")
-@click.option("--verify-scope", type=click.Choice(["all", "steered"]), default="all", show_default=True,
-              help="'steered': verify with blocks 0..L only, for models too big to load twice.")
-@click.option("--allow-remote-code", is_flag=True,
-              help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
-                   "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.")
+@click.option(
+    "--verify-scope",
+    type=click.Choice(["all", "steered"]),
+    default="all",
+    show_default=True,
+    help="'steered': verify with blocks 0..L only, for models too big to load twice.",
+)
+@click.option(
+    "--allow-remote-code",
+    is_flag=True,
+    help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
+    "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str | None, link: bool, verify_scope: str,
-         allow_remote_code: bool, force: bool) -> None:
+def fold(
+    model: str,
+    vectors: str,
+    output: str,
+    dtype: str,
+    base_model_id: str | None,
+    link: bool,
+    verify_scope: str,
+    allow_remote_code: bool,
+    force: bool,
+) -> None:
     """Bake any bake vector file into MODEL (folder, .gguf, pkg:PACKAGE/FILE or Hub id), then verify.
 
     \b
@@ -282,8 +356,17 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
     from bake.recipe import VerifySpec  # startup
     from bake.vectorfile import VectorSet  # startup
 
-    result = api.fold(model, VectorSet.load(vectors), output, dtype=dtype, force=force, base_model_id=base_model_id,
-                      link=link, verify=VerifySpec(scope=verify_scope), allow_remote_code=allow_remote_code)
+    result = api.fold(
+        model,
+        VectorSet.load(vectors),
+        output,
+        dtype=dtype,
+        force=force,
+        base_model_id=base_model_id,
+        link=link,
+        verify=VerifySpec(scope=verify_scope),
+        allow_remote_code=allow_remote_code,
+    )
     click.echo(for_path(result.path).describe(result.verification))
     click.echo(f"wrote {result.path}")
     _warn_not_portable(result.manifest)
@@ -293,7 +376,12 @@ def fold(model: str, vectors: str, output: str, dtype: str, base_model_id: str |
 @click.argument("base")
 @click.argument("baked", type=click.Path(exists=True, file_okay=False))
 @click.argument("vectors", type=click.Path(dir_okay=False))
-@click.option("--atol", type=float, callback=lambda ctx, param, v: _positive(param, v), help="Max |Δlogit| allowed (default depends on dtype).")
+@click.option(
+    "--atol",
+    type=float,
+    callback=lambda ctx, param, v: _positive(param, v),
+    help="Max |Δlogit| allowed (default depends on dtype).",
+)
 def verify(base: str, baked: str, vectors: str, atol: float | None) -> None:
     """Check that BAKED behaves like BASE steered by hooks with VECTORS; exit 1 if not.
 
@@ -349,10 +437,14 @@ def _inspect_json(manifest: dict, problems: list[str]) -> str:
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repository private (an existing one keeps its visibility).")
 @click.option("--commit-message", help="Commit message (default: names the vectors and the base model).")
-@click.option("--revision", "branch", default="main", show_default=True, help="Branch to commit to (created if needed).")
+@click.option(
+    "--revision", "branch", default="main", show_default=True, help="Branch to commit to (created if needed)."
+)
 @click.option("--tag", help="Tag the commit as a release, e.g. v1.2.0.")
 @click.option("--dry-run", is_flag=True, help="List exactly what would be uploaded and where; contact nothing.")
-def push(path: str, repo_id: str, private: bool, commit_message: str | None, branch: str, tag: str | None, dry_run: bool) -> None:
+def push(
+    path: str, repo_id: str, private: bool, commit_message: str | None, branch: str, tag: str | None, dry_run: bool
+) -> None:
     """Publish the baked checkpoint PATH to the Hub repository REPO_ID in one commit, optionally tagged.
 
     The token comes from HF_TOKEN or `hf auth login` and is never printed.
@@ -368,13 +460,17 @@ def push(path: str, repo_id: str, private: bool, commit_message: str | None, bra
         click.echo(plan.describe())
         return
     pushed = hub.push(plan)
-    click.echo(f"pushed {len(plan.files)} files to {pushed['url']} ({branch}) as commit {pushed['commit'][:12]}"
-               + (f", tagged {tag}" if tag else ""))
+    click.echo(
+        f"pushed {len(plan.files)} files to {pushed['url']} ({branch}) as commit {pushed['commit'][:12]}"
+        + (f", tagged {tag}" if tag else "")
+    )
 
 
 @main.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the restored checkpoint.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the restored checkpoint."
+)
 @click.option("--link", is_flag=True, help="Hard-link the shards the bake did not change instead of copying them.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def unbake(path: str, output: str, link: bool, force: bool) -> None:
@@ -396,7 +492,9 @@ def unbake(path: str, output: str, link: bool, force: bool) -> None:
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--compare", "compare_with", help="A second model (e.g. the base) to show side by side.")
-@click.option("--tokens", default=40, type=click.IntRange(min=1), show_default=True, help="New tokens to generate (greedy).")
+@click.option(
+    "--tokens", default=40, type=click.IntRange(min=1), show_default=True, help="New tokens to generate (greedy)."
+)
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Wrap the prompt in the chat template.")
 def generate(model: str, prompt: str, compare_with: str | None, tokens: int, chat: bool) -> None:
     """Greedy continuation of PROMPT by MODEL, optionally beside another model's.
@@ -422,7 +520,9 @@ def _numbers(kind: type, option: str, text: str | None) -> list | None:
     try:
         values = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of {kind.__name__} values", param_hint=option) from None
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of {kind.__name__} values", param_hint=option
+        ) from None
     if not values or not all(math.isfinite(v) for v in values):
         raise click.BadParameter(f"{text!r}: give finite {kind.__name__} values separated by commas", param_hint=option)
     return values
@@ -437,12 +537,18 @@ def _print_report(report) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the tables and plots.")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the tables and plots."
+)
 @click.option("--layers", help="Comma-separated 0-based blocks, e.g. 6,9,12,15 (default: the entry's layer).")
-@click.option("--coefficients", help="Comma-separated coefficients, e.g. 0.5,1,2 (default: the recipe's evaluate.coefficients).")
+@click.option(
+    "--coefficients", help="Comma-separated coefficients, e.g. 0.5,1,2 (default: the recipe's evaluate.coefficients)."
+)
 @click.option("--entry", help="The steering entry to sweep (default: the first).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def sweep(recipe: str, output: str, layers: str | None, coefficients: str | None, entry: str | None, force: bool) -> None:
+def sweep(
+    recipe: str, output: str, layers: str | None, coefficients: str | None, entry: str | None, force: bool
+) -> None:
     """Measure effect and cost at every layer x coefficient, steering in memory (nothing is baked).
 
     Activations are collected once for all layers; every coefficient reuses them. Writes sweep.csv,
@@ -455,22 +561,44 @@ def sweep(recipe: str, output: str, layers: str | None, coefficients: str | None
     from bake.evaluation import sweep as sweeps  # startup
     from bake.recipe import load_recipe  # startup
 
-    _print_report(sweeps.sweep(load_recipe(recipe), output, _numbers(int, "--layers", layers),
-                               _numbers(float, "--coefficients", coefficients), entry, force))
+    _print_report(
+        sweeps.sweep(
+            load_recipe(recipe),
+            output,
+            _numbers(int, "--layers", layers),
+            _numbers(float, "--coefficients", coefficients),
+            entry,
+            force,
+        )
+    )
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder for the table and plot.")
 @click.option("--entry", help="The steering entry whose data and layer are used (default: the first).")
-@click.option("--negative", type=click.Path(exists=True, dir_okay=False),
-              help="Negative texts for contrast (.txt, one per line; default: evaluate.compare.negative).")
+@click.option(
+    "--negative",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Negative texts for contrast (.txt, one per line; default: evaluate.compare.negative).",
+)
 @click.option("--prompt-pair", nargs=2, metavar="POS NEG", help="ActAdd's prompt pair (default: evaluate.compare's).")
-@click.option("--max-kl", type=float, callback=lambda ctx, param, v: _positive(param, v),
-              help="KL budget every method is calibrated to (default: evaluate.max_kl).")
+@click.option(
+    "--max-kl",
+    type=float,
+    callback=lambda ctx, param, v: _positive(param, v),
+    help="KL budget every method is calibrated to (default: evaluate.max_kl).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-def compare(recipe: str, output: str, entry: str | None, negative: str | None, prompt_pair: tuple[str, str] | None,
-            max_kl: float | None, force: bool) -> None:
+def compare(
+    recipe: str,
+    output: str,
+    entry: str | None,
+    negative: str | None,
+    prompt_pair: tuple[str, str] | None,
+    max_kl: float | None,
+    force: bool,
+) -> None:
     """Compare mean-centred, uncentred mean, ActAdd and contrast vectors on the same data and layer,
     each at the largest coefficient whose KL stays within the same budget.
 
@@ -486,9 +614,14 @@ def compare(recipe: str, output: str, entry: str | None, negative: str | None, p
 
 @main.command("eval")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--prompts", multiple=True,
-              help="A held-out prompt, or a .txt file of them (one per line); repeatable (default: the recipe's evaluate.prompts).")
-@click.option("--tokens", type=click.IntRange(min=1), help="New tokens per reply (default: the recipe's evaluate.tokens).")
+@click.option(
+    "--prompts",
+    multiple=True,
+    help="A held-out prompt, or a .txt file of them (one per line); repeatable (default: the recipe's evaluate.prompts).",
+)
+@click.option(
+    "--tokens", type=click.IntRange(min=1), help="New tokens per reply (default: the recipe's evaluate.tokens)."
+)
 def evaluate(path: str, prompts: tuple[str, ...], tokens: int | None) -> None:
     """Measure the baked checkpoint PATH against its base: effect and fluency cost, written into its
     bake.json (evaluation) and model card.
@@ -510,10 +643,14 @@ def evaluate(path: str, prompts: tuple[str, ...], tokens: int | None) -> None:
             raise click.BadParameter(f"prompt file {p!r} not found", param_hint="--prompts")
     ev = api.evaluate_checkpoint(path, texts or None, tokens)
     rows = [f"{'measure':<18} {'base':>10} {'steered':>10}"]
-    rows += [f"{k:<18} {'' if ev['base'].get(k) is None else format(ev['base'][k], '.4g'):>10} {'' if v is None else format(v, '.4g'):>10}"
-             for k, v in ev["steered"].items()]
+    rows += [
+        f"{k:<18} {'' if ev['base'].get(k) is None else format(ev['base'][k], '.4g'):>10} {'' if v is None else format(v, '.4g'):>10}"
+        for k, v in ev["steered"].items()
+    ]
     click.echo("\n".join(rows))
-    click.echo(f"KL {ev['steered']['kl']:.3g} is {'within' if ev['within_budget'] else 'OVER'} the budget {ev['max_kl']:g}")
+    click.echo(
+        f"KL {ev['steered']['kl']:.3g} is {'within' if ev['within_budget'] else 'OVER'} the budget {ev['max_kl']:g}"
+    )
     for name, why in ev["skipped"].items():
         click.echo(f"note: {name} not measured: {why}")
     click.echo(f"wrote the evaluation into {Path(path) / 'bake.json'} and {Path(path) / 'README.md'}")

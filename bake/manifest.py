@@ -122,8 +122,10 @@ def validate(data: Any, where: str, model: type[BaseModel] = Manifest) -> BaseMo
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise BakeError(f"{where}: {field}: {err['msg']}: it is not a bake manifest bake can use (edited, or not "
-                        "from bake); use --json to see it") from None
+        raise BakeError(
+            f"{where}: {field}: {err['msg']}: it is not a bake manifest bake can use (edited, or not "
+            "from bake); use --json to see it"
+        ) from None
 
 
 def read(path: str | Path) -> dict[str, Any]:
@@ -196,18 +198,24 @@ def check(path: str | Path, manifest: dict[str, Any]) -> list[str]:
         stored = info.read()
         if not torch.equal(stored, expected):
             delta = float((stored.float() - expected.float()).abs().max())
-            problems.append(f"{b['tensor']} differs from the baked value by up to {delta:.3g}: the weights were changed after baking")
+            problems.append(
+                f"{b['tensor']} differs from the baked value by up to {delta:.3g}: the weights were changed after baking"
+            )
     config = ckpt.config
     for key, value in config_changes.items():
         if config.get(key) != value:
-            problems.append(f"config.json {key} is {config.get(key)!r}, baked as {value!r}: a stock loader may drop the steering")
+            problems.append(
+                f"config.json {key} is {config.get(key)!r}, baked as {value!r}: a stock loader may drop the steering"
+            )
     module = manifest["fold"].get("remote_code")
     if module:
         code = inside(path, module["file"])
         if not code.is_file():
             problems.append(f"{module['file']} is missing: transformers cannot apply the steering")
         elif hashlib.sha256(code.read_bytes()).hexdigest() != module["sha256"]:
-            problems.append(f"{module['file']} differs from the file baked (sha256 {module['sha256'][:16]}…): the code was changed after baking")
+            problems.append(
+                f"{module['file']} differs from the file baked (sha256 {module['sha256'][:16]}…): the code was changed after baking"
+            )
     return problems
 
 

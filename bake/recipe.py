@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from bake.families.hf import Site
 from bake.errors import BakeError
+from bake.families.hf import Site
 from bake.gguffile import is_gguf
 
 Method = Literal["mean-centred", "mean", "actadd", "contrast"]
@@ -67,7 +75,7 @@ class TextSource(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "TextSource":
+    def _one_kind(self) -> TextSource:
         kinds = [k for k in ("file", "texts", "dataset") if getattr(self, k) is not None]
         if len(kinds) != 1:
             raise ValueError("give exactly one of 'file', 'texts' or 'dataset'")
@@ -99,7 +107,7 @@ class Background(_Strict):
     corpus: TextSource | None = None
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "Background":
+    def _one_kind(self) -> Background:
         if (self.sample is None) == (self.corpus is None):
             raise ValueError("give exactly one of 'sample' (model-sampled text) or 'corpus' (a text source)")
         return self
@@ -148,7 +156,7 @@ class Steering(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _fields_fit_method(self) -> "Steering":
+    def _fields_fit_method(self) -> Steering:
         needed = _METHOD_FIELDS[self.method]
         allowed = needed | _OPTIONAL_FIELDS.get(self.method, set())
         every = set().union(*_METHOD_FIELDS.values()) | {"background"}
@@ -233,7 +241,9 @@ class ClassifierSpec(_Strict):
     """A Hugging Face text-classification model (local folder or Hub id): the score is the mean probability of ``label``."""
 
     model: str
-    label: str = Field(description="the class whose probability is the score, as the model's config names it (id2label)")
+    label: str = Field(
+        description="the class whose probability is the score, as the model's config names it (id2label)"
+    )
 
 
 class CompareSpec(_Strict):
@@ -258,15 +268,25 @@ class EvaluateSpec(_Strict):
     prompts: TextSource = Field(default_factory=lambda: TextSource(texts=DEFAULT_EVAL_PROMPTS))
     chat: bool = Field(default=True, description="prompts as user turns of the chat template")
     tokens: Integer = Field(default=32, ge=1, description="new tokens per greedy reply")
-    scorers: list[Scorer] = Field(default_factory=lambda: ["wordlist", "logprob_gain", "activation_shift"], min_length=1)
-    words: TextSource | None = Field(default=None, description="word list for 'wordlist' (default: derived from the target texts)")
+    scorers: list[Scorer] = Field(
+        default_factory=lambda: ["wordlist", "logprob_gain", "activation_shift"], min_length=1
+    )
+    words: TextSource | None = Field(
+        default=None, description="word list for 'wordlist' (default: derived from the target texts)"
+    )
     top_words: Integer = Field(default=40, ge=1, description="size of the derived word list")
     classifier: ClassifierSpec | None = None
     neutral: TextSource = Field(default_factory=lambda: TextSource(texts=DEFAULT_NEUTRAL))
     background: TextSource | None = Field(default=None, description="held-out text for perplexity (default: neutral)")
-    target: TextSource | None = Field(default=None, description="held-out target texts (default: the entry's own, in-sample)")
-    max_kl: Number = Field(default=0.5, gt=0, description="KL budget (nats per token) for coefficient: auto and bake compare")
-    coefficients: list[Number] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0], min_length=1)
+    target: TextSource | None = Field(
+        default=None, description="held-out target texts (default: the entry's own, in-sample)"
+    )
+    max_kl: Number = Field(
+        default=0.5, gt=0, description="KL budget (nats per token) for coefficient: auto and bake compare"
+    )
+    coefficients: list[Number] = Field(
+        default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0], min_length=1
+    )
     compare: CompareSpec = Field(default_factory=CompareSpec)
 
     @field_validator("coefficients")
@@ -278,7 +298,7 @@ class EvaluateSpec(_Strict):
         return sorted(set(value))
 
     @model_validator(mode="after")
-    def _classifier_given(self) -> "EvaluateSpec":
+    def _classifier_given(self) -> EvaluateSpec:
         if "classifier" in self.scorers and self.classifier is None:
             raise ValueError("scorer 'classifier' needs 'classifier: {model: PATH_OR_ID, label: LABEL}'")
         return self
@@ -299,8 +319,9 @@ class Recipe(_Strict):
     max_tokens: Integer = Field(default=256, ge=2, description="texts are truncated to this many tokens")
     batch_tokens: Integer = Field(default=4096, ge=16)
     collection: Collection = Field(
-        default="auto", description="'streaming' loads one block at a time (a model bigger than memory); 'auto' "
-        "streams when blocks 0..L do not fit in the memory available (bake.collection.streaming)"
+        default="auto",
+        description="'streaming' loads one block at a time (a model bigger than memory); 'auto' "
+        "streams when blocks 0..L do not fit in the memory available (bake.collection.streaming)",
     )
     background: Background = Field(default_factory=lambda: Background(sample=ModelSample()))
     steering: list[Steering] = Field(min_length=1)
@@ -317,18 +338,22 @@ class Recipe(_Strict):
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
     @model_validator(mode="after")
-    def _gguf_output(self) -> "Recipe":
+    def _gguf_output(self) -> Recipe:
         if self.output_format == "gguf":
             if not is_gguf(self.model):
-                raise ValueError("output_format 'gguf' needs a .gguf model (a file or pkg:PACKAGE/FILE.gguf): "
-                                 "a GGUF is written by adding biases to one")
+                raise ValueError(
+                    "output_format 'gguf' needs a .gguf model (a file or pkg:PACKAGE/FILE.gguf): "
+                    "a GGUF is written by adding biases to one"
+                )
             if self.dtype != "auto" or self.allow_remote_code:
-                raise ValueError("output_format 'gguf' keeps the file's own tensor types and runs no transformers code: "
-                                 "remove dtype and allow_remote_code")
+                raise ValueError(
+                    "output_format 'gguf' keeps the file's own tensor types and runs no transformers code: "
+                    "remove dtype and allow_remote_code"
+                )
         return self
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "Recipe":
+    def _unique_names(self) -> Recipe:
         names = [s.name for s in self.steering]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -370,7 +395,13 @@ def describe_validation_error(err: ValidationError, where: str) -> str:
     """One line per problem, each naming the field (``steering.0.method``) and the fix."""
     parts = []
     for e in err.errors():
-        loc = ".".join(p if isinstance(p, str) and p.isprintable() else repr(p) if isinstance(p, str) else str(p) for p in e["loc"]) or "recipe"
+        loc = (
+            ".".join(
+                p if isinstance(p, str) and p.isprintable() else repr(p) if isinstance(p, str) else str(p)
+                for p in e["loc"]
+            )
+            or "recipe"
+        )
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field: check its spelling or remove it"

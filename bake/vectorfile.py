@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from bake.checkpoint import staged_output
-from bake.families.hf import Site
 from bake.errors import BakeError
+from bake.families.hf import Site
 
 _NAME = re.compile(r"^layer\.(\d+)(\.mid)?$")
 Point = tuple[int, Site]
@@ -76,7 +76,9 @@ class VectorSet:
             )
         for layer, _ in self.vectors:
             if not 0 <= layer < num_layers:
-                raise BakeError(f"{where}: layer {layer} is outside the model's blocks 0..{num_layers - 1}: pick a layer in range")
+                raise BakeError(
+                    f"{where}: layer {layer} is outside the model's blocks 0..{num_layers - 1}: pick a layer in range"
+                )
 
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Write atomically and without replacing anything but, with ``force``, a vector file (``staged_output``)."""
@@ -87,7 +89,7 @@ class VectorSet:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "VectorSet":
+    def load(cls, path: str | Path) -> VectorSet:
         path = Path(path)
         if not path.is_file():
             raise BakeError(f"vector file {str(path)!r} not found: check the path")
@@ -97,10 +99,14 @@ class VectorSet:
                 names = {name: parse_name(name) for name in f.keys()}
                 vectors = {point: f.get_tensor(name) for name, point in names.items()}
         except (SafetensorError, json.JSONDecodeError, OSError) as e:
-            raise BakeError(f"{str(path)!r} is not a readable safetensors vector file ({e.__class__.__name__})") from None
+            raise BakeError(
+                f"{str(path)!r} is not a readable safetensors vector file ({e.__class__.__name__})"
+            ) from None
         if not isinstance(meta, dict):
-            raise BakeError(f"{str(path)!r}: its 'bake' metadata is {type(meta).__name__} JSON, not an object: "
-                            "write the file with bake vector or VectorSet.save")
+            raise BakeError(
+                f"{str(path)!r}: its 'bake' metadata is {type(meta).__name__} JSON, not an object: "
+                "write the file with bake vector or VectorSet.save"
+            )
         if len(vectors) != len(names):  # layer.2 and layer.02 name the same point: refuse rather than drop one
             same = [n for n, p in names.items() if list(names.values()).count(p) > 1]
             raise BakeError(f"{str(path)!r} holds {' and '.join(sorted(same))} for the same point: keep one of them")

@@ -11,8 +11,9 @@ present at all (a bias the config does not switch on is silently dropped).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -50,6 +51,7 @@ def steered(model: torch.nn.Module, family: Family, vectors: VectorSet) -> Itera
             if isinstance(output, tuple):
                 return (output[0] + v.to(output[0].dtype),) + output[1:]
             return output + v.to(output.dtype)
+
         return hook
 
     handles = []
@@ -80,6 +82,7 @@ def _norms_recorded(model, family: Family, points: list[Point], totals: dict[Poi
             norms = residual[0, 1:].float().norm(dim=-1) if residual.shape[1] > 1 else residual[0].float().norm(dim=-1)
             totals[point][0] += float(norms.sum())
             totals[point][1] += norms.numel()
+
         return record
 
     handles = [watch_residual(model, family, layer, site, recorder((layer, site))) for layer, site in points]
@@ -123,12 +126,15 @@ def degenerate(logits: list[torch.Tensor], vectors: VectorSet, residual: dict[Po
         norm, scale = float(v.double().norm()), residual[point]  # float64: a huge vector's float32 norm is inf
         if norm > MAX_RELATIVE_NORM * scale:
             ratio = f"{norm / scale:.3g}x" if scale > 0 else "infinitely"
-            problems.append(f"vector {tensor_name(*point)} has norm {norm:.3g}, {ratio} the mean residual norm "
-                            f"{scale:.3g} at its layer (at most {MAX_RELATIVE_NORM:g}x): {_lower(vectors, point)}")
+            problems.append(
+                f"vector {tensor_name(*point)} has norm {norm:.3g}, {ratio} the mean residual norm "
+                f"{scale:.3g} at its layer (at most {MAX_RELATIVE_NORM:g}x): {_lower(vectors, point)}"
+            )
     if problems:  # the logits of such a model say nothing more
         return problems
-    worst = max(vectors.vectors, default=None,
-                key=lambda p: float(vectors.vectors[p].double().norm()) / max(residual[p], 1e-30))
+    worst = max(
+        vectors.vectors, default=None, key=lambda p: float(vectors.vectors[p].double().norm()) / max(residual[p], 1e-30)
+    )
     fix = _lower(vectors, worst) if worst is not None else "check the base model"
     if not all(bool(torch.isfinite(x).all()) for x in logits):
         problems.append(f"the steered model's logits are NaN or inf: {fix}")
@@ -142,13 +148,17 @@ def _greedy(model, ids: list[list[int]], tokens: int, pad_id: int) -> list[list[
     out = []
     for x in ids:
         t = torch.tensor([x])
-        g = model.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=tokens, do_sample=False, pad_token_id=pad_id)
+        g = model.generate(
+            t, attention_mask=torch.ones_like(t), max_new_tokens=tokens, do_sample=False, pad_token_id=pad_id
+        )
         out.append(g[0, len(x) :].tolist())
     return out
 
 
 @torch.inference_mode()
-def _divergences(hooked, ids: list[list[int]], ref: list[list[int]], other: list[list[int]], margin: float) -> tuple[int, int]:
+def _divergences(
+    hooked, ids: list[list[int]], ref: list[list[int]], other: list[list[int]], margin: float
+) -> tuple[int, int]:
     """(divergent continuations, of which near-ties): where two greedy runs first differ, is the
     reference's preference for its own token within ``margin`` logits, i.e. a rounding-level tie?"""
     divergent = ties = 0
@@ -162,7 +172,9 @@ def _divergences(hooked, ids: list[list[int]], ref: list[list[int]], other: list
     return divergent, ties
 
 
-def compare(base, baked, tokenizer, vectors: VectorSet, prompts: list[str], tokens: int = 16, atol: float | None = None) -> dict[str, Any]:
+def compare(
+    base, baked, tokenizer, vectors: VectorSet, prompts: list[str], tokens: int = 16, atol: float | None = None
+) -> dict[str, Any]:
     """Compare ``baked`` with ``base`` steered by hooks; returns the figures and ``passed``.
 
     Greedy continuations must be identical; in low precision a divergence is
@@ -231,7 +243,9 @@ def describe(report: dict[str, Any]) -> str:
     )
 
 
-def verify(base: Path, baked: Path, vectors: VectorSet, prompts: list[str], tokens: int = 16, atol: float | None = None) -> dict[str, Any]:
+def verify(
+    base: Path, baked: Path, vectors: VectorSet, prompts: list[str], tokens: int = 16, atol: float | None = None
+) -> dict[str, Any]:
     """Load both checkpoints from disk in the baked model's dtype and compare (the stock loader; a bake
     constant-bias module with ``trust_remote_code=True``, see ``bake.sources.load.load_model``)."""
     baked_model = load_model(baked)
@@ -241,8 +255,15 @@ def verify(base: Path, baked: Path, vectors: VectorSet, prompts: list[str], toke
 
 
 @torch.inference_mode()
-def compare_streaming(base: Path, baked: Path, vectors: VectorSet, tokenizer, prompts: list[str],
-                      atol: float | None = None, layers: int | None = None) -> dict[str, Any]:
+def compare_streaming(
+    base: Path,
+    baked: Path,
+    vectors: VectorSet,
+    tokenizer,
+    prompts: list[str],
+    atol: float | None = None,
+    layers: int | None = None,
+) -> dict[str, Any]:
     """``bake.verify.compare`` block by block: the base (plain and hook-steered) and the baked checkpoint streamed
     side by side, one block of each in memory, in float32; the logits of blocks 0..layers-1 (all when None).
 
@@ -250,12 +271,15 @@ def compare_streaming(base: Path, baked: Path, vectors: VectorSet, tokenizer, pr
     block is, hooked vs baked, so a gap is located. The tolerance is that of the baked checkpoint's stored dtype.
     """
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
-    sides = {name: Skeleton(path, family_for(text_config(path)), meta_model(path, layers))
-             for name, path in (("base", base), ("baked", baked))}
+    sides = {
+        name: Skeleton(path, family_for(text_config(path)), meta_model(path, layers))
+        for name, path in (("base", base), ("baked", baked))
+    }
     base_sk, baked_sk = sides["base"], sides["baked"]
     if len(base_sk.blocks) != len(baked_sk.blocks):
-        raise BakeError(f"{str(baked)!r} has {len(baked_sk.blocks)} blocks, its base {len(base_sk.blocks)}: "
-                        "not a bake of it")
+        raise BakeError(
+            f"{str(baked)!r} has {len(baked_sk.blocks)} blocks, its base {len(base_sk.blocks)}: not a bake of it"
+        )
     plain, base_calls = embed_prompts(base_sk, ids)
     baked_h, baked_calls = embed_prompts(baked_sk, ids)
     hooked = list(plain)
@@ -285,11 +309,21 @@ def compare_streaming(base: Path, baked: Path, vectors: VectorSet, tokenizer, pr
     present = effect > atol or not any(float(v.abs().max()) > 0 for v in vectors.vectors.values())
     dead = degenerate(hooked_logits + baked_logits, vectors, _means(totals))
     return {
-        "dtype": "float32", "prompts": len(prompts), "max_abs_logit_diff": diff,
-        "max_abs_logit": max(float(a.abs().max()) for a in hooked_logits), "atol": atol,
-        "greedy_tokens": 0, "greedy_identical": True, "greedy_divergent": 0, "greedy_near_ties": 0, "greedy_ok": True,
-        "steering_effect": effect, "steering_present": present, "streamed": True,
-        "max_abs_residual_diff_per_block": block_diffs, "degenerate": dead,
+        "dtype": "float32",
+        "prompts": len(prompts),
+        "max_abs_logit_diff": diff,
+        "max_abs_logit": max(float(a.abs().max()) for a in hooked_logits),
+        "atol": atol,
+        "greedy_tokens": 0,
+        "greedy_identical": True,
+        "greedy_divergent": 0,
+        "greedy_near_ties": 0,
+        "greedy_ok": True,
+        "steering_effect": effect,
+        "steering_present": present,
+        "streamed": True,
+        "max_abs_residual_diff_per_block": block_diffs,
+        "degenerate": dead,
         "passed": diff <= atol and present and not dead,
     }
 
@@ -302,8 +336,10 @@ def streams_verification(path: Path, layers: int | None, collection: Collection,
         return False
     streamed = collection == "streaming" or not fits_in_memory(2 * in_memory_bytes(meta_model(path, layers)))
     if streamed and remote_code:
-        raise BakeError("a constant-bias module (allow_remote_code) is verified in memory, loaded with "
-                        "trust_remote_code as its users load it, and streaming verification cannot do that: set "
-                        "'collection: memory' on a machine where base and baked model fit, or bake a site with a "
-                        "stock bias slot")
+        raise BakeError(
+            "a constant-bias module (allow_remote_code) is verified in memory, loaded with "
+            "trust_remote_code as its users load it, and streaming verification cannot do that: set "
+            "'collection: memory' on a machine where base and baked model fit, or bake a site with a "
+            "stock bias slot"
+        )
     return streamed

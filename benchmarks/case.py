@@ -49,9 +49,9 @@ def _examples(tokens: int):
 
     The synthetic Llama shares SmolLM2's vocabulary size, so the same ids feed both models."""
     from bake.collection.texts import load_texts, tokenize
-    from bake.sources.resolve import resolve_model
-    from bake.sources.load import load_tokenizer
     from bake.recipe import TextSource
+    from bake.sources.load import load_tokenizer
+    from bake.sources.resolve import resolve_model
 
     tokenizer = load_tokenizer(resolve_model(SMOLLM2).path)
     base = tokenize(tokenizer, load_texts(TextSource(file=str(TEXTS))), max_tokens=256)
@@ -90,8 +90,8 @@ def collect(args: dict) -> dict:
 
     from bake.collection.activations import collect as bake_collect
     from bake.families.hf import family_for
-    from bake.sources.resolve import resolve_model
     from bake.sources.load import DTYPES, load_model
+    from bake.sources.resolve import resolve_model
 
     path = resolve_model(args["model"]).path
     dtype = DTYPES[args["dtype"]]
@@ -107,7 +107,9 @@ def collect(args: dict) -> dict:
         mean = _common_collect(model, examples, layer, args["batch_tokens"], pad_id)
     else:
         point = (layer, "resid_post")
-        mean = bake_collect(model, family_for(model.config), examples, [point], args["batch_tokens"], pad_id)[point].mean
+        mean = bake_collect(model, family_for(model.config), examples, [point], args["batch_tokens"], pad_id)[
+            point
+        ].mean
     done = time.perf_counter()
     return {
         "load_s": loaded - start,
@@ -135,8 +137,9 @@ def stream(args: dict) -> dict:
     examples, pad_id = _examples(args["tokens"])
     layer, point = args["layer"], (args["layer"], "resid_post")
     before, start = _io(), time.perf_counter()
-    (moments,) = collect_sets(path, family_for(text_config(path)), [Job(examples, [point])], args["batch_tokens"], pad_id,
-                              args["way"])
+    (moments,) = collect_sets(
+        path, family_for(text_config(path)), [Job(examples, [point])], args["batch_tokens"], pad_id, args["way"]
+    )
     done, after = time.perf_counter(), _io()
     return {
         "s": done - start,
@@ -145,16 +148,17 @@ def stream(args: dict) -> dict:
         "read_bytes": after["read_bytes"] - before["read_bytes"],
         "in_memory_bytes": in_memory_bytes(meta_model(path, layer + 1)),
         "block_bytes": in_memory_bytes(block(meta_model(path, 1), family_for(text_config(path)), 0)),
-        "hidden_bytes": 4 * text_config(path).hidden_size * sum(len(g) * max(len(e.input_ids) for e in g)
-                                                                for g in batches(examples, args["batch_tokens"])),
+        "hidden_bytes": 4
+        * text_config(path).hidden_size
+        * sum(len(g) * max(len(e.input_ids) for e in g) for g in batches(examples, args["batch_tokens"])),
         "mean": moments[point].mean.tolist(),
     }
 
 
 def depth(args: dict) -> dict:
     """How many blocks a model has (resolving it, and converting a GGUF once, on the way)."""
-    from bake.sources.resolve import resolve_model
     from bake.sources.load import text_config
+    from bake.sources.resolve import resolve_model
 
     return {"layers": text_config(resolve_model(args["model"]).path).num_hidden_layers}
 
@@ -214,10 +218,10 @@ def generate(args: dict) -> dict:
     """Greedy generation tokens/s of the base, the baked checkpoint, or the base steered by hooks."""
     import torch
 
-    from bake.formats.hf.output import VECTORS_IN_OUTPUT
     from bake.families.hf import family_for
-    from bake.sources.resolve import resolve_model
+    from bake.formats.hf.output import VECTORS_IN_OUTPUT
     from bake.sources.load import load_model, load_tokenizer, prompt_ids
+    from bake.sources.resolve import resolve_model
     from bake.vectorfile import VectorSet
     from bake.verify import steered
 
@@ -233,9 +237,15 @@ def generate(args: dict) -> dict:
     n = args["tokens"]
 
     def run(ids: torch.Tensor, tokens: int) -> list[int]:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        return out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return out[0, ids.shape[1] :].tolist()
 
     with ctx:
         run(prompts[0], 4)  # warm-up: first-call overheads are not generation speed

@@ -20,19 +20,61 @@ from safetensors.torch import save_file
 # Specs: Llama-3.2-1B-like blocks with SmolLM2's vocabulary (so SmolLM2 token ids are valid),
 # and a deeper one with Llama 3's vocabulary for the multi-GB fold checkpoint.
 SPECS: dict[str, dict] = {
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=49152, max_shard_mb=1024),
-    "llama-1b-quick": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=4, vocab_size=49152, max_shard_mb=64),
-    "llama-3.5gb": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=20, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, max_shard_mb=1024),
-    "llama-3.5gb-quick": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
-                              num_key_value_heads=4, vocab_size=32000, max_shard_mb=64),
+    "llama-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=49152,
+        max_shard_mb=1024,
+    ),
+    "llama-1b-quick": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=49152,
+        max_shard_mb=64,
+    ),
+    "llama-3.5gb": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=20,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_shard_mb=1024,
+    ),
+    "llama-3.5gb-quick": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_shard_mb=64,
+    ),
     # 8B-like blocks (Llama 3 8B's widths), 64 of them: 28 GB in bf16, more than this machine's memory.
-    "llama-8b-blocks": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=64, num_attention_heads=32,
-                            num_key_value_heads=8, vocab_size=49152, max_shard_mb=4096),
-    "llama-8b-blocks-quick": dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=16, num_attention_heads=8,
-                                  num_key_value_heads=2, vocab_size=49152, max_shard_mb=256),
+    "llama-8b-blocks": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=64,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=49152,
+        max_shard_mb=4096,
+    ),
+    "llama-8b-blocks-quick": dict(
+        hidden_size=1024,
+        intermediate_size=3584,
+        num_hidden_layers=16,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_shard_mb=256,
+    ),
 }
 
 
@@ -40,8 +82,16 @@ def _config(spec: dict):
     from transformers import LlamaConfig
 
     arch = {k: v for k, v in spec.items() if k != "max_shard_mb"}
-    return LlamaConfig(**arch, architectures=["LlamaForCausalLM"], tie_word_embeddings=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    return LlamaConfig(
+        **arch,
+        architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        dtype="bfloat16",
+    )
 
 
 def _shapes(config) -> dict[str, tuple[int, ...]]:

@@ -37,25 +37,27 @@ def render(figures: dict[str, Any]) -> str:
     """The README's "Measured" block, from figures.json alone."""
     ver, vec = figures["verification"], figures["vector"]
     versions = ", ".join(f"{k} {figures['versions'][k]}" for k in ("torch", "transformers"))
-    return "\n".join([
-        BEGIN,
-        f"On the quickstart ({figures['base']}, {ver['dtype']}, CPU), from the run's `bake.json` via",
-        f"`docs/figures.json` ({versions}):",
-        "",
-        "| measure | value |",
-        "|---|---|",
-        f"| max \\|Δlogit\\| baked (reloaded from disk) vs hook-steered base, {ver['prompts']} probe prompts "
-        f"| {ver['max_abs_logit_diff']:.2e} (tolerance {ver['atol']:g}) |",
-        f"| greedy continuations, {ver['greedy_tokens']} tokens "
-        f"| {'identical' if ver['greedy_identical'] else 'differ'} |",
-        f"| max \\|Δlogit\\| baked vs unsteered base (the steering is really there) | {ver['steering_effect']:.3g} |",
-        f"| vector norm / mean residual norm at block {vec['layer']} (coefficient {vec['coefficient']:g}) "
-        f"| {vec['relative_norm']:.3f} |",
-        "",
-        "Effects and costs measured by `bake eval`: [recipes/README.md](recipes/README.md) and",
-        "[docs/evaluation.md](docs/evaluation.md).",
-        END,
-    ])
+    return "\n".join(
+        [
+            BEGIN,
+            f"On the quickstart ({figures['base']}, {ver['dtype']}, CPU), from the run's `bake.json` via",
+            f"`docs/figures.json` ({versions}):",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            f"| max \\|Δlogit\\| baked (reloaded from disk) vs hook-steered base, {ver['prompts']} probe prompts "
+            f"| {ver['max_abs_logit_diff']:.2e} (tolerance {ver['atol']:g}) |",
+            f"| greedy continuations, {ver['greedy_tokens']} tokens "
+            f"| {'identical' if ver['greedy_identical'] else 'differ'} |",
+            f"| max \\|Δlogit\\| baked vs unsteered base (the steering is really there) | {ver['steering_effect']:.3g} |",
+            f"| vector norm / mean residual norm at block {vec['layer']} (coefficient {vec['coefficient']:g}) "
+            f"| {vec['relative_norm']:.3f} |",
+            "",
+            "Effects and costs measured by `bake eval`: [recipes/README.md](recipes/README.md) and",
+            "[docs/evaluation.md](docs/evaluation.md).",
+            END,
+        ]
+    )
 
 
 def splice(text: str, block: str) -> str:

@@ -15,8 +15,9 @@ from llama_cpp import Llama
 
 def reply(llm: Llama, prompt: str, tokens: int) -> str:
     """Greedy reply through the chat template stored in the GGUF."""
-    out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0.0,
-                                     top_k=1, seed=0)
+    out = llm.create_chat_completion(
+        [{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0.0, top_k=1, seed=0
+    )
     return out["choices"][0]["message"]["content"].strip()
 
 

@@ -32,7 +32,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", default="Tell me about your day.")
     parser.add_argument("--url", default="http://localhost:8000")
-    parser.add_argument("--model", default="cheerful", help="the --served-model-name (default: the path given to vllm serve)")
+    parser.add_argument(
+        "--model", default="cheerful", help="the --served-model-name (default: the path given to vllm serve)"
+    )
     parser.add_argument("--tokens", type=int, default=60)
     args = parser.parse_args()
     print(chat(args.url, args.model, args.prompt, args.tokens))

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bake.recipe import load_recipe
 from bake.evaluation.sweep import sweep
+from bake.recipe import load_recipe
 
 HERE = Path(__file__).resolve().parent
 LAYERS, COEFFICIENTS = [6, 9, 12, 15], [0.5, 1.0, 1.5, 2.0]
@@ -28,30 +28,46 @@ LOWER_IS_BETTER = {"length", "toxicity"}
 
 def choose(record: dict[str, Any]) -> dict[str, Any]:
     """The rule above, on a sweep.json record."""
-    headline = next(k for k in record["rows"][0] if k not in ("layer", "coefficient", "norm", "relative_norm", "kl", "perplexity", "repetition"))
+    headline = next(
+        k
+        for k in record["rows"][0]
+        if k not in ("layer", "coefficient", "norm", "relative_norm", "kl", "perplexity", "repetition")
+    )
     cap = max(0.1, 2 * record["base"]["repetition"])
     fits = [r for r in record["rows"] if r["kl"] <= record["max_kl"] and r["repetition"] <= cap]
     if not fits:
-        raise SystemExit(f"no swept setting keeps KL within {record['max_kl']} and repetition within {cap:.3g}: sweep smaller coefficients")
+        raise SystemExit(
+            f"no swept setting keeps KL within {record['max_kl']} and repetition within {cap:.3g}: sweep smaller coefficients"
+        )
     sign = -1 if headline in LOWER_IS_BETTER else 1
     best = max(fits, key=lambda r: (sign * r[headline], -r["kl"]))
-    return {"headline": headline, "repetition_cap": cap, **{k: best[k] for k in ("layer", "coefficient", "kl", "repetition", headline)}}
+    return {
+        "headline": headline,
+        "repetition_cap": cap,
+        **{k: best[k] for k in ("layer", "coefficient", "kl", "repetition", headline)},
+    }
 
 
 def write(name: str, sweep_dir: Path, command: str) -> dict[str, Any]:
     record = json.loads((sweep_dir / "sweep.json").read_text())
     chosen = choose(record)
     data = record["data"]
-    text = "\n".join([
-        f"# Calibration of `{name}.yaml`", "",
-        f"`{command}` on the default model: {data['prompts']} held-out prompts × {data['tokens']} greedy tokens "
-        f"({'chat' if data['chat'] else 'plain continuation'}), KL and perplexity on {data['neutral_texts']} neutral texts.", "",
-        f"Rule (`recipes/calibrate.py`): KL ≤ {record['max_kl']:g} and repetition ≤ {chosen['repetition_cap']:.3g}, then the "
-        f"{'lowest' if chosen['headline'] in LOWER_IS_BETTER else 'highest'} `{chosen['headline']}`. "
-        f"**Chosen: layer {chosen['layer']}, coefficient {chosen['coefficient']:g}** "
-        f"(KL {chosen['kl']:.3g}, repetition {chosen['repetition']:.3g}, {chosen['headline']} {chosen[chosen['headline']]:.3g}).", "",
-        (sweep_dir / "sweep.md").read_text().strip(), "",
-    ])
+    text = "\n".join(
+        [
+            f"# Calibration of `{name}.yaml`",
+            "",
+            f"`{command}` on the default model: {data['prompts']} held-out prompts × {data['tokens']} greedy tokens "
+            f"({'chat' if data['chat'] else 'plain continuation'}), KL and perplexity on {data['neutral_texts']} neutral texts.",
+            "",
+            f"Rule (`recipes/calibrate.py`): KL ≤ {record['max_kl']:g} and repetition ≤ {chosen['repetition_cap']:.3g}, then the "
+            f"{'lowest' if chosen['headline'] in LOWER_IS_BETTER else 'highest'} `{chosen['headline']}`. "
+            f"**Chosen: layer {chosen['layer']}, coefficient {chosen['coefficient']:g}** "
+            f"(KL {chosen['kl']:.3g}, repetition {chosen['repetition']:.3g}, {chosen['headline']} {chosen[chosen['headline']]:.3g}).",
+            "",
+            (sweep_dir / "sweep.md").read_text().strip(),
+            "",
+        ]
+    )
     (HERE / "calibration").mkdir(exist_ok=True)
     (HERE / "calibration" / f"{name}.md").write_text(text)
     return chosen

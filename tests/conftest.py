@@ -42,15 +42,23 @@ def make_tokenizer():
     return fast
 
 
-_SIZES = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+_SIZES = dict(
+    hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, max_position_embeddings=128
+)
 _GQA = dict(_SIZES, num_key_value_heads=2)
 # Small configs per model_type, each with the size names its config class takes.
 TINY: dict[str, dict] = {
     "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128),
     "gpt_neox": dict(_SIZES),
     "gptj": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128, rotary_dim=4),
-    "opt": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, ffn_dim=64, max_position_embeddings=128,
-                word_embed_proj_dim=32),
+    "opt": dict(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+    ),
     "phi": dict(_SIZES),
     "falcon": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4),
     "bloom": dict(hidden_size=32, n_layer=4, n_head=4),
@@ -74,8 +82,12 @@ def tiny_config(model_type: str, **overrides):
 
     tokenizer = make_tokenizer()
     return AutoConfig.for_model(
-        model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **{**TINY[model_type], **overrides},
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**TINY[model_type], **overrides},
     )
 
 
@@ -97,7 +109,11 @@ def save_tiny(path: Path, config, dtype: torch.dtype = torch.float32, max_shard_
 
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (to prove a folder was not modified)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(autouse=True)

@@ -14,19 +14,19 @@ import pickle
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_tokenizer, tree_digest
 from safetensors.torch import save_file
 
 from bake.cli import main
 from bake.vectorfile import VectorSet
-from conftest import make_tokenizer, tree_digest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +84,7 @@ def _truncate(path: Path, keep: float = 0.5) -> Path:
     return path
 
 
-def invoke(*args) -> "object":
+def invoke(*args) -> object:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
@@ -124,15 +124,26 @@ def case(name: str):
         assert name not in CASES, name
         CASES[name] = fn
         return fn
+
     return register
 
 
-def recipe(d: Path, model: Path | str, *, layer: str = "1", target: str = json.dumps(TARGET), extra: str = "",
-           entry: str = "", name: str = "r.yaml") -> Path:
+def recipe(
+    d: Path,
+    model: Path | str,
+    *,
+    layer: str = "1",
+    target: str = json.dumps(TARGET),
+    extra: str = "",
+    entry: str = "",
+    name: str = "r.yaml",
+) -> Path:
     path = d / name
-    path.write_text(f"model: {model}\nbackground: {{sample: {{sequences: 4, tokens: 8}}}}\npreview: {{prompts: []}}\n"
-                    f"verify: {{tokens: 3}}\n{extra}steering:\n  - name: happy\n    layer: {layer}\n"
-                    f"    target: {target}\n{entry}")
+    path.write_text(
+        f"model: {model}\nbackground: {{sample: {{sequences: 4, tokens: 8}}}}\npreview: {{prompts: []}}\n"
+        f"verify: {{tokens: 3}}\n{extra}steering:\n  - name: happy\n    layer: {layer}\n"
+        f"    target: {target}\n{entry}"
+    )
     return path
 
 
@@ -168,9 +179,11 @@ for _name, _args, _words in [
     ("usage: import-cv without files", ["import-cv", "-o", "OUT"], ["Missing argument", "FILES"]),
     ("usage: --max-kl 0", ["compare", "R", "-o", "OUT", "--max-kl", "0"], ["--max-kl"]),
 ]:
+
     def _usage(w: World, d: Path, _args=_args, _words=_words) -> Case:
         names = {"M": w.gpt2, "V": w.vec, "B": w.baked, "R": recipe(d, w.gpt2), "NOPE": d / "nope"}
         return Case([names.get(a, a) for a in _args], _words, code=2)
+
     case(_name)(_usage)
 
 
@@ -193,8 +206,11 @@ for _name, _kw, _words in [
     ("recipe: max_tokens 1", dict(extra="max_tokens: 1\n"), ["max_tokens"]),
     ("recipe: bad dtype", dict(extra="dtype: float8\n"), ["dtype", "bfloat16"]),
     ("recipe: max_kl inf", dict(extra="evaluate: {max_kl: .inf}\n"), ["evaluate.max_kl", "finite"]),
-    ("recipe: coefficients with a bool", dict(extra="evaluate: {coefficients: [1, true]}\n"),
-     ["evaluate.coefficients.1"]),
+    (
+        "recipe: coefficients with a bool",
+        dict(extra="evaluate: {coefficients: [1, true]}\n"),
+        ["evaluate.coefficients.1"],
+    ),
     ("recipe: evaluate tokens yes", dict(extra="evaluate: {tokens: yes}\n"), ["evaluate.tokens", "yes/no"]),
     ("recipe: gguf output from a folder", dict(extra="output_format: gguf\n"), ["output_format", ".gguf"]),
     ("recipe: missing data file", dict(target="data/missing.txt"), ["missing.txt", "not found"]),
@@ -202,8 +218,10 @@ for _name, _kw, _words in [
     ("recipe: jsonl without field", dict(target="data/t.jsonl"), ["field"]),
     ("recipe: target of unknown words", dict(target='["xyzzy plugh"]'), ["target", "no tokens"]),
 ]:
+
     def _recipe(w: World, d: Path, _kw=_kw, _words=_words) -> Case:
         return Case(["run", recipe(d, w.llama, **_kw), "-o", "OUT"], _words)
+
     case(_name)(_recipe)
 
 
@@ -265,10 +283,13 @@ def _(w, d):
 
 
 for _name, _extra in [("recipe: coefficient 1e30", ""), ("recipe: coefficient 1e30 in bfloat16", "dtype: bfloat16\n")]:
+
     def _huge(w: World, d: Path, _extra=_extra) -> Case:
         path = recipe(d, w.llama, extra=_extra, entry="    coefficient: 1.0e+30\n")
-        return Case(["run", path, "-o", "OUT"],
-                    ["verification FAILED", "lower the coefficient of steering 'happy' (1e+30)"])
+        return Case(
+            ["run", path, "-o", "OUT"], ["verification FAILED", "lower the coefficient of steering 'happy' (1e+30)"]
+        )
+
     case(_name)(_huge)
 
 
@@ -288,8 +309,10 @@ for _name, _tensors, _meta, _words in [
     ("vectors: no tensors", {}, "{}", ["holds no vectors"]),
     ("vectors: sizes differ", {"layer.1": _ones(), "layer.2": _ones(16)}, "{}", ["different sizes"]),
 ]:
+
     def _vectors(w: World, d: Path, _tensors=_tensors, _meta=_meta, _words=_words) -> Case:
         return Case(["fold", w.llama, vector_file(d, _tensors, _meta), "-o", "OUT"], _words)
+
     case(_name)(_vectors)
 
 
@@ -306,14 +329,18 @@ def _(w, d):
 
 @case("vectors: huge vector folded")
 def _(w, d):
-    return Case(["fold", w.llama, vector_file(d, {"layer.1": _ones() * 1e29}), "-o", "OUT"],
-                ["verification FAILED", "layer.1", "mean residual norm", "lower the coefficient"])
+    return Case(
+        ["fold", w.llama, vector_file(d, {"layer.1": _ones() * 1e29}), "-o", "OUT"],
+        ["verification FAILED", "layer.1", "mean residual norm", "lower the coefficient"],
+    )
 
 
 @case("vectors: huge vector folded in bfloat16")
 def _(w, d):
-    return Case(["fold", w.gpt2, vector_file(d, {"layer.1": _ones() * 1e29}), "-o", "OUT", "--dtype", "bfloat16"],
-                ["verification FAILED", "layer.1", "lower the coefficient"])
+    return Case(
+        ["fold", w.gpt2, vector_file(d, {"layer.1": _ones() * 1e29}), "-o", "OUT", "--dtype", "bfloat16"],
+        ["verification FAILED", "layer.1", "lower the coefficient"],
+    )
 
 
 @case("vectors: verify with a vector file for another model")
@@ -356,6 +383,7 @@ for _name, _command, _weights in [
     ("pickle: compare", "compare", "pytorch_model.bin"),
     ("pickle: eval", "eval", "pytorch_model.bin"),
 ]:
+
     def _pickle(w: World, d: Path, _command=_command, _weights=_weights) -> Case:
         m = w.pickle_folder(d / "m", _weights)
         args = {
@@ -368,6 +396,7 @@ for _name, _command, _weights in [
         if _command == "eval":  # a bake.json pointing at a real base: only the pickle stands in the way
             shutil.copy(w.baked / "bake.json", m / "bake.json")
         return Case(args, ["pickle", _weights])
+
     case(_name)(_pickle)
 
 
@@ -380,23 +409,31 @@ def _(w, d):
     return Case(["generate", d / "m", "hi"], ["transformers_weights", "adapter_model.bin", "pickles"])
 
 
-for _name, _command in [("model: unknown model_type (fold)", "fold"),
-                         ("model: unknown model_type (generate)", "generate")]:
+for _name, _command in [
+    ("model: unknown model_type (fold)", "fold"),
+    ("model: unknown model_type (generate)", "generate"),
+]:
+
     def _unknown_type(w: World, d: Path, _command=_command) -> Case:
         shutil.copytree(w.gpt2, d / "m")
         config = json.loads((d / "m" / "config.json").read_text())
         (d / "m" / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel"}))
         args = ["fold", d / "m", w.vec, "-o", "OUT"] if _command == "fold" else ["generate", d / "m", "hi"]
         return Case(args, ["nosuchmodel", "unknown to transformers"])
+
     case(_name)(_unknown_type)
 
 
-for _name, _extra in [("model: truncated shard", []),
-                       ("model: truncated shard, --dtype bfloat16", ["--dtype", "bfloat16"])]:
+for _name, _extra in [
+    ("model: truncated shard", []),
+    ("model: truncated shard, --dtype bfloat16", ["--dtype", "bfloat16"]),
+]:
+
     def _truncated(w: World, d: Path, _extra=_extra) -> Case:
         shutil.copytree(w.llama, d / "m")
         _truncate(d / "m" / "model.safetensors", 0.6)
         return Case(["fold", d / "m", w.vec, "-o", "OUT", *_extra], ["model.safetensors", "truncated", "tensor"])
+
     case(_name)(_truncated)
 
 
@@ -573,17 +610,25 @@ def test_a_shard_truncated_after_its_header_was_read_ends_the_copy(world, tmp_pa
             action()
 
 
-@pytest.mark.parametrize("args,code,words", [
-    (["fold", "m", "v.safetensors", "-o", "out", "--dtype", "bfloat17"], 2, ["--dtype", "bfloat17", "--help"]),
-    (["fold", "no-model", "no-vectors.safetensors", "-o", "out"], 1, ["no-vectors.safetensors", "not found"]),
-])
+@pytest.mark.parametrize(
+    "args,code,words",
+    [
+        (["fold", "m", "v.safetensors", "-o", "out", "--dtype", "bfloat17"], 2, ["--dtype", "bfloat17", "--help"]),
+        (["fold", "no-model", "no-vectors.safetensors", "-o", "out"], 1, ["no-vectors.safetensors", "not found"]),
+    ],
+)
 def test_a_real_process_prints_one_line_and_exits_with_its_code(tmp_path, args, code, words):
     """The exit codes and the single stderr line as a shell sees them (python -m bake), not only through CliRunner."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "bake", *args], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    done = subprocess.run(
+        [sys.executable, "-m", "bake", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     assert done.returncode == code, done.stderr
     lines = _stderr_lines(done.stderr)
     assert len(lines) == 1 and lines[0].startswith("Error: "), lines

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner, Result
+from conftest import make_tokenizer, save_tiny, tree_digest
 from safetensors.torch import save_file
 
 from bake.cli import main
 from bake.vectorfile import VectorSet
-from conftest import make_tokenizer, save_tiny, tree_digest
 
 PROMPT = "tell me about your day"
 TARGET = ["the happy dog is very happy today", "what a wonderful bright day", "i love the sun and the tea"]
@@ -26,8 +26,16 @@ def invoke(*args) -> Result:
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def write_recipe(folder: Path, model: Path, *, name: str = "r.yaml", layer: int = 1, target: str = json.dumps(TARGET),
-                 extra: str = "", entry_extra: str = "") -> Path:
+def write_recipe(
+    folder: Path,
+    model: Path,
+    *,
+    name: str = "r.yaml",
+    layer: int = 1,
+    target: str = json.dumps(TARGET),
+    extra: str = "",
+    entry_extra: str = "",
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     text = (
         f"model: {model}\n"
@@ -83,7 +91,9 @@ def front_matter(readme: str) -> dict:
 def state_dict(path: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict().items()}
+    return {
+        k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict().items()
+    }
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,8 +105,16 @@ def bigcode_model(tmp_path_factory) -> Path:
     from transformers import GPTBigCodeConfig
 
     tok = make_tokenizer()
-    config = GPTBigCodeConfig(vocab_size=len(tok), n_embd=32, n_layer=4, n_head=4, n_positions=128,
-                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = GPTBigCodeConfig(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=4,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return save_tiny(tmp_path_factory.mktemp("bigcode") / "bigcode", config)
 
 
@@ -106,9 +124,19 @@ def gemma2_model(tmp_path_factory) -> Path:
     from transformers import Gemma2Config
 
     tok = make_tokenizer()
-    config = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return save_tiny(tmp_path_factory.mktemp("gemma2") / "gemma2", config)
 
 
@@ -326,9 +354,19 @@ def _recipe_case(case: str, tmp_path: Path, models: dict[str, Path]) -> tuple[Pa
 
 
 RECIPE_CASES = [
-    "missing recipe", "missing data file", "invalid yaml", "unknown field", "unknown top-level field", "unknown method",
-    "empty target file", "target of unknown words", "one-word target without bos", "layer 4", "layer 99",
-    "negative layer", "unsupported architecture",
+    "missing recipe",
+    "missing data file",
+    "invalid yaml",
+    "unknown field",
+    "unknown top-level field",
+    "unknown method",
+    "empty target file",
+    "target of unknown words",
+    "one-word target without bos",
+    "layer 4",
+    "layer 99",
+    "negative layer",
+    "unsupported architecture",
 ]
 
 
@@ -439,8 +477,13 @@ def test_fold_bad_vector_file_is_refused(tiny_models, tmp_path, case, model_type
     assert tree_digest(src) == before
 
 
-@pytest.mark.parametrize("model,words", [("bigcode", ["'gpt_bigcode'", "gpt2", "llama"]),
-                                         ("gemma2", ["Gemma 2", "no exact bias slot", "--allow-remote-code"])])
+@pytest.mark.parametrize(
+    "model,words",
+    [
+        ("bigcode", ["'gpt_bigcode'", "gpt2", "llama"]),
+        ("gemma2", ["Gemma 2", "no exact bias slot", "--allow-remote-code"]),
+    ],
+)
 def test_fold_into_unsupported_architecture_is_refused(bigcode_model, gemma2_model, tmp_path, model, words):
     src = {"bigcode": bigcode_model, "gemma2": gemma2_model}[model]
     before = tree_digest(src)
@@ -533,8 +576,13 @@ def test_generate_missing_model_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "content,needle",
-    [(None, "no bake.json"), ("{\"base\": ", "not valid JSON"), ("{}", "bake.json"), ("[1, 2]", "bake.json"),
-     ('{"base": {"spec": "x"}, "fold": {"family": "GPT-2"}}', "bake.json")],
+    [
+        (None, "no bake.json"),
+        ('{"base": ', "not valid JSON"),
+        ("{}", "bake.json"),
+        ("[1, 2]", "bake.json"),
+        ('{"base": {"spec": "x"}, "fold": {"family": "GPT-2"}}', "bake.json"),
+    ],
 )
 def test_inspect_bad_manifest_is_refused(tmp_path, content, needle):
     folder = tmp_path / "ckpt"

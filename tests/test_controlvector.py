@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import tree_digest
 
 from bake.cli import main
-from bake.formats.gguf.controlvector import read_control_vector
 from bake.errors import BakeError
+from bake.formats.gguf.controlvector import read_control_vector
 from bake.vectorfile import VectorSet
-from conftest import tree_digest
 
 HIDDEN = 32
 N_LAYER = 4
@@ -53,8 +53,14 @@ def assert_nothing_written(out: Path) -> None:
         assert sorted(p.name for p in out.parent.iterdir()) == [], "files left beside the output"
 
 
-def write_cv(path: Path, directions: dict, *, arch: str = "controlvector", model_hint: str | None = "llama",
-             layer_count: int | None = None) -> Path:
+def write_cv(
+    path: Path,
+    directions: dict,
+    *,
+    arch: str = "controlvector",
+    model_hint: str | None = "llama",
+    layer_count: int | None = None,
+) -> Path:
     """A control-vector GGUF as repeng's export_gguf writes it: {name or N: array}."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), arch)
@@ -92,13 +98,13 @@ def llamacpp_layer_tensors(files: list[tuple[Path, float]], n_layer: int) -> dic
             n_embd = src.size
             if buffer.size < n_embd * n:
                 buffer = np.concatenate([buffer, np.zeros(n_embd * n - buffer.size, dtype=np.float32)])
-            buffer[n_embd * (n - 1): n_embd * n] += src * np.float32(strength)
+            buffer[n_embd * (n - 1) : n_embd * n] += src * np.float32(strength)
     layer_start, layer_end = 1, n_layer
     out = {}
     for il in range(1, n_layer):
         off = n_embd * (il - 1)
         if off + n_embd <= buffer.size and layer_start <= il <= layer_end:
-            out[il] = torch.from_numpy(buffer[off: off + n_embd].copy())
+            out[il] = torch.from_numpy(buffer[off : off + n_embd].copy())
     return out
 
 
@@ -114,6 +120,7 @@ def logits_with_block_output_hooks(model, tokenizer, additions: dict[int, torch.
             if isinstance(output, tuple):
                 return (output[0] + v,) + tuple(output[1:])
             return output + v
+
         return hook
 
     handles = [blocks(model)[il].register_forward_hook(adder(v)) for il, v in additions.items()]
@@ -244,7 +251,10 @@ def _bad_file(case: str, tmp_path: Path) -> tuple[Path, list[str]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     d = random_directions([1], seed=8)[1]
     if case == "model gguf":
-        return write_cv(tmp_path / "model.gguf", {"token_embd.weight": d}, arch="llama"), ["'llama'", "not a control vector"]
+        return write_cv(tmp_path / "model.gguf", {"token_embd.weight": d}, arch="llama"), [
+            "'llama'",
+            "not a control vector",
+        ]
     if case == "not gguf":
         path = tmp_path / "notes.gguf"
         path.write_text("hello, not a gguf\n" * 10)
@@ -272,8 +282,22 @@ def _bad_file(case: str, tmp_path: Path) -> tuple[Path, list[str]]:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["model gguf", "not gguf", "missing", "layer 0", "bad name", "other tensor", "2-D",
-                                  "not float", "sizes differ", "nan", "empty"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "model gguf",
+        "not gguf",
+        "missing",
+        "layer 0",
+        "bad name",
+        "other tensor",
+        "2-D",
+        "not float",
+        "sizes differ",
+        "nan",
+        "empty",
+    ],
+)
 def test_bad_control_vector_files(tmp_path, case):
     path, words = _bad_file(case, tmp_path / "in")
     out = tmp_path / "out" / "v.safetensors"
@@ -294,8 +318,10 @@ def test_files_of_different_hidden_sizes_do_not_add(tmp_path):
     assert_nothing_written(out)
 
 
-@pytest.mark.parametrize("scales, words", [(["1", "2", "3"], ["3 scales for 2 files"]), (["0"], ["scale 0", "zero"]),
-                                           (["inf"], ["non-finite"])])
+@pytest.mark.parametrize(
+    "scales, words",
+    [(["1", "2", "3"], ["3 scales for 2 files"]), (["0"], ["scale 0", "zero"]), (["inf"], ["non-finite"])],
+)
 def test_bad_scales(tmp_path, scales, words):
     fa = write_cv(tmp_path / "a.gguf", random_directions([1], seed=10))
     fb = write_cv(tmp_path / "b.gguf", random_directions([1], seed=11))

@@ -13,9 +13,8 @@ import torch
 from click.testing import CliRunner
 
 import bake
-from bake.collection.measure import measure_vectors
-from bake.families.hf import family_for
 from bake.cli import main
+from bake.collection.measure import measure_vectors
 from bake.errors import BakeError
 from bake.evaluation.evaluate import (
     Evaluator,
@@ -30,17 +29,27 @@ from bake.evaluation.evaluate import (
     vader_scorer,
     word_rate,
 )
-from bake.sources.load import load_model, load_tokenizer
-from bake.recipe import EvaluateSpec, parse_recipe
 from bake.evaluation.sweep import calibrate, compare
+from bake.families.hf import family_for
+from bake.recipe import EvaluateSpec, parse_recipe
+from bake.sources.load import load_model, load_tokenizer
 from bake.vectorfile import VectorSet
 from bake.verify import steered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TARGET = ["the happy dog is wonderful today", "a great day with the sun and tea", "i love the bright happy star",
-          "wonderful good happy day", "the king is happy and the team is great"]
-NEUTRAL = ["the ship and the star are here", "it was night and the rain was on the castle", "a question about the planet and the ball"]
+TARGET = [
+    "the happy dog is wonderful today",
+    "a great day with the sun and tea",
+    "i love the bright happy star",
+    "wonderful good happy day",
+    "the king is happy and the team is great",
+]
+NEUTRAL = [
+    "the ship and the star are here",
+    "it was night and the rain was on the castle",
+    "a question about the planet and the ball",
+]
 GLOOMY = ["the sad dog is terrible today", "an awful night with rain", "i hate the dark", "bad sad night"]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -129,7 +138,11 @@ def test_logprob_gain_is_the_mean_log_probability_change_of_the_target_tokens(ll
 
 def test_vader_orders_positive_neutral_negative():
     score = vader_scorer()
-    happy, plain, sad = score(["What a wonderful, happy day! I love it."]), score(["The train leaves at nine."]), score(["This is awful, sad and terrible."])
+    happy, plain, sad = (
+        score(["What a wonderful, happy day! I love it."]),
+        score(["The train leaves at nine."]),
+        score(["This is awful, sad and terrible."]),
+    )
     assert happy > 0.5 and plain == 0.0 and sad < -0.5
 
 
@@ -150,8 +163,18 @@ def test_word_rate_and_repetition_on_known_texts():
 
 
 def test_derived_word_list_is_the_words_specific_to_the_target():
-    target = ["what a wonderful sunny day", "a wonderful party with cake", "sunny skies and cake for everyone", "the party is wonderful"]
-    reference = ["the report is due on the day after", "a meeting with the team", "the day and the report", "a table and the chairs"]
+    target = [
+        "what a wonderful sunny day",
+        "a wonderful party with cake",
+        "sunny skies and cake for everyone",
+        "the party is wonderful",
+    ]
+    reference = [
+        "the report is due on the day after",
+        "a meeting with the team",
+        "the day and the report",
+        "a table and the chairs",
+    ]
     # "wonderful" (3 times, never in the reference) first; ties alphabetical; k cuts the list.
     assert derive_words(target, reference, k=3) == ["wonderful", "cake", "party"]
     # "a" (twice in each) and "the", "day" (more frequent in the reference) are not specific; "skies" is seen once.
@@ -180,12 +203,13 @@ def test_activation_shift_is_d_prime_along_the_vector():
 
 def _tiny_classifier(path: Path) -> Path:
     """A tiny Llama sequence classifier trained in a second to tell happy words from sad ones."""
+    from conftest import make_tokenizer, tiny_config
     from transformers import AutoModelForSequenceClassification
 
-    from conftest import make_tokenizer, tiny_config
-
     tok = make_tokenizer()
-    config = tiny_config("llama", num_labels=2, id2label={0: "GLOOMY", 1: "CHEERFUL"}, label2id={"GLOOMY": 0, "CHEERFUL": 1})
+    config = tiny_config(
+        "llama", num_labels=2, id2label={0: "GLOOMY", 1: "CHEERFUL"}, label2id={"GLOOMY": 0, "CHEERFUL": 1}
+    )
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config)
     texts, labels = TARGET + GLOOMY, [1] * len(TARGET) + [0] * len(GLOOMY)
@@ -210,7 +234,10 @@ def test_classifier_scorer_is_the_mean_label_probability(tmp_path):
     assert cheerful > 0.5 > gloomy
     model, tok = AutoModelForSequenceClassification.from_pretrained(path).eval(), load_tokenizer(path)
     with torch.inference_mode():
-        probs = [torch.softmax(model(**tok(t, return_tensors="pt")).logits[0], -1)[1].item() for t in ("a wonderful happy day", "i hate the dark")]
+        probs = [
+            torch.softmax(model(**tok(t, return_tensors="pt")).logits[0], -1)[1].item()
+            for t in ("a wonderful happy day", "i hate the dark")
+        ]
     assert score(["a wonderful happy day", "i hate the dark"]) == pytest.approx(sum(probs) / 2, rel=1e-5)
     with pytest.raises(BakeError, match="no label 'POSITIVE'.*CHEERFUL"):
         classifier_scorer(str(path), "POSITIVE")
@@ -235,7 +262,9 @@ def test_auto_picks_the_largest_grid_coefficient_within_the_kl_budget(llama, uni
 
 def test_run_with_auto_records_the_choice_in_manifest_card_and_inspect(llama, tmp_path):
     path = llama[0]
-    (tmp_path / "r.yaml").write_text(_recipe(path, tmp_path, "auto", "  max_kl: 0.02\n  coefficients: [0.5, 1, 2, 4]\n").text)
+    (tmp_path / "r.yaml").write_text(
+        _recipe(path, tmp_path, "auto", "  max_kl: 0.02\n  coefficients: [0.5, 1, 2, 4]\n").text
+    )
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -257,17 +286,29 @@ def test_sweep_collects_once_writes_tables_and_png_plots(llama, tmp_path, monkey
     calls = []
     real_collect = bake.collection.measure.collect
     monkeypatch.setattr(bake.collection.measure, "collect", lambda *a, **k: calls.append(a[3]) or real_collect(*a, **k))
-    (tmp_path / "r.yaml").write_text(_recipe(llama[0], tmp_path, evaluate="  scorers: [wordlist, vader, logprob_gain, activation_shift]\n").text)
+    (tmp_path / "r.yaml").write_text(
+        _recipe(llama[0], tmp_path, evaluate="  scorers: [wordlist, vader, logprob_gain, activation_shift]\n").text
+    )
     out = tmp_path / "sweep"
-    result = CliRunner().invoke(main, ["sweep", str(tmp_path / "r.yaml"), "--layers", "0,2", "--coefficients", "1,3", "-o", str(out)])
+    result = CliRunner().invoke(
+        main, ["sweep", str(tmp_path / "r.yaml"), "--layers", "0,2", "--coefficients", "1,3", "-o", str(out)]
+    )
     assert result.exit_code == 0, result.output
     # One pass per text set (target, background), each recording both layers.
     assert calls == [[(0, "resid_post"), (2, "resid_post")]] * 2
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert [(r["layer"], r["coefficient"]) for r in rows] == [("base", "0.0"), ("0", "1.0"), ("0", "3.0"), ("2", "1.0"), ("2", "3.0")]
+    assert [(r["layer"], r["coefficient"]) for r in rows] == [
+        ("base", "0.0"),
+        ("0", "1.0"),
+        ("0", "3.0"),
+        ("2", "1.0"),
+        ("2", "3.0"),
+    ]
     record = json.loads((out / "sweep.json").read_text())
     for row, measured in zip(rows[1:], record["rows"]):
-        assert float(row["kl"]) == pytest.approx(measured["kl"]) and float(row["vader"]) == pytest.approx(measured["vader"])
+        assert float(row["kl"]) == pytest.approx(measured["kl"]) and float(row["vader"]) == pytest.approx(
+            measured["vader"]
+        )
     assert float(rows[0]["kl"]) == 0.0 and float(rows[2]["kl"]) > float(rows[1]["kl"]) > 0
     # One direction per layer, whatever the coefficient (up to float32 rounding of the scaled vector).
     assert float(rows[1]["activation_shift"]) == pytest.approx(float(rows[2]["activation_shift"]), rel=1e-5)
@@ -277,7 +318,9 @@ def test_sweep_collects_once_writes_tables_and_png_plots(llama, tmp_path, monkey
         assert raw.startswith(PNG) and len(raw) > 1000
         image = matplotlib.image.imread(out / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sweep")]  # staged folder renamed, nothing left over
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(".sweep")
+    ]  # staged folder renamed, nothing left over
 
 
 def test_sweep_refuses_bad_layers_and_existing_output_before_any_work(llama, tmp_path):
@@ -302,8 +345,12 @@ def test_calibrate_finds_the_largest_coefficient_within_the_budget():
 
 def test_compare_calibrates_every_method_to_the_same_budget(llama, tmp_path):
     budget = 0.03
-    recipe = _recipe(llama[0], tmp_path, evaluate=f"  scorers: [wordlist, logprob_gain]\n  max_kl: {budget}\n"
-                     f"  compare: {{negative: {{texts: {json.dumps(GLOOMY)}}}, positive_prompt: love, negative_prompt: hate}}\n")
+    recipe = _recipe(
+        llama[0],
+        tmp_path,
+        evaluate=f"  scorers: [wordlist, logprob_gain]\n  max_kl: {budget}\n"
+        f"  compare: {{negative: {{texts: {json.dumps(GLOOMY)}}}, positive_prompt: love, negative_prompt: hate}}\n",
+    )
     report = compare(recipe, tmp_path / "cmp")
     assert [r["method"] for r in report.rows] == ["mean-centred", "mean", "actadd", "contrast"]
     record = json.loads((tmp_path / "cmp" / "compare.json").read_text())
@@ -311,7 +358,11 @@ def test_compare_calibrates_every_method_to_the_same_budget(llama, tmp_path):
     mean_centred_unit = measured.units[0].float()
     for row in report.rows:
         assert row["kl"] <= budget
-        above = [s["kl"] for s in record["searches"][row["method"]] if row["coefficient"] < s["coefficient"] <= 1.05 * row["coefficient"]]
+        above = [
+            s["kl"]
+            for s in record["searches"][row["method"]]
+            if row["coefficient"] < s["coefficient"] <= 1.05 * row["coefficient"]
+        ]
         assert above and min(above) > budget  # tight: 5% more would break the budget
     # The mean-centred row is the recipe's own vector at the calibrated coefficient: its KL, recomputed by hand.
     _, model, tok = llama
@@ -333,11 +384,15 @@ def test_compare_without_negative_texts_or_prompt_pair_says_what_it_left_out(lla
 
 def test_eval_writes_figures_into_manifest_and_card_and_keeps_the_weights(llama, tmp_path):
     path, model, tok = llama
-    (tmp_path / "r.yaml").write_text(_recipe(path, tmp_path, "2.0", "  scorers: [wordlist, activation_shift]\n  max_kl: 0.5\n").text)
+    (tmp_path / "r.yaml").write_text(
+        _recipe(path, tmp_path, "2.0", "  scorers: [wordlist, activation_shift]\n  max_kl: 0.5\n").text
+    )
     out = tmp_path / "out"
     assert CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "-o", str(out)]).exit_code == 0
     weights = (out / "model.safetensors").read_bytes() if (out / "model.safetensors").exists() else None
-    result = CliRunner().invoke(main, ["eval", str(out), "--prompts", "tell me a story", "--prompts", "how is the weather"])
+    result = CliRunner().invoke(
+        main, ["eval", str(out), "--prompts", "tell me a story", "--prompts", "how is the weather"]
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "bake.json").read_text())
     ev = manifest["evaluation"]
@@ -378,7 +433,9 @@ def test_evaluate_section_errors_name_the_field(tmp_path, evaluate, path, needle
 
 
 def test_coefficient_is_a_number_or_auto(tmp_path):
-    parse = lambda c: parse_recipe(f"model: m\nsteering:\n  - {{name: a, layer: 1, coefficient: {c}, target: [x]}}\n", tmp_path)  # noqa: E731
+    parse = lambda c: parse_recipe(
+        f"model: m\nsteering:\n  - {{name: a, layer: 1, coefficient: {c}, target: [x]}}\n", tmp_path
+    )  # noqa: E731
     assert parse("auto").steering[0].coefficient == "auto" and parse("-2").steering[0].coefficient == -2.0
     with pytest.raises(BakeError, match=r"steering.0.coefficient: coefficient is a number or 'auto', not 'automatic'"):
         parse("automatic")
@@ -407,8 +464,10 @@ def test_sweep_plots_name_the_measure_mark_the_base_and_the_points_over_budget()
     from bake.evaluation import plots
     from bake.recipe import LABELS
 
-    rows = [{"layer": layer, "coefficient": c, "kl": kl, "vader": v}
-            for layer, c, kl, v in [(3, 1.0, 0.2, 0.5), (3, 2.0, 0.9, 0.7), (6, 1.0, 0.3, 0.4), (6, 2.0, 0.4, 0.6)]]
+    rows = [
+        {"layer": layer, "coefficient": c, "kl": kl, "vader": v}
+        for layer, c, kl, v in [(3, 1.0, 0.2, 0.5), (3, 2.0, 0.9, 0.7), (6, 1.0, 0.3, 0.4), (6, 2.0, 0.4, 0.6)]
+    ]
     by_kl, by_coefficient = plots.sweep_figures(rows, {"vader": 0.1}, "vader", max_kl=0.5)
     (ax,) = by_kl.axes
     assert ax.get_title() == f"{LABELS['vader']} vs KL (point labels: coefficient)"

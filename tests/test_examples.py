@@ -45,10 +45,10 @@ def small_recipe(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("example-recipe") / "cheerful-small.yaml"
     path.write_text(f"""
 model: {DEFAULT_MODEL}
-background: {{corpus: {{file: {data / 'neutral.txt'}, limit: 64}}}}
+background: {{corpus: {{file: {data / "neutral.txt"}, limit: 64}}}}
 steering:
   - {{name: cheerful, layer: 15, coefficient: 1.25, chat: true, chat_prompt: "How are things?",
-     target: {{file: {data / 'cheerful.txt'}, limit: 48}}}}
+     target: {{file: {data / "cheerful.txt"}, limit: 48}}}}
 verify: {{prompts: ["The weather today is"], tokens: 4}}
 preview: {{prompts: ["{PROMPT}"], tokens: 12}}
 """)
@@ -94,9 +94,19 @@ class _StandIn(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.received.append((self.path, body))
-        answer = json.dumps({"object": "chat.completion", "model": body["model"],
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "What a lovely day!"},
-                                          "finish_reason": "stop"}]}).encode()
+        answer = json.dumps(
+            {
+                "object": "chat.completion",
+                "model": body["model"],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "What a lovely day!"},
+                        "finish_reason": "stop",
+                    }
+                ],
+            }
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(answer)))
@@ -116,16 +126,26 @@ def test_vllm_request_example_sends_an_openai_chat_request():
     finally:
         server.shutdown()
     assert stdout.strip() == "What a lovely day!"
-    assert _StandIn.received == [("/v1/chat/completions", {
-        "model": "cheerful", "messages": [{"role": "user", "content": "The bus was late again."}],
-        "max_tokens": 60, "temperature": 0})]
+    assert _StandIn.received == [
+        (
+            "/v1/chat/completions",
+            {
+                "model": "cheerful",
+                "messages": [{"role": "user", "content": "The bus was late again."}],
+                "max_tokens": 60,
+                "temperature": 0,
+            },
+        )
+    ]
 
 
 def test_llama_cpp_example_runs_the_steered_gguf(api_bake, smollm2_gguf, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[llama-cpp]')")
     out, _ = api_bake
     gguf = tmp_path / "cheerful.gguf"
-    result = CliRunner().invoke(main, ["fold", DEFAULT_MODEL, str(out / "bake" / "vectors.safetensors"), "-o", str(gguf)])
+    result = CliRunner().invoke(
+        main, ["fold", DEFAULT_MODEL, str(out / "bake" / "vectors.safetensors"), "-o", str(gguf)]
+    )
     assert result.exit_code == 0, result.output
     got = replies(run_example("llama_cpp_chat.py", str(gguf), PROMPT, "--compare", str(smollm2_gguf), "--tokens", "12"))
     assert got["steered"] and got["base"] and got["steered"] != got["base"]
@@ -151,7 +171,9 @@ def test_combined_recipe_bakes_each_behaviour_as_it_bakes_alone(tmp_path, smollm
     import bake
 
     combined = load_recipe(EXAMPLES / "cheerful-concise.yaml")
-    result = bake.fold(combined.model, bake.compute_vectors(combined), tmp_path / "out", verify=combined.verify, recipe=combined)
+    result = bake.fold(
+        combined.model, bake.compute_vectors(combined), tmp_path / "out", verify=combined.verify, recipe=combined
+    )
     assert result.verification["passed"]
     alone = {}
     for name in ("quickstart.yaml", "concise.yaml"):

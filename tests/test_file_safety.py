@@ -68,6 +68,7 @@ def world(tmp_path, tiny_models):
 
 # --- item 1: --force and -o never touch the source or what bake did not write -------------------------------
 
+
 def _case_target(case: str, w: dict) -> tuple[Path, tuple[str, ...], str]:
     """(target, extra args, words the one line must hold) for each refused ``bake fold ... -o`` case."""
     tmp, root, src = w["tmp"], w["root"], w["src"]
@@ -96,8 +97,16 @@ def _case_target(case: str, w: dict) -> tuple[Path, tuple[str, ...], str]:
     raise AssertionError(case)
 
 
-CASES = ["contains the source", "is the source", "inside the source", "symlink to the source", "not a bake output",
-         "a plain file", "exists without --force", "parent is a file"]
+CASES = [
+    "contains the source",
+    "is the source",
+    "inside the source",
+    "symlink to the source",
+    "not a bake output",
+    "a plain file",
+    "exists without --force",
+    "parent is a file",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -184,6 +193,7 @@ def test_unbake_never_writes_into_the_baked_folder(world):
 
 # --- item 7: read-only folders, a full disk -------------------------------------------------------------------
 
+
 def _mount_tmpfs(where: Path, options: str) -> None:
     where.mkdir()
     try:
@@ -242,6 +252,7 @@ def test_a_disk_that_fills_during_the_fold_leaves_nothing(world, mounted, monkey
 
 # --- item 3: the final rename never replaces ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("native", [True, False])
 @pytest.mark.parametrize("kind", ["folder", "file"])
 @pytest.mark.parametrize("existing", ["folder", "empty folder", "file"])
@@ -285,8 +296,14 @@ def test_a_target_created_during_the_run_is_not_replaced(world, monkeypatch):
 
 def _bake(*args: str, **popen) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "bake", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bake", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -306,6 +323,7 @@ def test_two_concurrent_folds_to_one_output_one_wins(world):
 
 
 # --- item 8: SIGTERM and SIGKILL ------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> Path:
@@ -363,6 +381,7 @@ def test_staging_of_a_live_run_is_named_and_kept(world):
 
 # --- item 2: names read from a manifest or index stay inside the folder -------------------------------------
 
+
 @pytest.fixture
 def baked(world) -> Path:
     out = world["tmp"] / "baked"
@@ -378,7 +397,8 @@ def _edit(folder: Path, change) -> None:
 
 HOSTILE = {
     "shard escapes": lambda m: m["fold"]["undo"]["shards"].update(
-        {"../../../x.safetensors": {"file": "../../../../etc/hostname", "rewritten": False}}),
+        {"../../../x.safetensors": {"file": "../../../../etc/hostname", "rewritten": False}}
+    ),
     "absolute shard file": lambda m: next(iter(m["fold"]["undo"]["shards"].values())).update(file="/etc/hostname"),
     "vector file escapes": lambda m: m.update(vector_file="../../v.safetensors"),
     "undo folder absolute": lambda m: m["fold"]["undo"].update(folder="/etc"),
@@ -433,14 +453,40 @@ def test_index_entries_must_be_plain_names(world):
 
 
 _NAMES = st.one_of(
-    st.sampled_from(["..", "../x", "/etc/hostname", "a/../../b", "bake/../../x", "", ".", "a\\..\\b", "x\x00y",
-                     "../../../../etc/passwd", "bake/undo/../../../z", "model.safetensors"]),
+    st.sampled_from(
+        [
+            "..",
+            "../x",
+            "/etc/hostname",
+            "a/../../b",
+            "bake/../../x",
+            "",
+            ".",
+            "a\\..\\b",
+            "x\x00y",
+            "../../../../etc/passwd",
+            "bake/undo/../../../z",
+            "model.safetensors",
+        ]
+    ),
     st.text(alphabet="./\\ab", max_size=12),
 )
-_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _NAMES,
-                     lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_NAMES, kids, max_size=3), max_leaves=8)
-_PATHS = [("vector_file",), ("fold", "undo", "folder"), ("fold", "undo", "originals"), ("fold", "undo", "written"),
-          ("fold", "undo", "shards"), ("fold", "biases"), ("fold",), ("base",), ("fold", "remote_code")]
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | _NAMES,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_NAMES, kids, max_size=3),
+    max_leaves=8,
+)
+_PATHS = [
+    ("vector_file",),
+    ("fold", "undo", "folder"),
+    ("fold", "undo", "originals"),
+    ("fold", "undo", "written"),
+    ("fold", "undo", "shards"),
+    ("fold", "biases"),
+    ("fold",),
+    ("base",),
+    ("fold", "remote_code"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -451,8 +497,12 @@ def fuzz_bake(tmp_path_factory, tiny_models) -> tuple[Path, str]:
 
 
 # A longer fuzz: BAKE_FUZZ_EXAMPLES=5000 python -m pytest tests/test_file_safety.py -k fuzzed
-@settings(derandomize=True, max_examples=int(os.environ.get("BAKE_FUZZ_EXAMPLES", "200")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    derandomize=True,
+    max_examples=int(os.environ.get("BAKE_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(where=st.sampled_from(_PATHS), value=st.one_of(_NAMES, _JSON), shard_value=_NAMES)
 def test_fuzzed_manifest_ends_in_bake_error_and_writes_nowhere_else(fuzz_bake, where, value, shard_value):
     """Random hostile values at the places a manifest names files: unbake and inspect end in a BakeError (or work),
@@ -483,6 +533,7 @@ def test_fuzzed_manifest_ends_in_bake_error_and_writes_nowhere_else(fuzz_bake, w
 
 
 # --- GGUF outputs follow the same rules -----------------------------------------------------------------------
+
 
 def test_gguf_output_rules(tmp_path):
     pytest.importorskip("gguf", reason="GGUF output needs the gguf package (the test extra installs it)")

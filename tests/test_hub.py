@@ -8,12 +8,12 @@ import hashlib
 import json
 import re
 
-from huggingface_hub.utils import httpx as httpx2  # the HTTP library huggingface_hub uses
 import huggingface_hub
 import pytest
 import torch
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
+from huggingface_hub.utils import httpx as httpx2  # the HTTP library huggingface_hub uses
 from safetensors.torch import load_file, save_file
 
 import bake
@@ -50,9 +50,13 @@ class FakeHub:
             body = json.loads(request.content)
             repo = f"{body['organization']}/{body['name']}"
             if repo in self.existing:
-                return httpx2.Response(409, json={"error": "You already created this model repo", "url": f"https://huggingface.co/{repo}"})
+                return httpx2.Response(
+                    409, json={"error": "You already created this model repo", "url": f"https://huggingface.co/{repo}"}
+                )
             if body["organization"] not in self.writable:
-                return httpx2.Response(403, json={"error": "You don't have the rights to create a model under this namespace"})
+                return httpx2.Response(
+                    403, json={"error": "You don't have the rights to create a model under this namespace"}
+                )
             self.created.append(body)
             return httpx2.Response(200, json={"url": f"https://huggingface.co/{repo}", "name": repo})
         if path == "/api/validate-yaml":
@@ -67,9 +71,19 @@ class FakeHub:
                 return httpx2.Response(200, json={})
             if action == "preupload":
                 files = json.loads(request.content)["files"]
-                return httpx2.Response(200, json={"files": [
-                    {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular", "shouldIgnore": False}
-                    for f in files]})
+                return httpx2.Response(
+                    200,
+                    json={
+                        "files": [
+                            {
+                                "path": f["path"],
+                                "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
+                                "shouldIgnore": False,
+                            }
+                            for f in files
+                        ]
+                    },
+                )
             if action == "commit":
                 lines = [json.loads(line) for line in request.content.decode().splitlines()]
                 files = {}
@@ -77,8 +91,12 @@ class FakeHub:
                     v = line["value"]
                     files[v["path"]] = base64.b64decode(v["content"]) if line["key"] == "file" else self.lfs[v["oid"]]
                 oid = hashlib.sha1(request.content).hexdigest()
-                self.commits.append({"repo": repo, "revision": rev, "message": lines[0]["value"]["summary"], "files": files, "oid": oid})
-                return httpx2.Response(200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/{oid}", "commitOid": oid})
+                self.commits.append(
+                    {"repo": repo, "revision": rev, "message": lines[0]["value"]["summary"], "files": files, "oid": oid}
+                )
+                return httpx2.Response(
+                    200, json={"commitUrl": f"https://huggingface.co/{repo}/commit/{oid}", "commitOid": oid}
+                )
             if action == "tag":
                 self.tags.append({"repo": repo, "revision": rev, **json.loads(request.content)})
                 return httpx2.Response(200, json={})
@@ -87,12 +105,28 @@ class FakeHub:
             return served
         if path.endswith("/info/lfs/objects/batch"):
             objects = json.loads(request.content)["objects"]
-            return httpx2.Response(200, json={"transfer": "basic", "objects": [
-                {"oid": o["oid"], "size": o["size"], "actions": {"upload": {"href": f"https://s3.example/{o['oid']}"}}} for o in objects]})
+            return httpx2.Response(
+                200,
+                json={
+                    "transfer": "basic",
+                    "objects": [
+                        {
+                            "oid": o["oid"],
+                            "size": o["size"],
+                            "actions": {"upload": {"href": f"https://s3.example/{o['oid']}"}},
+                        }
+                        for o in objects
+                    ],
+                },
+            )
         if request.url.host == "s3.example" and request.method == "PUT":
             self.lfs[path.strip("/")] = request.content
             return httpx2.Response(200)
-        return httpx2.Response(200, json={}) if request.method == "GET" else httpx2.Response(404, json={"error": "unknown"})
+        return (
+            httpx2.Response(200, json={})
+            if request.method == "GET"
+            else httpx2.Response(404, json={"error": "unknown"})
+        )
 
     def _serve(self, request: httpx2.Request) -> httpx2.Response | None:
         """Read back what was committed: repo info with its file list, and file downloads."""
@@ -100,20 +134,31 @@ class FakeHub:
         if m and request.method == "GET":
             commit = next((c for c in reversed(self.commits) if c["repo"] == m[1]), None)
             if commit is None:
-                return httpx2.Response(404, json={"error": "Repository not found"}, headers={"x-error-code": "RepoNotFound"})
-            return httpx2.Response(200, json={"id": m[1], "sha": commit["oid"], "siblings": [{"rfilename": f} for f in commit["files"]]})
+                return httpx2.Response(
+                    404, json={"error": "Repository not found"}, headers={"x-error-code": "RepoNotFound"}
+                )
+            return httpx2.Response(
+                200, json={"id": m[1], "sha": commit["oid"], "siblings": [{"rfilename": f} for f in commit["files"]]}
+            )
         m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", request.url.path)
         if m:
             commit = next(c for c in reversed(self.commits) if c["repo"] == m[1])
-            return httpx2.Response(200, json=[
-                {"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
-                for name, content in commit["files"].items()])
+            return httpx2.Response(
+                200,
+                json=[
+                    {"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
+                    for name, content in commit["files"].items()
+                ],
+            )
         m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", request.url.path)
         if m:
             commit = next(c for c in reversed(self.commits) if c["repo"] == m[1])
             content = commit["files"][m[3]]
-            headers = {"x-repo-commit": commit["oid"], "etag": f'"{hashlib.sha256(content).hexdigest()}"',
-                       "content-length": str(len(content))}
+            headers = {
+                "x-repo-commit": commit["oid"],
+                "etag": f'"{hashlib.sha256(content).hexdigest()}"',
+                "content-length": str(len(content)),
+            }
             return httpx2.Response(200, content=b"" if request.method == "HEAD" else content, headers=headers)
         return None
 
@@ -138,8 +183,12 @@ def fake_hub(monkeypatch, tmp_path):
 def baked(tmp_path, tiny_models):
     out = tmp_path / "baked"
     g = torch.Generator().manual_seed(2)
-    bake.fold(str(tiny_models["llama"]), VectorSet({(1, "resid_post"): torch.randn(32, generator=g)}), out,
-              base_model_id="acme/tiny-llama")
+    bake.fold(
+        str(tiny_models["llama"]),
+        VectorSet({(1, "resid_post"): torch.randn(32, generator=g)}),
+        out,
+        base_model_id="acme/tiny-llama",
+    )
     return out
 
 
@@ -153,8 +202,17 @@ def _local_files(folder):
 
 def test_push_uploads_every_file_in_one_commit_on_the_branch_and_tags_it(fake_hub, baked):
     hub = fake_hub()
-    result = _push(baked, "alice/tiny-cheer", "--revision", "release", "--tag", "v1.2.0", "--private",
-                   "--commit-message", "cheerful v1.2.0")
+    result = _push(
+        baked,
+        "alice/tiny-cheer",
+        "--revision",
+        "release",
+        "--tag",
+        "v1.2.0",
+        "--private",
+        "--commit-message",
+        "cheerful v1.2.0",
+    )
     assert result.exit_code == 0, result.output
     assert hub.created == [{"name": "tiny-cheer", "organization": "alice", "visibility": "private"}]
     assert hub.branches == [("alice/tiny-cheer", "release")]
@@ -169,7 +227,9 @@ def test_push_uploads_every_file_in_one_commit_on_the_branch_and_tags_it(fake_hu
     assert set(hub.lfs.values()) >= {local["model-bake-steering.safetensors"], local["bake/vectors.safetensors"]}
     card = commit["files"]["README.md"].decode()
     assert 'model="alice/tiny-cheer"' in card and "PATH_OR_REPO_ID" not in card
-    assert hub.tags == [{"repo": "alice/tiny-cheer", "revision": commit["oid"], "tag": "v1.2.0", "message": "cheerful v1.2.0"}]
+    assert hub.tags == [
+        {"repo": "alice/tiny-cheer", "revision": commit["oid"], "tag": "v1.2.0", "message": "cheerful v1.2.0"}
+    ]
     assert hub.authorizations == {f"Bearer {TOKEN}"}
     assert commit["oid"][:12] in result.output and "v1.2.0" in result.output
     assert TOKEN not in result.output
@@ -184,7 +244,10 @@ def test_dry_run_lists_exactly_what_would_be_uploaded_and_contacts_nothing(fake_
     listed = re.findall(r"^  (\S+)  \(", result.output, flags=re.M)
     assert sorted(listed) == sorted(_local_files(baked))
     assert "https://huggingface.co/alice/tiny-cheer (branch main)" in result.output and "'v1.0.0'" in result.output
-    assert "no Hugging Face token is set, so the real push would fail" in result.output and "hf auth login" in result.output
+    assert (
+        "no Hugging Face token is set, so the real push would fail" in result.output
+        and "hf auth login" in result.output
+    )
 
 
 def test_dry_run_with_a_token_does_not_warn_about_it(fake_hub, baked):
@@ -207,7 +270,9 @@ def test_push_to_someone_elses_repo_is_refused_with_nothing_pushed(fake_hub, bak
     hub = fake_hub(writable=("alice",), existing=("bob/model",))
     result = _push(baked, "bob/model", "--tag", "v1")
     assert result.exit_code == 1
-    assert "'bob'" in result.output and "owned by someone else" in result.output and "nothing was pushed" in result.output
+    assert (
+        "'bob'" in result.output and "owned by someone else" in result.output and "nothing was pushed" in result.output
+    )
     assert hub.commits == [] and hub.tags == []
     assert TOKEN not in result.output
 
@@ -250,8 +315,16 @@ def test_card_parses_back_with_its_metadata_and_sections(baked, tiny_models):
     assert card.data.base_model == "acme/tiny-llama"
     assert set(card.data.tags) >= {"steering", "bake", "activation-steering"}
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
-    for section in ("## Steering", "## Verification", "## Where the steering loads", "## How to load", "## Provenance",
-                    "vllm serve", "convert_hf_to_gguf.py", "| Llama (`llama`) |"):
+    for section in (
+        "## Steering",
+        "## Verification",
+        "## Where the steering loads",
+        "## How to load",
+        "## Provenance",
+        "vllm serve",
+        "convert_hf_to_gguf.py",
+        "| Llama (`llama`) |",
+    ):
         assert section in card.text, section
 
 
@@ -276,9 +349,19 @@ def test_a_hub_model_resolves_to_its_downloaded_snapshot(fake_hub, baked, tmp_pa
     assert _push(baked, "alice/tiny-cheer").exit_code == 0
     source = resolve_model("alice/tiny-cheer")
     assert source.identity == {"kind": "hub", "repo_id": "alice/tiny-cheer", "commit": hub.commits[0]["oid"]}
-    for name in ("config.json", "model-base.safetensors", "model-bake-steering.safetensors", "tokenizer.json", "README.md"):
+    for name in (
+        "config.json",
+        "model-base.safetensors",
+        "model-bake-steering.safetensors",
+        "tokenizer.json",
+        "README.md",
+    ):
         assert (source.path / name).read_bytes() == hub.commits[0]["files"][name], name
-    for name in ("bake/vectors.safetensors", "bake/undo/headers.json", "bake/undo/config.json"):  # a bake on top carries them on
+    for name in (
+        "bake/vectors.safetensors",
+        "bake/undo/headers.json",
+        "bake/undo/config.json",
+    ):  # a bake on top carries them on
         assert (source.path / name).read_bytes() == hub.commits[0]["files"][name], name
     with pytest.raises(bake.BakeError, match="'alice/missing'"):
         resolve_model("alice/missing")

@@ -24,8 +24,9 @@ def test_import_contracts_are_kept():
     lint = shutil.which("lint-imports")
     if lint is None:
         pytest.skip("lint-imports is not installed: pip install 'bake[test]' (import-linter)")
-    done = subprocess.run([lint, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [lint, "--config", str(ROOT / "pyproject.toml")], cwd=ROOT, env=_env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "4 kept, 0 broken" in done.stdout, done.stdout
 

@@ -18,10 +18,13 @@ from bake.vectorfile import VectorSet
 def baked(tmp_path, tiny_models):
     def make(model_type: str):
         g = torch.Generator().manual_seed(5)
-        vectors = VectorSet({(1, "resid_post"): torch.randn(32, generator=g), (2, "resid_mid"): torch.randn(32, generator=g)})
+        vectors = VectorSet(
+            {(1, "resid_post"): torch.randn(32, generator=g), (2, "resid_mid"): torch.randn(32, generator=g)}
+        )
         out = tmp_path / model_type
         bake.fold(str(tiny_models[model_type]), vectors, out)
         return out
+
     return make
 
 
@@ -40,7 +43,9 @@ def test_untouched_checkpoint_matches_its_manifest(baked, model_type):
     assert verdict["manifest"] == json.loads((out / "bake.json").read_text())
 
 
-@pytest.mark.parametrize("model_type,shard", [("gpt2", "model.safetensors"), ("llama", "model-bake-steering.safetensors")])
+@pytest.mark.parametrize(
+    "model_type,shard", [("gpt2", "model.safetensors"), ("llama", "model-bake-steering.safetensors")]
+)
 def test_tampered_bias_is_reported(baked, model_type, shard):
     out = baked(model_type)
     tensors = load_file(out / shard)

@@ -10,17 +10,22 @@ import torch
 
 import bake
 from bake.collection.activations import collect
-from bake.families.hf import family_for
 from bake.collection.texts import tokenize
-from bake.sources.resolve import cache_dir
-from bake.sources.load import load_model, load_tokenizer
+from bake.families.hf import family_for
 from bake.recipe import parse_recipe
+from bake.sources.load import load_model, load_tokenizer
+from bake.sources.resolve import cache_dir
 
 TARGET = ["the happy dog is here today", "a wonderful bright day", "i love the sun and the tea"]
 CORPUS = ["the cat was in the castle", "a ship and a star", "it is a day of rain", "the team and the ball"]
 
 
-def _recipe(model: Path, tmp_path: Path, steering: str, background: str = "background: {corpus: {texts: " + json.dumps(CORPUS) + "}}"):
+def _recipe(
+    model: Path,
+    tmp_path: Path,
+    steering: str,
+    background: str = "background: {corpus: {texts: " + json.dumps(CORPUS) + "}}",
+):
     text = f"model: {model}\n{background}\nsteering:\n{steering}"
     return parse_recipe(text, tmp_path)
 
@@ -29,29 +34,36 @@ def _mean(model_dir: Path, texts: list[str], layer: int) -> torch.Tensor:
     """Independent of the pipeline: tokenize and collect directly."""
     model = load_model(model_dir, dtype=torch.float32)
     tok = load_tokenizer(model_dir)
-    return collect(model, family_for(model.config), tokenize(tok, texts, 256), [(layer, "resid_post")])[(layer, "resid_post")].mean
+    return collect(model, family_for(model.config), tokenize(tok, texts, 256), [(layer, "resid_post")])[
+        (layer, "resid_post")
+    ].mean
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_mean_centred_is_target_mean_minus_background_mean(tiny_models, tmp_path, model_type):
     src = tiny_models[model_type]
-    recipe = _recipe(src, tmp_path, f"  - {{name: joy, layer: 2, coefficient: 3.0, target: {{texts: {json.dumps(TARGET)}}}}}")
+    recipe = _recipe(
+        src, tmp_path, f"  - {{name: joy, layer: 2, coefficient: 3.0, target: {{texts: {json.dumps(TARGET)}}}}}"
+    )
     vs = bake.compute_vectors(recipe)
     expected = 3.0 * (_mean(src, TARGET, 2) - _mean(src, CORPUS, 2))
     torch.testing.assert_close(vs.vectors[(2, "resid_post")], expected.float(), rtol=1e-6, atol=1e-6)
     (entry,) = vs.meta["entries"]
     # One token per word; the <bos> each text starts with is not counted.
     words = lambda texts: sum(len(t.split()) for t in texts)  # noqa: E731
-    assert entry["counts"] == {"target": {"texts": 3, "tokens": words(TARGET)}, "background": {"texts": 4, "tokens": words(CORPUS)}}
+    assert entry["counts"] == {
+        "target": {"texts": 3, "tokens": words(TARGET)},
+        "background": {"texts": 4, "tokens": words(CORPUS)},
+    }
     assert entry["norm"] == pytest.approx(float(expected.norm()), rel=1e-6)
     assert entry["relative_norm"] == pytest.approx(entry["norm"] / entry["mean_residual_norm"])
 
 
 def test_entries_sharing_a_layer_add_up(tiny_models, tmp_path):
     src = tiny_models["llama"]
-    a = "  - {name: a, layer: 1, method: mean, coefficient: 0.5, target: {texts: [\"the happy dog\"]}}\n"
-    b = "  - {name: b, layer: 1, method: contrast, positive: {texts: [\"i love tea\"]}, negative: {texts: [\"i hate rain\"]}}\n"
-    c = "  - {name: c, layer: 3, method: actadd, positive_prompt: \"love love\", negative_prompt: \"hate hate\"}\n"
+    a = '  - {name: a, layer: 1, method: mean, coefficient: 0.5, target: {texts: ["the happy dog"]}}\n'
+    b = '  - {name: b, layer: 1, method: contrast, positive: {texts: ["i love tea"]}, negative: {texts: ["i hate rain"]}}\n'
+    c = '  - {name: c, layer: 3, method: actadd, positive_prompt: "love love", negative_prompt: "hate hate"}\n'
     both = bake.compute_vectors(_recipe(src, tmp_path, a + b + c)).vectors
     only_a = bake.compute_vectors(_recipe(src, tmp_path, a)).vectors[(1, "resid_post")]
     only_b = bake.compute_vectors(_recipe(src, tmp_path, b)).vectors[(1, "resid_post")]
@@ -79,7 +91,9 @@ def test_model_sampled_background_is_seeded_and_cached(tiny_models, tmp_path, ca
     assert not torch.equal(first.vectors[(1, "resid_post")], second.vectors[(1, "resid_post")]), "cache was not read"
     cached[0].unlink()
     third = bake.compute_vectors(_recipe(src, tmp_path, steering, sample))
-    assert torch.equal(first.vectors[(1, "resid_post")], third.vectors[(1, "resid_post")]), "sampling is not deterministic"
+    assert torch.equal(first.vectors[(1, "resid_post")], third.vectors[(1, "resid_post")]), (
+        "sampling is not deterministic"
+    )
     other_seed = bake.compute_vectors(_recipe(src, tmp_path, steering, sample + "\nseed: 7"))
     assert not torch.equal(first.vectors[(1, "resid_post")], other_seed.vectors[(1, "resid_post")])
     assert first.meta["entries"][0]["data"]["background"]["kind"] == "model-sample"
@@ -141,7 +155,12 @@ def test_two_process_gloo_collection_equals_single_process(tiny_models, tmp_path
 
     from bake.vectorfile import VectorSet
 
-    texts = [f"{a} {b} {c}" for a in ("the", "a", "my") for b in ("happy", "sad", "bright", "dark") for c in ("dog", "day", "king")]
+    texts = [
+        f"{a} {b} {c}"
+        for a in ("the", "a", "my")
+        for b in ("happy", "sad", "bright", "dark")
+        for c in ("dog", "day", "king")
+    ]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"model: {tiny_models['llama']}\nbatch_tokens: 16\nbackground: {{corpus: {{texts: {json.dumps(CORPUS * 3)}}}}}\n"
@@ -150,9 +169,23 @@ def test_two_process_gloo_collection_equals_single_process(tiny_models, tmp_path
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bake", "vector", str(recipe),
-         "-o", str(tmp_path / "dist.safetensors")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "bake",
+            "vector",
+            str(recipe),
+            "-o",
+            str(tmp_path / "dist.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     single = bake.compute_vectors(bake.load_recipe(recipe))

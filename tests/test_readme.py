@@ -35,8 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs"))
 import figures  # noqa: E402  (docs/figures.py: the README's measured table)
 
-FENCE = re.compile(r"(?:<!-- readme-test: skip \((?P<skip>.+?)\) -->\n)?^(?P<indent> *)```(?P<lang>bash|python)\n"
-                   r"(?P<body>.*?)^(?P=indent)```", re.S | re.M)
+FENCE = re.compile(
+    r"(?:<!-- readme-test: skip \((?P<skip>.+?)\) -->\n)?^(?P<indent> *)```(?P<lang>bash|python)\n"
+    r"(?P<body>.*?)^(?P=indent)```",
+    re.S | re.M,
+)
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
@@ -58,7 +61,7 @@ def blocks() -> list[Block]:
     for page in PAGES:
         text = page.read_text()
         for m in FENCE.finditer(text):
-            code = "\n".join(line[len(m["indent"]):] for line in m["body"].splitlines())
+            code = "\n".join(line[len(m["indent"]) :] for line in m["body"].splitlines())
             line = text.count("\n", 0, m.start("body"))
             found.append(Block(str(page.relative_to(ROOT)), line, m["lang"], code, m["skip"]))
     return found
@@ -76,20 +79,25 @@ def installed(requirement: str) -> bool:
     if not req.specifier.contains(version, prereleases=True):
         return False
     needs = [Requirement(r) for r in importlib.metadata.requires(req.name) or []]
-    return all(installed(str(Requirement(f"{r.name}{r.specifier}"))) for r in needs
-               if r.marker is not None and any(r.marker.evaluate({"extra": e}) for e in req.extras))
+    return all(
+        installed(str(Requirement(f"{r.name}{r.specifier}")))
+        for r in needs
+        if r.marker is not None and any(r.marker.evaluate({"extra": e}) for e in req.extras)
+    )
 
 
 def without_installs(code: str) -> str:
     """``code`` with every pip install of what is already installed replaced by ``true``; fails on anything else."""
+
     def replace(part: str) -> str:
         words = shlex.split(part)
         if words[:2] != ["pip", "install"] and words[:4] != ["python", "-m", "pip", "install"]:
             return part
-        wanted = [w for w in words[words.index("install") + 1:] if not w.startswith("-")]
+        wanted = [w for w in words[words.index("install") + 1 :] if not w.startswith("-")]
         missing = [w for w in wanted if not installed(w)]
         assert not missing, f"the docs install {missing}, which this environment lacks: run bash tests/run"
         return " true "
+
     return "\n".join("&&".join(replace(part) for part in line.split("&&")) for line in code.splitlines())
 
 
@@ -130,8 +138,10 @@ def runner(tmp_path_factory, smollm2_gguf) -> Runner:
     return Runner(tmp_path_factory.mktemp("readme") / "repo", tmp_path_factory.getbasetemp() / "bake-cache")
 
 
-@pytest.mark.parametrize("index", [pytest.param(i, id=b.id, marks=[pytest.mark.slow] if b.page != "README.md" else [])
-                                   for i, b in enumerate(ALL)])
+@pytest.mark.parametrize(
+    "index",
+    [pytest.param(i, id=b.id, marks=[pytest.mark.slow] if b.page != "README.md" else []) for i, b in enumerate(ALL)],
+)
 def test_block_runs_as_written(runner, index):
     block = ALL[index]
     if block.skip:
@@ -155,8 +165,9 @@ def test_quickstart_reproduces_the_readme_figures(runner):
     fresh = figures.record(json.loads((runner.root / "out" / "cheerful" / "bake.json").read_text()))
     recorded = json.loads(figures.FIGURES.read_text())
     ver, want = fresh["verification"], recorded["verification"]
-    assert {k: v for k, v in ver.items() if k not in ("max_abs_logit_diff", "steering_effect")} == \
-        {k: v for k, v in want.items() if k not in ("max_abs_logit_diff", "steering_effect")}
+    assert {k: v for k, v in ver.items() if k not in ("max_abs_logit_diff", "steering_effect")} == {
+        k: v for k, v in want.items() if k not in ("max_abs_logit_diff", "steering_effect")
+    }
     # float32 rounding noise: within the tolerance, and of the recorded order (other CPUs sum in other orders)
     assert ver["max_abs_logit_diff"] < ver["atol"] and ver["max_abs_logit_diff"] < 10 * want["max_abs_logit_diff"]
     assert ver["steering_effect"] == pytest.approx(want["steering_effect"], rel=1e-3)
@@ -165,8 +176,9 @@ def test_quickstart_reproduces_the_readme_figures(runner):
 
 def test_readme_table_is_rendered_from_figures_json():
     readme = (ROOT / "README.md").read_text()
-    assert figures.render(json.loads(figures.FIGURES.read_text())) in readme, \
+    assert figures.render(json.loads(figures.FIGURES.read_text())) in readme, (
         "README.md's Measured table is stale: run python docs/figures.py --render"
+    )
 
 
 def test_readme_fits_on_a_few_screens_and_links_only_to_files_that_exist():

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import tree_digest
 
 from bake.cli import main
-from conftest import tree_digest
 
 TEXTS = ["the happy dog is here", "a wonderful day of sun", "i love tea and coffee today", "what a great game"]
 
@@ -35,7 +35,9 @@ def _bake(tmp_path, model, background: str):
 def test_rebuild_from_manifest_is_bit_identical(tmp_path, tiny_models, one_thread, model_type, background):
     first, _ = _bake(tmp_path, tiny_models[model_type], background)
     shutil.rmtree(os.environ["BAKE_CACHE"], ignore_errors=True)  # the background is sampled again, from the seed
-    result = CliRunner().invoke(main, ["run", "--from-manifest", str(first / "bake.json"), "-o", str(tmp_path / "again")])
+    result = CliRunner().invoke(
+        main, ["run", "--from-manifest", str(first / "bake.json"), "-o", str(tmp_path / "again")]
+    )
     assert result.exit_code == 0, result.output
     assert "bit-identical to the original" in result.output
     a, b = tree_digest(first), tree_digest(tmp_path / "again")
@@ -58,8 +60,14 @@ def test_rebuild_of_a_vector_file_bake_points_to_bake_fold(tmp_path, tiny_models
     import bake
     from bake.vectorfile import VectorSet
 
-    bake.fold(str(tiny_models["gpt2"]), VectorSet({(1, "resid_post"): torch.randn(32, generator=torch.Generator().manual_seed(0))}), tmp_path / "folded")
-    result = CliRunner().invoke(main, ["run", "--from-manifest", str(tmp_path / "folded"), "-o", str(tmp_path / "again")])
+    bake.fold(
+        str(tiny_models["gpt2"]),
+        VectorSet({(1, "resid_post"): torch.randn(32, generator=torch.Generator().manual_seed(0))}),
+        tmp_path / "folded",
+    )
+    result = CliRunner().invoke(
+        main, ["run", "--from-manifest", str(tmp_path / "folded"), "-o", str(tmp_path / "again")]
+    )
     assert result.exit_code == 1 and "rebuild it with" in result.output and "bake fold" in result.output
 
 

@@ -7,11 +7,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import make_tokenizer
 
 from bake.collection.texts import load_texts, tokenize
 from bake.errors import BakeError
 from bake.recipe import Background, ModelSample, Recipe, Steering, TextSource, load_recipe
-from conftest import make_tokenizer
 
 
 def _write(path: Path, text: str) -> Path:
@@ -65,7 +65,13 @@ def test_valid_recipe_parses_into_typed_objects_with_defaults(tmp_path):
 
     first, second = recipe.steering
     assert all(isinstance(s, Steering) for s in recipe.steering)
-    assert (first.name, first.layer, first.method, first.site, first.coefficient) == ("cheerful", 3, "mean-centred", "resid_post", 1.0)
+    assert (first.name, first.layer, first.method, first.site, first.coefficient) == (
+        "cheerful",
+        3,
+        "mean-centred",
+        "resid_post",
+        1.0,
+    )
     assert first.chat is False and first.background is None
     # Shorthand: a string is a file path.
     assert isinstance(first.target, TextSource)
@@ -73,7 +79,13 @@ def test_valid_recipe_parses_into_typed_objects_with_defaults(tmp_path):
     # An entry without its own background uses the recipe's.
     assert recipe.background_for(first) is recipe.background
 
-    assert (second.name, second.layer, second.site, second.method, second.coefficient) == ("calm.v2", 0, "resid_mid", "contrast", -2.5)
+    assert (second.name, second.layer, second.site, second.method, second.coefficient) == (
+        "calm.v2",
+        0,
+        "resid_mid",
+        "contrast",
+        -2.5,
+    )
     # Shorthand: a list is inline texts.
     assert second.positive.texts == ["the sun is bright"] and second.positive.file is None
     assert (second.negative.file, second.negative.field, second.negative.limit) == ("neg.jsonl", "text", 3)
@@ -87,7 +99,10 @@ def test_valid_recipe_parses_into_typed_objects_with_defaults(tmp_path):
 
 
 def test_entry_background_and_corpus_shorthand(tmp_path):
-    recipe = load_recipe(_write(tmp_path / "r.yaml", """
+    recipe = load_recipe(
+        _write(
+            tmp_path / "r.yaml",
+            """
         model: m
         background: {corpus: bg.txt}
         steering:
@@ -98,7 +113,9 @@ def test_entry_background_and_corpus_shorthand(tmp_path):
           - name: b
             layer: 2
             target: [y]
-    """))
+    """,
+        )
+    )
     a, b = recipe.steering
     assert recipe.background.corpus.file == "bg.txt" and recipe.background.sample is None
     assert recipe.background_for(a).sample == ModelSample(sequences=8, tokens=12)
@@ -109,13 +126,18 @@ def test_entry_background_and_corpus_shorthand(tmp_path):
 
 
 def _recipe_with(tmp_path: Path, target_yaml: str) -> Recipe:
-    return load_recipe(_write(tmp_path / "recipes" / "r.yaml", f"""
+    return load_recipe(
+        _write(
+            tmp_path / "recipes" / "r.yaml",
+            f"""
         model: m
         steering:
           - name: a
             layer: 0
             target: {target_yaml}
-    """))
+    """,
+        )
+    )
 
 
 def test_txt_source_one_text_per_line_blank_lines_skipped(tmp_path, monkeypatch):
@@ -135,7 +157,9 @@ def test_jsonl_source_reads_field(tmp_path, monkeypatch):
 
 
 def test_csv_source_reads_column(tmp_path, monkeypatch):
-    _write(tmp_path / "recipes" / "t.csv", 'id,body,label\n1,the happy dog,x\n2,"a day, very bright",y\n3,sad night,z\n')
+    _write(
+        tmp_path / "recipes" / "t.csv", 'id,body,label\n1,the happy dog,x\n2,"a day, very bright",y\n3,sad night,z\n'
+    )
     recipe = _recipe_with(tmp_path, "{file: t.csv, column: body}")
     monkeypatch.chdir(tmp_path)
     assert load_texts(recipe.steering[0].target, recipe) == ["the happy dog", "a day, very bright", "sad night"]
@@ -192,7 +216,9 @@ def test_csv_with_byte_order_mark(tmp_path):
 
 def test_jsonl_record_with_unicode_line_separator(tmp_path):
     records = [{"text": "the happy\u2028dog"}, {"text": "sad night"}]
-    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+    )
     assert load_texts(TextSource(file=str(tmp_path / "t.jsonl"), field="text")) == ["the happy\u2028dog", "sad night"]
 
 
@@ -206,9 +232,18 @@ GOOD_ENTRY = "{name: a, layer: 1, target: [the dog]}"
     [
         (f"model: m\nmodle: n\nsteering: [{GOOD_ENTRY}]\n", "modle"),
         ("model: m\nsteering:\n  - {name: a, layr: 1, layer: 1, target: [x]}\n", "steering.0.layr"),
-        (f"model: m\nsteering:\n  - {GOOD_ENTRY}\n  - {{name: b, layer: 2, target: [x], coeficient: 2}}\n", "steering.1.coeficient"),
-        ("model: m\nsteering: [{name: a, layer: 1, target: {file: t.jsonl, field: text, feild: x}}]\n", "steering.0.target.feild"),
-        (f"model: m\nbackground: {{sample: {{sequencs: 3}}}}\nsteering: [{GOOD_ENTRY}]\n", "background.sample.sequencs"),
+        (
+            f"model: m\nsteering:\n  - {GOOD_ENTRY}\n  - {{name: b, layer: 2, target: [x], coeficient: 2}}\n",
+            "steering.1.coeficient",
+        ),
+        (
+            "model: m\nsteering: [{name: a, layer: 1, target: {file: t.jsonl, field: text, feild: x}}]\n",
+            "steering.0.target.feild",
+        ),
+        (
+            f"model: m\nbackground: {{sample: {{sequencs: 3}}}}\nsteering: [{GOOD_ENTRY}]\n",
+            "background.sample.sequencs",
+        ),
         (f"model: m\nverify: {{tokns: 3}}\nsteering: [{GOOD_ENTRY}]\n", "verify.tokns"),
         (f"model: m\npreview: {{prompt: [x]}}\nsteering: [{GOOD_ENTRY}]\n", "preview.prompt"),
     ],
@@ -229,12 +264,28 @@ def test_unknown_field_is_named_with_its_dotted_path(tmp_path, text, path):
         ("{name: a, layer: 1, target: t.csv}", "steering.0.target", "column"),
         ("{name: a, layer: 1, target: t.json}", "steering.0.target", ".txt"),
         ("{name: a, layer: 1, target: {file: t.txt, texts: [x]}}", "steering.0.target", "exactly one"),
-        ("{name: a, layer: 1, target: {texts: [x], limit: 0}}", "steering.0.target.limit", "greater than or equal to 1"),
+        (
+            "{name: a, layer: 1, target: {texts: [x], limit: 0}}",
+            "steering.0.target.limit",
+            "greater than or equal to 1",
+        ),
         ("{name: a, layer: 1}", "steering.0", "needs target"),
         ("{name: a, layer: 1, method: actadd, positive_prompt: happy}", "steering.0", "needs negative_prompt"),
-        ("{name: a, layer: 1, method: actadd, positive_prompt: happy, negative_prompt: sad, target: [x]}", "steering.0", "does not use target"),
-        ("{name: a, layer: 1, method: contrast, positive: [a], negative: [b], target: [c]}", "steering.0", "does not use target"),
-        ("{name: a, layer: 1, method: mean, target: [c], background: {sample: {}}}", "steering.0", "does not use background"),
+        (
+            "{name: a, layer: 1, method: actadd, positive_prompt: happy, negative_prompt: sad, target: [x]}",
+            "steering.0",
+            "does not use target",
+        ),
+        (
+            "{name: a, layer: 1, method: contrast, positive: [a], negative: [b], target: [c]}",
+            "steering.0",
+            "does not use target",
+        ),
+        (
+            "{name: a, layer: 1, method: mean, target: [c], background: {sample: {}}}",
+            "steering.0",
+            "does not use background",
+        ),
         ("{name: a, layer: 1, method: contrast, positive: [a]}", "steering.0", "needs negative"),
         ("{name: a, layer: 1, coefficient: .nan, target: [x]}", "steering.0.coefficient", "finite"),
         ("{name: a, layer: 1, coefficient: .inf, target: [x]}", "steering.0.coefficient", "finite"),
@@ -255,8 +306,11 @@ def test_error_in_second_entry_names_its_index(tmp_path):
 
 
 def test_duplicate_entry_names(tmp_path):
-    msg = _error(tmp_path, "model: m\nsteering:\n  - {name: a, layer: 1, target: [x]}\n  - {name: b, layer: 2, target: [x]}\n"
-                           "  - {name: a, layer: 3, target: [y]}\n")
+    msg = _error(
+        tmp_path,
+        "model: m\nsteering:\n  - {name: a, layer: 1, target: [x]}\n  - {name: b, layer: 2, target: [x]}\n"
+        "  - {name: a, layer: 3, target: [y]}\n",
+    )
     assert "unique" in msg and "repeated: a" in msg
 
 
@@ -276,7 +330,9 @@ def test_top_level_errors_name_the_field(tmp_path, text, needle):
     assert needle in _error(tmp_path, text)
 
 
-@pytest.mark.parametrize("text", ["model: m\nsteering: [\n", "model: m\n  steering: a\n b: c\n", "model: m\n\tsteering: 1\n"])
+@pytest.mark.parametrize(
+    "text", ["model: m\nsteering: [\n", "model: m\n  steering: a\n b: c\n", "model: m\n\tsteering: 1\n"]
+)
 def test_invalid_yaml(tmp_path, text):
     msg = _error(tmp_path, text)
     assert "not valid YAML" in msg and "line" in msg
@@ -310,7 +366,10 @@ def test_several_problems_all_on_one_line(tmp_path):
 
 
 def test_duplicate_yaml_key_is_an_error(tmp_path):
-    msg = _error(tmp_path, "model: m\nsteering: [{name: a, layer: 1, target: [x]}]\nsteering: [{name: b, layer: 2, target: [y]}]\n")
+    msg = _error(
+        tmp_path,
+        "model: m\nsteering: [{name: a, layer: 1, target: [x]}]\nsteering: [{name: b, layer: 2, target: [y]}]\n",
+    )
     assert "steering" in msg
 
 
@@ -356,7 +415,9 @@ def test_chat_counts_only_the_assistant_reply(reply):
     n = len(reply_ids)
     assert ex.input_ids[-n - 1 : -1] == reply_ids
     assert ex.counted[: -n - 1] == [False] * (len(ex.input_ids) - n - 1)
-    rendered = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}], tokenize=False
+    )
     assert ex.input_ids == tok(rendered, add_special_tokens=False).input_ids
 
 

@@ -63,11 +63,19 @@ def test_recipe_validates_and_documents_itself(name):
     r = recipe(name)
     assert r.model == DEFAULT_MODEL and r.base_model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     for entry in r.steering:
-        assert entry.method == "mean-centred" and 0 <= entry.layer < 30 and (entry.coefficient == "auto" or entry.coefficient > 0)
+        assert (
+            entry.method == "mean-centred"
+            and 0 <= entry.layer < 30
+            and (entry.coefficient == "auto" or entry.coefficient > 0)
+        )
         assert entry.target.file and r.resolve(entry.target.file).is_file()
-        assert r.preview.chat == r.evaluate.chat == entry.chat, "preview and evaluation in the mode the vector was measured in"
+        assert r.preview.chat == r.evaluate.chat == entry.chat, (
+            "preview and evaluation in the mode the vector was measured in"
+        )
     assert r.evaluate.target.file, "held-out target texts in a file"
-    assert "scorers:" in r.text and r.evaluate.scorers[0] not in ("logprob_gain", "activation_shift"), "a measure of the replies heads the table"
+    assert "scorers:" in r.text and r.evaluate.scorers[0] not in ("logprob_gain", "activation_shift"), (
+        "a measure of the replies heads the table"
+    )
     comments = [line for line in r.text.splitlines() if line.lstrip().startswith("#")]
     assert sum(len(c) for c in comments) > 300, "intent, layer/coefficient choice and calibration belong in comments"
     assert "calibrat" in r.text.lower()
@@ -162,10 +170,10 @@ def projections(vector_files, smollm2_gguf) -> dict[str, dict[str, float]]:
     """For each recipe: mean projection of every behaviour's held-out texts on its unit vector,
     measured exactly as the recipe measures its targets (chat or not, same chat prompt)."""
     from bake.collection.activations import collect
-    from bake.families.hf import family_for
     from bake.collection.texts import tokenize
-    from bake.sources.resolve import resolve_model
+    from bake.families.hf import family_for
     from bake.sources.load import load_model, load_tokenizer, text_config
+    from bake.sources.resolve import resolve_model
 
     path = resolve_model(DEFAULT_MODEL).path
     tokenizer = load_tokenizer(path)

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_recipe_figures_reproduce_and_the_table_is_rendered_from_them(smollm2_gguf):
-    result = subprocess.run([sys.executable, str(ROOT / "recipes" / "measure.py"), "--check"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "measure.py"), "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "reproduced" in result.stdout and "README.md current" in result.stdout

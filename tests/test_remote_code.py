@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 from safetensors import safe_open
 
 import bake
-from bake.sources import trust
 from bake.checkpoint import EXTRA_SHARD, INDEX, RENAMED_SINGLE
 from bake.cli import main
 from bake.errors import BakeError
-from bake.sources.load import load_model
 from bake.recipe import VerifySpec
+from bake.sources import trust
+from bake.sources.load import load_model
 from bake.vectorfile import VectorSet
-from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 
 PROBES = ["the happy dog is here", "tell me about your day", "a king and a dragon"]
 # Where each family's site joins the residual stream, written out here independently of bake.families.hf.
@@ -40,15 +40,28 @@ def _gemma2_config():
     from transformers import Gemma2Config
 
     tok = make_tokenizer()
-    return Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return Gemma2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("remote-src")
-    return {"gemma2": save_tiny(root / "gemma2", _gemma2_config()), "olmo2": save_tiny(root / "olmo2", tiny_config("olmo2"))}
+    return {
+        "gemma2": save_tiny(root / "gemma2", _gemma2_config()),
+        "olmo2": save_tiny(root / "olmo2", tiny_config("olmo2")),
+    }
 
 
 def _vectors(points: list[tuple[int, str]], scale: float = 3.0) -> VectorSet:
@@ -165,7 +178,13 @@ def test_without_trust_remote_code_transformers_loads_the_stock_class_unsteered(
     assert result.manifest["portable"] is False and module["portable"] is False
     assert "NOT steered" in module["without_trust_remote_code"]
     card = (out / "README.md").read_text()
-    for words in ("Not portable", "trust_remote_code=True", "unsteered", "unexpected keys", "vLLM, TGI and llama.cpp will not apply"):
+    for words in (
+        "Not portable",
+        "trust_remote_code=True",
+        "unsteered",
+        "unexpected keys",
+        "vLLM, TGI and llama.cpp will not apply",
+    ):
         assert words in card, words
     assert "custom_code" in card.split("---")[1]
 
@@ -182,7 +201,10 @@ def test_cli_refuses_without_the_flag_in_one_line_and_bakes_with_it(tiny, tmp_pa
     result = invoke("fold", src, vec, "-o", out, "--allow-remote-code")
     assert result.exit_code == 0, result.output
     assert "verification PASSED" in result.output
-    assert "NOTE: BakeSteeredOlmo2ForCausalLM is not portable" in result.output and "trust_remote_code=True" in result.output
+    assert (
+        "NOTE: BakeSteeredOlmo2ForCausalLM is not portable" in result.output
+        and "trust_remote_code=True" in result.output
+    )
     assert tree_digest(src) == before
     # bake's own commands load it with its module (checked to be bake's own file), never silently without.
     assert invoke("verify", src, out, out / "bake" / "vectors.safetensors").exit_code == 0
@@ -215,7 +237,9 @@ def test_recipe_field_and_run_flag(tiny, tmp_path):
 def test_remote_code_only_where_no_stock_slot_exists(tmp_path, tiny_models):
     """Llama has slots at both sites: the flag changes nothing. Qwen3 has one at resid_mid only: a bias there,
     the module at resid_post."""
-    llama = bake.fold(str(tiny_models["llama"]), _vectors([(1, "resid_post")]), tmp_path / "llama", allow_remote_code=True)
+    llama = bake.fold(
+        str(tiny_models["llama"]), _vectors([(1, "resid_post")]), tmp_path / "llama", allow_remote_code=True
+    )
     assert llama.manifest["fold"]["remote_code"] is None and llama.manifest["portable"] is True
     assert not (tmp_path / "llama" / "modeling_bake.py").exists()
     assert "auto_map" not in json.loads((tmp_path / "llama" / "config.json").read_text())
@@ -321,10 +345,9 @@ def test_real_gemma3_270m_bakes_as_a_verified_module(gemma3_gguf, tmp_path):
 def _real_gemma3(gemma3_gguf: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from bake.sources.resolve import resolve_model
-
-    from bake.sources.load import generate, load_tokenizer
     from bake.recipe import load_recipe
+    from bake.sources.load import generate, load_tokenizer
+    from bake.sources.resolve import resolve_model
 
     result = bake.run(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out")
     ver = result.verification

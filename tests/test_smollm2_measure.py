@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import bake
-from bake.recipe import parse_recipe
 from bake.evaluation.sweep import _Lab
+from bake.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # A real-model measurement (a KL grid over ten coefficients, then greedy replies): the slow tier, run by tests/run.

@@ -33,15 +33,30 @@ from bake.sources.load import load_model, load_tokenizer, text_config
 from bake.vectorfile import VectorSet
 from bake.verify import compare_streaming
 
-TEXTS = ["the happy dog is here", "a sad cat", "tell me about your day today",
-         "the king and the dragon in the castle and the ship and the star", "yes", "what a wonderful bright day"]
+TEXTS = [
+    "the happy dog is here",
+    "a sad cat",
+    "tell me about your day today",
+    "the king and the dragon in the castle and the ship and the star",
+    "yes",
+    "what a wonderful bright day",
+]
 REPLIES = ["i love the sun and the tea", "the weather is so bright today", "no"]
 _SLIDING = {"sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"] * 2}
 # Several families, and the layouts that give them their second site or per-layer masks and rotary tables.
 CASES = {
-    "gpt2": {}, "llama": {}, "qwen2": {}, "phi3": {}, "opt": {}, "bloom": {}, "gemma3_text": _SLIDING,
-    "gemma2": _SLIDING, "gpt_neox": {}, "gpt_neox-sequential": {"use_parallel_residual": False},
-    "falcon": {}, "falcon-sequential": {"parallel_attn": False, "new_decoder_architecture": False},
+    "gpt2": {},
+    "llama": {},
+    "qwen2": {},
+    "phi3": {},
+    "opt": {},
+    "bloom": {},
+    "gemma3_text": _SLIDING,
+    "gemma2": _SLIDING,
+    "gpt_neox": {},
+    "gpt_neox-sequential": {"use_parallel_residual": False},
+    "falcon": {},
+    "falcon-sequential": {"parallel_attn": False, "new_decoder_architecture": False},
 }
 LAYERS = (0, 2)
 
@@ -49,8 +64,9 @@ LAYERS = (0, 2)
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("streaming")
-    return {case: save_tiny(root / case, tiny_config(case.split("-")[0], **overrides))
-            for case, overrides in CASES.items()}
+    return {
+        case: save_tiny(root / case, tiny_config(case.split("-")[0], **overrides)) for case, overrides in CASES.items()
+    }
 
 
 def _setup(path: Path):
@@ -58,8 +74,10 @@ def _setup(path: Path):
     family = family_for(cfg)
     points = [(layer, site) for layer in LAYERS for site in family.sites if family._available(site, cfg)]
     tokenizer = load_tokenizer(path)
-    jobs = [Job(tokenize(tokenizer, TEXTS, 64), points),
-            Job(tokenize(tokenizer, REPLIES, 64, chat=True, chat_prompt="tell me about your day"), points)]
+    jobs = [
+        Job(tokenize(tokenizer, TEXTS, 64), points),
+        Job(tokenize(tokenizer, REPLIES, 64, chat=True, chat_prompt="tell me about your day"), points),
+    ]
     return family, tokenizer, jobs
 
 
@@ -118,7 +136,7 @@ def test_one_block_in_memory_and_each_weight_read_once(models, monkeypatch):
         return groups | ({"outside"} if any(not p.is_meta for p in outside) else set())
 
     def read(info: TensorInfo) -> torch.Tensor:
-        group = info.name[len(prefix):].split(".")[0] if info.name.startswith(prefix) else "outside"
+        group = info.name[len(prefix) :].split(".")[0] if info.name.startswith(prefix) else "outside"
         assert live() <= {group}, (info.name, live())
         reads[info.name] += 1
         return original(info)
@@ -127,7 +145,7 @@ def test_one_block_in_memory_and_each_weight_read_once(models, monkeypatch):
     collect_streaming(skeleton, jobs, 16, tokenizer.pad_token_id)
     assert len(list(streaming.batches(jobs[0].examples, 16))) > 1
     block_reads = {n: c for n, c in reads.items() if n.startswith(prefix)}
-    expected = {n for n in skeleton.ckpt.names() if n.startswith(prefix) and int(n[len(prefix):].split(".")[0]) <= 2}
+    expected = {n for n in skeleton.ckpt.names() if n.startswith(prefix) and int(n[len(prefix) :].split(".")[0]) <= 2}
     assert set(block_reads) == expected and set(block_reads.values()) == {1}
     assert "lm_head.weight" not in reads and "model.embed_tokens.weight" in reads
     assert live() == set()
@@ -202,8 +220,10 @@ def test_pickle_only_checkpoint_is_refused(tiny_models, tmp_path):
     shutil.copytree(tiny_models["llama"], folder)
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
     family = family_for(text_config(folder))
-    with pytest.raises(BakeError, match="only pickle weights found: pytorch_model.bin; bake never loads pickles: "
-                                        "convert them to safetensors"):
+    with pytest.raises(
+        BakeError,
+        match="only pickle weights found: pytorch_model.bin; bake never loads pickles: convert them to safetensors",
+    ):
         collect_sets(folder, family, [Job([], [(0, "resid_post")])], 16, 0, "streaming")
 
 
@@ -213,8 +233,9 @@ def test_index_naming_a_non_safetensors_shard_is_refused(tiny_models, tmp_path):
     (folder / "model.safetensors").rename(folder / "model-00001-of-00001.bin")
     names = list(load_file(folder / "model-00001-of-00001.bin"))  # it is still safetensors inside: now garbage it
     (folder / "model-00001-of-00001.bin").write_bytes(b"PK\x03\x04 not a safetensors file")
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {n: "model-00001-of-00001.bin" for n in names}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {n: "model-00001-of-00001.bin" for n in names}})
+    )
     family = family_for(text_config(folder))
     with pytest.raises(BakeError, match="is not a readable safetensors file"):
         collect_sets(folder, family, [Job([], [(0, "resid_post")])], 16, 0, "streaming")
@@ -227,15 +248,20 @@ def test_block_tensors_the_family_table_cannot_find_are_refused(tiny_models, tmp
     renamed = {n.replace("model.layers.1.", "model.blocks.1."): t for n, t in tensors.items()}
     save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
     family = family_for(text_config(folder))
-    with pytest.raises(BakeError, match=r"tensor 'model\.layers\.1\..*' is not in its safetensors shards.*Llama.*"
-                                        r"'model\.layers'.*collection: memory") as err:
+    with pytest.raises(
+        BakeError,
+        match=r"tensor 'model\.layers\.1\..*' is not in its safetensors shards.*Llama.*"
+        r"'model\.layers'.*collection: memory",
+    ) as err:
         Skeleton(folder, family, meta_model(folder, 2))
     assert "\n" not in str(err.value)
 
 
 def test_sampling_a_background_from_a_model_bigger_than_memory_is_refused(tiny_models, tmp_path, monkeypatch):
     """Only when the sample is not cached: a cached background needs no generation, so streaming bakes anyway."""
-    monkeypatch.setenv("BAKE_CACHE", str(tmp_path / "cache"))  # not the session's cache, where it may be sampled already
+    monkeypatch.setenv(
+        "BAKE_CACHE", str(tmp_path / "cache")
+    )  # not the session's cache, where it may be sampled already
     recipe = write_recipe(tmp_path, tiny_models["gpt2"], layer=1)
     available = {"bytes": 1000}
     monkeypatch.setattr(streaming, "mem_available", lambda: available["bytes"])

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import save_tiny, tiny_config, tree_digest
 from safetensors.torch import load_file, save_file
 
 import bake
 from bake.cli import main
 from bake.errors import BakeError
 from bake.vectorfile import VectorSet
-from conftest import save_tiny, tiny_config, tree_digest
 
 
 def _vectors(seed: int, points=((1, "resid_post"), (2, "resid_mid"))) -> VectorSet:

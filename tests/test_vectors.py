@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tokenizer
 
 from bake.collection.activations import Moments, batches, collect
-from bake.families.hf import family_for
+from bake.collection.methods import steering_vector
 from bake.collection.texts import Example, tokenize
+from bake.families.hf import family_for
 from bake.sources.load import load_model, load_tokenizer
 from bake.vectorfile import VectorSet
-from bake.collection.methods import steering_vector
-from conftest import make_tokenizer
 
 
 def _moments(rows: list[list[float]]) -> Moments:
@@ -23,7 +23,11 @@ def _moments(rows: list[list[float]]) -> Moments:
 def test_methods_against_hand_computed_values():
     target = _moments([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])  # mean (2, 3, 4)
     background = _moments([[1.0, 1.0, 1.0], [0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])  # mean (1, 1, 1)
-    assert steering_vector("mean-centred", {"target": target, "background": background}, 2.0).tolist() == [2.0, 4.0, 6.0]
+    assert steering_vector("mean-centred", {"target": target, "background": background}, 2.0).tolist() == [
+        2.0,
+        4.0,
+        6.0,
+    ]
     assert steering_vector("mean", {"target": target}, 0.5).tolist() == [1.0, 1.5, 2.0]
     for method in ("actadd", "contrast"):
         v = steering_vector(method, {"positive": target, "negative": background}, -1.0)
@@ -50,7 +54,13 @@ def test_batches_respect_the_token_budget_and_keep_every_example():
         assert width * len(g) <= 10 or len(g) == 1
 
 
-TEXTS = ["the happy dog is here", "a sad cat", "tell me about your day today", "the king and the dragon in the castle", "yes"]
+TEXTS = [
+    "the happy dog is here",
+    "a sad cat",
+    "tell me about your day today",
+    "the king and the dragon in the castle",
+    "yes",
+]
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -63,7 +73,9 @@ def test_collect_equals_mean_over_full_forward(tiny_models, model_type, site):
     family = family_for(model.config)
     examples = tokenize(tokenizer, TEXTS, max_tokens=64)
     layer = 2
-    got = collect(model, family, examples, [(layer, site)], batch_tokens=16, pad_id=tokenizer.pad_token_id)[(layer, site)]
+    got = collect(model, family, examples, [(layer, site)], batch_tokens=16, pad_id=tokenizer.pad_token_id)[
+        (layer, site)
+    ]
 
     # Independent reference: the residual entering the block (output_hidden_states) plus, for the
     # mid site, the attention output hooked directly; for the post site, the block output.
@@ -71,7 +83,8 @@ def test_collect_equals_mean_over_full_forward(tiny_models, model_type, site):
     attention = block.attn if model_type == "gpt2" else block.self_attn
     captured = []
     handle = (attention if site == "resid_mid" else block).register_forward_hook(
-        lambda m, i, o: captured.append((o[0] if isinstance(o, tuple) else o)[0]))
+        lambda m, i, o: captured.append((o[0] if isinstance(o, tuple) else o)[0])
+    )
     rows = []
     with torch.no_grad():
         for text in TEXTS:
@@ -108,7 +121,9 @@ def test_first_position_and_special_tokens_are_never_counted():
 
 
 def test_vector_file_round_trip(tmp_path):
-    vs = VectorSet({(3, "resid_post"): torch.arange(4.0), (1, "resid_mid"): torch.ones(4, dtype=torch.float64)}, {"x": 1})
+    vs = VectorSet(
+        {(3, "resid_post"): torch.arange(4.0), (1, "resid_mid"): torch.ones(4, dtype=torch.float64)}, {"x": 1}
+    )
     path = vs.save(tmp_path / "v.safetensors")
     from safetensors import safe_open
 

@@ -83,26 +83,33 @@ def first_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def watch_residual(model: torch.nn.Module, family: Family, layer: int, site: Site, fn) -> torch.utils.hooks.RemovableHandle:
+def watch_residual(
+    model: torch.nn.Module, family: Family, layer: int, site: Site, fn
+) -> torch.utils.hooks.RemovableHandle:
     """Call ``fn(residual)`` with the residual stream at (layer, site) on every forward pass."""
     slot = family.slot(site, model.config)
     if slot.read:
+
         def pre_hook(_module, args, kwargs):
             fn(args[0] if args else next(iter(kwargs.values())))
+
         return module_at(block(model, family, layer), slot.read).register_forward_pre_hook(pre_hook, with_kwargs=True)
     return hook_module(model, family, layer, site).register_forward_hook(lambda _m, _i, out: fn(first_tensor(out)))
 
 
-def record_points(model: torch.nn.Module, family: Family, points: list[tuple[int, Site]],
-                  current: dict) -> list[torch.utils.hooks.RemovableHandle]:
+def record_points(
+    model: torch.nn.Module, family: Family, points: list[tuple[int, Site]], current: dict
+) -> list[torch.utils.hooks.RemovableHandle]:
     """Hooks adding the residual at each point, at the counted positions ``current["mask"]``, into
     ``current["moments"][point]`` (a pass that does not measure a point has no entry for it). Activations
     flattened to [batch * width, hidden] (OPT's decoder layer does so before its final LayerNorm) are unflattened."""
+
     def recorder(point):
         def record(acts: torch.Tensor) -> None:
             if point in current["moments"]:
                 mask = current["mask"]
                 current["moments"][point].add(acts.reshape(*mask.shape, acts.shape[-1])[mask])
+
         return record
 
     return [watch_residual(model, family, layer, site, recorder((layer, site))) for layer, site in points]

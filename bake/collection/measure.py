@@ -44,7 +44,9 @@ def versions() -> dict[str, str]:
     return manifests.package_versions("bake", "torch", "transformers", "safetensors", "huggingface_hub")
 
 
-def _role_sets(recipe: Recipe, entry: Steering, index: int, full_model, tokenizer, source: ModelSource) -> dict[str, _TextSet]:
+def _role_sets(
+    recipe: Recipe, entry: Steering, index: int, full_model, tokenizer, source: ModelSource
+) -> dict[str, _TextSet]:
     """Tokenized examples for every role the entry's method measures (``full_model()`` loads the
     whole model, needed only to sample a background that is not cached)."""
     where = f"steering.{index} ({entry.name})"
@@ -53,7 +55,9 @@ def _role_sets(recipe: Recipe, entry: Steering, index: int, full_model, tokenize
         if role == "background":
             bg = recipe.background_for(entry)
             if bg.sample is not None:
-                sequences, key = sample_background(full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir())
+                sequences, key = sample_background(
+                    full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir()
+                )
                 examples = sequences_to_examples(sequences, tokenizer)
                 info = {"kind": "model-sample", **bg.sample.model_dump(), "seed": recipe.seed, "texts": len(sequences)}
                 info["sha256"] = digest([json.dumps(s) for s in sequences])
@@ -96,9 +100,17 @@ class MeasuredVectors:
             v = c * u
             vectors[point] = vectors.get(point, torch.zeros_like(v)) + v
             mean_norm = entry["mean_residual_norm"]
-            entries.append({**entry, "coefficient": c, "norm": float(v.norm()),
-                            "relative_norm": float(v.norm()) / mean_norm if mean_norm else 0.0, **(records or {}).get(i, {})})
+            entries.append(
+                {
+                    **entry,
+                    "coefficient": c,
+                    "norm": float(v.norm()),
+                    "relative_norm": float(v.norm()) / mean_norm if mean_norm else 0.0,
+                    **(records or {}).get(i, {}),
+                }
+            )
         return VectorSet(vectors, {**self.meta, "entries": entries})
+
 
 def measure_vectors(recipe: Recipe) -> MeasuredVectors:
     """Every steering entry of ``recipe`` measured on its base model, at coefficient 1.
@@ -175,6 +187,8 @@ def entry_table(entries: list[dict[str, Any]]) -> str:
         )
         if "auto" in e:
             a = e["auto"]
-            rows.append(f"  coefficient auto: {a['chosen']:g}, the largest of the {len(a['grid'])} on the grid whose KL ({a['kl']:.3g}) "
-                        f"is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> {a['perplexity']:.3g})")
+            rows.append(
+                f"  coefficient auto: {a['chosen']:g}, the largest of the {len(a['grid'])} on the grid whose KL ({a['kl']:.3g}) "
+                f"is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> {a['perplexity']:.3g})"
+            )
     return "\n".join(rows)

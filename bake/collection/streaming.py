@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bake.checkpoint import Checkpoint, TensorInfo
 from bake.collection.activations import (
     Moments,
     _my_share,
@@ -54,7 +55,6 @@ from bake.collection.activations import (
     padded,
     record_points,
 )
-from bake.checkpoint import Checkpoint, TensorInfo
 from bake.collection.texts import Example
 from bake.errors import BakeError
 from bake.families.hf import Family, Site
@@ -89,8 +89,9 @@ def mem_available() -> int | None:
 
 def _float32_bytes(infos: dict[str, TensorInfo]) -> int:
     """Bytes these tensors take once floating ones are cast to float32 (as collection runs)."""
-    return sum(math.prod(i.shape) * (4 if i.torch_dtype.is_floating_point else i.torch_dtype.itemsize)
-               for i in infos.values())
+    return sum(
+        math.prod(i.shape) * (4 if i.torch_dtype.is_floating_point else i.torch_dtype.itemsize) for i in infos.values()
+    )
 
 
 def meta_model(path: Path, layers: int | None) -> torch.nn.Module:
@@ -117,14 +118,16 @@ class Skeleton:
         self.path, self.family, self.model = Path(path), family, model
         self.ckpt = Checkpoint.open(path)
         self.blocks = module_at(self.model, family.blocks)
-        self.block_infos = [self._infos(f"{family.blocks}.{i}.", block.state_dict())
-                            for i, block in enumerate(self.blocks)]
+        self.block_infos = [
+            self._infos(f"{family.blocks}.{i}.", block.state_dict()) for i, block in enumerate(self.blocks)
+        ]
         head = self.model.get_output_embeddings()
         self.tied = head is not None and head.weight is self.model.get_input_embeddings().weight
         self.head = next((name for name, m in self.model.named_modules() if m is head), "") if head is not None else ""
         state = self.model.state_dict()
-        self.rest_infos = self._infos("", {k: v for k, v in state.items() if not _under(k, family.blocks)
-                                           and not _under(k, self.head)})
+        self.rest_infos = self._infos(
+            "", {k: v for k, v in state.items() if not _under(k, family.blocks) and not _under(k, self.head)}
+        )
 
     def _infos(self, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
         return {name: self._find(prefix + name, tuple(t.shape)) for name, t in state.items()}
@@ -132,17 +135,21 @@ class Skeleton:
     def _find(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
         """The tensor by its module path, or without the base-model prefix (as GPT-2's own checkpoints store it)."""
         base = f"{self.model.base_model_prefix}."
-        for candidate in (name, name[len(base):] if name.startswith(base) else None):
+        for candidate in (name, name[len(base) :] if name.startswith(base) else None):
             info = self.ckpt.find(candidate) if candidate else None
             if info is not None:
                 if info.shape != shape:
-                    raise BakeError(f"{str(self.path)!r}: tensor {candidate!r} has shape {list(info.shape)} but the "
-                                    f"config makes it {list(shape)}: the shards do not match config.json")
+                    raise BakeError(
+                        f"{str(self.path)!r}: tensor {candidate!r} has shape {list(info.shape)} but the "
+                        f"config makes it {list(shape)}: the shards do not match config.json"
+                    )
                 return info
-        raise BakeError(f"{str(self.path)!r}: tensor {name!r} is not in its safetensors shards, so streaming "
-                        f"cannot find the {self.family.name} weights (blocks under {self.family.blocks!r}): use "
-                        "'collection: memory' (transformers may map other names) or re-save the model with "
-                        "save_pretrained")
+        raise BakeError(
+            f"{str(self.path)!r}: tensor {name!r} is not in its safetensors shards, so streaming "
+            f"cannot find the {self.family.name} weights (blocks under {self.family.blocks!r}): use "
+            "'collection: memory' (transformers may map other names) or re-save the model with "
+            "save_pretrained"
+        )
 
     @property
     def block_bytes(self) -> int:
@@ -155,8 +162,11 @@ class Skeleton:
         self._assign(self.model, self.rest_infos)
         if head and self.head:
             module = module_at(self.model, self.head)
-            state = {k: v for k, v in self.model.state_dict().items() if _under(k, self.head)
-                     and not (self.tied and k == f"{self.head}.weight")}
+            state = {
+                k: v
+                for k, v in self.model.state_dict().items()
+                if _under(k, self.head) and not (self.tied and k == f"{self.head}.weight")
+            }
             self._assign(self.model, self._infos("", state))
             if self.tied:
                 module.weight = self.model.get_input_embeddings().weight
@@ -229,6 +239,7 @@ def _stand_ins(blocks: torch.nn.ModuleList, calls: list[tuple[tuple, dict]], fin
             if last and final is None:
                 raise _Stop
             return final if last else _Passed((_hidden(args, kwargs),))
+
         return forward
 
     for i, block in enumerate(blocks):
@@ -256,10 +267,12 @@ class HiddenStates:
         spill_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(spill_dir).free
         if free < self.nbytes:
-            raise BakeError(f"streaming collection needs {self.nbytes} bytes ({self.nbytes / 2**30:.2f} GiB) of disk "
-                            f"for the hidden states, which do not fit in memory, but {str(spill_dir)!r} has {free} "
-                            "bytes free: free space there, set BAKE_CACHE to a larger disk, or lower "
-                            "batch_tokens/max_tokens or the text count")
+            raise BakeError(
+                f"streaming collection needs {self.nbytes} bytes ({self.nbytes / 2**30:.2f} GiB) of disk "
+                f"for the hidden states, which do not fit in memory, but {str(spill_dir)!r} has {free} "
+                "bytes free: free space there, set BAKE_CACHE to a larger disk, or lower "
+                "batch_tokens/max_tokens or the text count"
+            )
         fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".f32", dir=spill_dir)
         os.ftruncate(fd, self.nbytes)  # sparse: disk is used as batches are written
         os.close(fd)
@@ -269,16 +282,17 @@ class HiddenStates:
     def get(self, b: int) -> torch.Tensor:
         if self.file is None:
             return self._memory[b]
-        return self._map[self.offsets[b]:self.offsets[b + 1]].clone().reshape(self.shapes[b])
+        return self._map[self.offsets[b] : self.offsets[b + 1]].clone().reshape(self.shapes[b])
 
     def put(self, b: int, hidden: torch.Tensor) -> None:
         if hidden.dtype != torch.float32 or tuple(hidden.shape) != self.shapes[b]:
-            raise ValueError(f"batch {b}: hidden states {hidden.dtype} {list(hidden.shape)}, "
-                             f"expected float32 {self.shapes[b]}")
+            raise ValueError(
+                f"batch {b}: hidden states {hidden.dtype} {list(hidden.shape)}, expected float32 {self.shapes[b]}"
+            )
         if self.file is None:
             self._memory[b] = hidden
         else:
-            self._map[self.offsets[b]:self.offsets[b + 1]].copy_(hidden.reshape(-1))
+            self._map[self.offsets[b] : self.offsets[b + 1]].copy_(hidden.reshape(-1))
 
     def close(self) -> None:
         self._memory = [None] * len(self.shapes)
@@ -359,8 +373,9 @@ def fits_in_memory(needed: int, available: int | None = None) -> bool:
     return available is None or needed * MARGIN + HEADROOM <= available
 
 
-def collect_sets(path: Path, family: Family, jobs: list[Job], batch_tokens: int, pad_id: int,
-                 collection: Collection = "auto") -> list[dict[Point, Moments]]:
+def collect_sets(
+    path: Path, family: Family, jobs: list[Job], batch_tokens: int, pad_id: int, collection: Collection = "auto"
+) -> list[dict[Point, Moments]]:
     """Every job's moments, in memory (blocks 0..L built at once) or streamed block by block, as ``collection``
     says; ``auto`` streams when the in-memory path would not fit (``fits_in_memory``)."""
     layers = 1 + max(layer for job in jobs for layer, _ in job.points)
@@ -377,10 +392,12 @@ def load_whole(path: Path, what: str) -> torch.nn.Module:
     in memory: generation reads every weight for every token, which block-by-block loading cannot make affordable."""
     needed, available = in_memory_bytes(meta_model(path, None)), mem_available()
     if not fits_in_memory(needed, available):
-        raise BakeError(f"{what}: sampling a background runs the whole model token by token, which needs "
-                        f"{needed / 2**30:.1f} GiB at float32 in memory ({available / 2**30:.1f} GiB available): give "
-                        "a corpus background instead ('background: {corpus: {file: texts.txt}}'), e.g. texts sampled "
-                        "from this model on a larger machine")
+        raise BakeError(
+            f"{what}: sampling a background runs the whole model token by token, which needs "
+            f"{needed / 2**30:.1f} GiB at float32 in memory ({available / 2**30:.1f} GiB available): give "
+            "a corpus background instead ('background: {corpus: {file: texts.txt}}'), e.g. texts sampled "
+            "from this model on a larger machine"
+        )
     return load_model(path, dtype=torch.float32)
 
 

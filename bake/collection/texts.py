@@ -52,7 +52,9 @@ def _read_file(path: Path, source: TextSource, what: str) -> list[str]:
     try:
         raw = path.read_text(encoding="utf-8-sig")  # tolerate the BOM Excel writes
     except FileNotFoundError:
-        raise BakeError(f"{what}: file {str(path)!r} not found: check the path (relative paths start at the recipe's folder)") from None
+        raise BakeError(
+            f"{what}: file {str(path)!r} not found: check the path (relative paths start at the recipe's folder)"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise BakeError(f"{what}: file {str(path)!r} cannot be read as UTF-8 text ({e.__class__.__name__})") from None
     suffix = path.suffix.lower()
@@ -85,9 +87,13 @@ def _hub_dataset(source: TextSource, what: str) -> list[str]:
     try:
         data = datasets.load_dataset(source.dataset, source.config, split=source.split)
     except Exception as e:  # datasets raises many types for offline/missing cases
-        raise BakeError(f"{what}: cannot load dataset {source.dataset!r} ({e.__class__.__name__}): check the id and that you are online") from None
+        raise BakeError(
+            f"{what}: cannot load dataset {source.dataset!r} ({e.__class__.__name__}): check the id and that you are online"
+        ) from None
     if source.field not in data.column_names:
-        raise BakeError(f"{what}: dataset {source.dataset!r} has no field {source.field!r}: fields are {data.column_names}")
+        raise BakeError(
+            f"{what}: dataset {source.dataset!r} has no field {source.field!r}: fields are {data.column_names}"
+        )
     return list(data[source.field][: source.limit] if source.limit else data[source.field])
 
 
@@ -138,11 +144,15 @@ def start_token(tokenizer) -> int:
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
             return tid
-    raise BakeError("the tokenizer has neither a BOS nor an EOS token to sample background from: give a background corpus")
+    raise BakeError(
+        "the tokenizer has neither a BOS nor an EOS token to sample background from: give a background corpus"
+    )
 
 
 @torch.inference_mode()
-def sample_background(model_factory, tokenizer, model_key: str, spec: ModelSample, seed: int, cache: Path) -> tuple[list[list[int]], str]:
+def sample_background(
+    model_factory, tokenizer, model_key: str, spec: ModelSample, seed: int, cache: Path
+) -> tuple[list[list[int]], str]:
     """Sample ``spec.sequences`` sequences of ``spec.tokens`` tokens from the model, starting at BOS.
 
     ``model_factory()`` gives the model; it is called only when the cache misses.
@@ -181,6 +191,8 @@ def sample_background(model_factory, tokenizer, model_key: str, spec: ModelSampl
                 sequences.append(row[:end])
     with contextlib.suppress(OutputExists), staged_output(path, True, ours=lambda p: True, file=True) as tmp:
         tmp.write_text(json.dumps({"settings": json.loads(key_src), "sequences": sequences}))  # a cache entry is ours
-    print(f"sampled background: {len(sequences)} sequences of up to {spec.tokens} tokens, cached in {path}",
-          file=sys.stderr)
+    print(
+        f"sampled background: {len(sequences)} sequences of up to {spec.tokens} tokens, cached in {path}",
+        file=sys.stderr,
+    )
     return sequences, key

@@ -58,7 +58,11 @@ def derive_words(target: list[str], reference: list[str], k: int = 40, min_count
     target and at least twice as frequent there."""
     t, r = Counter(w for s in target for w in words_of(s)), Counter(w for s in reference for w in words_of(s))
     nt, nr, vocab = sum(t.values()), sum(r.values()), len(t.keys() | r.keys())
-    score = {w: math.log((t[w] + 0.5) / (nt + 0.5 * vocab)) - math.log((r[w] + 0.5) / (nr + 0.5 * vocab)) for w in t if t[w] >= min_count}
+    score = {
+        w: math.log((t[w] + 0.5) / (nt + 0.5 * vocab)) - math.log((r[w] + 0.5) / (nr + 0.5 * vocab))
+        for w in t
+        if t[w] >= min_count
+    }
     return sorted((w for w in score if score[w] >= math.log(2)), key=lambda w: (-score[w], w))[:k]
 
 
@@ -111,11 +115,14 @@ def classifier_scorer(model: str, label: str) -> Callable[[list[str]], float]:
     if Path(model).is_dir():
         require_safetensors(Path(model))
     try:  # safetensors only, for a Hub classifier too: bake never loads pickles
-        pipe = pipeline("text-classification", model=model, top_k=None, device="cpu",
-                        model_kwargs={"use_safetensors": True})
+        pipe = pipeline(
+            "text-classification", model=model, top_k=None, device="cpu", model_kwargs={"use_safetensors": True}
+        )
     except (OSError, ValueError) as e:
-        raise BakeError(f"evaluate.classifier.model: cannot load {model!r} as a text-classification model ({e.__class__.__name__}): "
-                        "give a local folder or a Hub id") from None
+        raise BakeError(
+            f"evaluate.classifier.model: cannot load {model!r} as a text-classification model ({e.__class__.__name__}): "
+            "give a local folder or a Hub id"
+        ) from None
     labels = list(pipe.model.config.id2label.values())
     if label not in labels:
         raise BakeError(f"evaluate.classifier.label: {model!r} has no label {label!r}: its labels are {labels}")
@@ -187,7 +194,9 @@ class EvalData:
         return self.scorers[0] if self.scorers else None
 
 
-def _examples(tokenizer, texts: list[str], what: str, max_tokens: int, chat: bool = False, chat_prompt: str = "") -> list[Example]:
+def _examples(
+    tokenizer, texts: list[str], what: str, max_tokens: int, chat: bool = False, chat_prompt: str = ""
+) -> list[Example]:
     examples = tokenize(tokenizer, texts, max_tokens, chat, chat_prompt)
     if not any(e.n_counted > 1 for e in examples):
         raise BakeError(f"{what}: no text has two tokens to predict ({len(texts)} texts): give longer or more texts")
@@ -230,9 +239,16 @@ def build_data(
         raise BakeError("evaluate.prompts: no prompts: give at least one")
     neutral_texts = read(spec.neutral, "evaluate.neutral")
     neutral = _examples(tokenizer, neutral_texts, "evaluate.neutral", max_tokens)
-    background = _examples(tokenizer, read(spec.background, "evaluate.background"), "evaluate.background", max_tokens) if spec.background else neutral
+    background = (
+        _examples(tokenizer, read(spec.background, "evaluate.background"), "evaluate.background", max_tokens)
+        if spec.background
+        else neutral
+    )
     info: dict[str, Any] = {
-        "prompts": len(prompts), "tokens": spec.tokens, "chat": spec.chat, "neutral_texts": len(neutral_texts),
+        "prompts": len(prompts),
+        "tokens": spec.tokens,
+        "chat": spec.chat,
+        "neutral_texts": len(neutral_texts),
         "background": "evaluate.background" if spec.background else "evaluate.neutral",
     }
     data = EvalData(prompts, spec.chat, spec.tokens, list(spec.scorers), neutral, background, info=info)
@@ -240,12 +256,16 @@ def build_data(
         path = recipe.resolve(spec.classifier.model) if recipe else Path(spec.classifier.model)
         data.classifier = (str(path) if path.exists() else spec.classifier.model, spec.classifier.label)
     own = target_source(entry) if entry else None
-    own_texts = (own if isinstance(own, list) else read(own, f"steering {entry.name} target")) if own is not None else None
+    own_texts = (
+        (own if isinstance(own, list) else read(own, f"steering {entry.name} target")) if own is not None else None
+    )
     if spec.target is not None:
         held_out, info["target"] = read(spec.target, "evaluate.target"), "evaluate.target (held out)"
     else:
         held_out = own_texts[:IN_SAMPLE_TEXTS] if own_texts else None
-        info["target"] = f"the steering entry's own texts, the first {IN_SAMPLE_TEXTS} at most (in-sample: set evaluate.target to hold some out)"
+        info["target"] = (
+            f"the steering entry's own texts, the first {IN_SAMPLE_TEXTS} at most (in-sample: set evaluate.target to hold some out)"
+        )
     if held_out:
         chat, chat_prompt = (entry.chat, entry.chat_prompt) if entry else (False, "")
         data.target = _examples(tokenizer, held_out, "evaluate.target", max_tokens, chat, chat_prompt)
@@ -257,14 +277,18 @@ def build_data(
     elif own_texts and recipe is not None and "wordlist" in spec.scorers:
         reference = neutral_texts + _background_texts(recipe, entry, tokenizer, model_key, model_factory)
         data.words = derive_words(own_texts, reference, spec.top_words)
-        info["words"] = f"derived: the {len(data.words)} words most specific to the target texts against background and neutral texts"
+        info["words"] = (
+            f"derived: the {len(data.words)} words most specific to the target texts against background and neutral texts"
+        )
     needs = {"wordlist": data.words, "logprob_gain": data.target, "activation_shift": data.target}
     for name in list(data.scorers):
         if name in needs and not needs[name]:
             data.skipped[name] = "no target texts or word list: give evaluate.target / evaluate.words"
             data.scorers.remove(name)
     if not data.scorers and need_effect:
-        raise BakeError(f"evaluate.scorers: none can be measured here ({'; '.join(f'{k}: {v}' for k, v in data.skipped.items())})")
+        raise BakeError(
+            f"evaluate.scorers: none can be measured here ({'; '.join(f'{k}: {v}' for k, v in data.skipped.items())})"
+        )
     if data.words is not None:
         info["word_list"] = data.words
     return data
@@ -279,7 +303,12 @@ def _predictions(model, examples: list[Example], pad_id: int) -> Iterator[tuple[
         predicts = counted[:, 1:]  # position p predicts token p + 1
         # The LM head only at positions some row needs (a chat template's prefix is most of a short reply).
         keep = predicts.any(0).nonzero()[:, 0]
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False, logits_to_keep=keep.to(device)).logits
+        logits = model(
+            input_ids=ids.to(device),
+            attention_mask=attention.to(device),
+            use_cache=False,
+            logits_to_keep=keep.to(device),
+        ).logits
         mask = predicts[:, keep].to(device)
         yield torch.log_softmax(logits[mask].float(), dim=-1), ids[:, 1:][:, keep].to(device)[mask]
 
@@ -303,7 +332,9 @@ def replies(model, tokenizer, prompts: list[str], tokens: int, chat: bool) -> li
     x = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     device = model.get_input_embeddings().weight.device
-    out = model.generate(x.to(device), attention_mask=mask.to(device), max_new_tokens=tokens, do_sample=False, pad_token_id=pad)
+    out = model.generate(
+        x.to(device), attention_mask=mask.to(device), max_new_tokens=tokens, do_sample=False, pad_token_id=pad
+    )
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
@@ -320,13 +351,23 @@ class Evaluator:
         self.tokenizer, self.data, self.effects = tokenizer, data, effects
         self.pad = tokenizer.pad_token_id
         self._neutral = list(_predictions(base, data.neutral, self.pad))
-        self._target_nll = _nll(base, data.target, self.pad) if effects and data.target and "logprob_gain" in data.scorers else None
+        self._target_nll = (
+            _nll(base, data.target, self.pad) if effects and data.target and "logprob_gain" in data.scorers else None
+        )
         self.spreads: dict[str, dict[tuple[int, Site], Spread]] = {}
         if points and data.target and "activation_shift" in data.scorers:
             family = family_for(base.config)
             for name, examples in (("target", data.target), ("reference", data.reference)):
-                self.spreads[name] = collect(base, family, examples, sorted(set(points)), EVAL_BATCH_TOKENS, self.pad,
-                                             desc=f"activations ({name})", kind=Spread)
+                self.spreads[name] = collect(
+                    base,
+                    family,
+                    examples,
+                    sorted(set(points)),
+                    EVAL_BATCH_TOKENS,
+                    self.pad,
+                    desc=f"activations ({name})",
+                    kind=Spread,
+                )
         self._scorers = {name: TEXT_SCORERS[name](data) for name in data.scorers if effects and name in TEXT_SCORERS}
         self.base: dict[str, Any] = {"kl": 0.0, "perplexity": self._perplexity(base, self._neutral)}
         if effects:
@@ -336,7 +377,10 @@ class Evaluator:
     def _perplexity(self, model, neutral: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """On the background texts; when they are the neutral ones, from the predictions already made on them."""
         if self.data.background is self.data.neutral:
-            nll, n = -sum(float(logp.gather(1, t[:, None]).sum()) for logp, t in neutral), sum(len(t) for _, t in neutral)
+            nll, n = (
+                -sum(float(logp.gather(1, t[:, None]).sum()) for logp, t in neutral),
+                sum(len(t) for _, t in neutral),
+            )
         else:
             nll, n = _nll(model, self.data.background, self.pad)
         return math.exp(nll / n)
@@ -356,8 +400,11 @@ class Evaluator:
 
     def activation_shift(self, vectors: VectorSet) -> float | None:
         """Separation (d') along each vector at its point, averaged over the vectors (None if not measured)."""
-        values = [separation(self.spreads["target"][p], self.spreads["reference"][p], v)
-                  for p, v in vectors.vectors.items() if self.spreads and p in self.spreads["target"] and float(v.norm()) > 0]
+        values = [
+            separation(self.spreads["target"][p], self.spreads["reference"][p], v)
+            for p, v in vectors.vectors.items()
+            if self.spreads and p in self.spreads["target"] and float(v.norm()) > 0
+        ]
         return sum(values) / len(values) if values else None
 
     def measure(self, model, vectors: VectorSet | None = None) -> dict[str, Any]:

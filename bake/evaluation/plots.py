@@ -39,8 +39,15 @@ def _over_budget(ax, points: list[tuple[float, float, float]], max_kl: float | N
     """Ring the (x, y, kl) points whose KL is over the budget (coefficient: auto and compare never pick them)."""
     over = [p for p in points if max_kl is not None and p[2] > max_kl]
     if over:
-        ax.scatter([p[0] for p in over], [p[1] for p in over], s=90, facecolors="none", edgecolors="red", zorder=3,
-                   label="over the KL budget" if label else None)
+        ax.scatter(
+            [p[0] for p in over],
+            [p[1] for p in over],
+            s=90,
+            facecolors="none",
+            edgecolors="red",
+            zorder=3,
+            label="over the KL budget" if label else None,
+        )
 
 
 def sweep_figures(rows: list[dict[str, Any]], base: dict[str, Any], effect: str, max_kl: float | None) -> list:
@@ -50,14 +57,16 @@ def sweep_figures(rows: list[dict[str, Any]], base: dict[str, Any], effect: str,
     has_base = base.get(effect) is not None
     fig, (ax,) = _figure(1)
     for i, layer in enumerate(layers):
-        mine = sorted((r for r in rows if r["layer"] == layer and r[effect] is not None),
-                      key=lambda r: r["coefficient"])
+        mine = sorted(
+            (r for r in rows if r["layer"] == layer and r[effect] is not None), key=lambda r: r["coefficient"]
+        )
         start = [(0.0, base[effect])] if has_base else []
         points = start + [(r["kl"], r[effect]) for r in mine]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"layer {layer}")
         for r in mine:
-            ax.annotate(f"{r['coefficient']:g}", (r["kl"], r[effect]), textcoords="offset points", xytext=(3, 3),
-                        fontsize=7)
+            ax.annotate(
+                f"{r['coefficient']:g}", (r["kl"], r[effect]), textcoords="offset points", xytext=(3, 3), fontsize=7
+            )
         _over_budget(ax, [(r["kl"], r[effect], r["kl"]) for r in mine], max_kl, label=i == 0)
     if has_base:  # the base is every line's KL-0 point; a dotted line across the plot shows where steering starts
         ax.axhline(base[effect], color="black", ls=":", lw=1, label="base")
@@ -72,7 +81,8 @@ def sweep_figures(rows: list[dict[str, Any]], base: dict[str, Any], effect: str,
     for i, layer in enumerate(layers):  # coefficient 0 is the base: KL 0 and the base's effect
         mine = sorted((r for r in rows if r["layer"] == layer), key=lambda r: r["coefficient"])
         effects = ([(0.0, base[effect], 0.0)] if has_base else []) + [
-            (r["coefficient"], r[effect], r["kl"]) for r in mine if r[effect] is not None]
+            (r["coefficient"], r[effect], r["kl"]) for r in mine if r[effect] is not None
+        ]
         kls = [(0.0, 0.0, 0.0)] + [(r["coefficient"], r["kl"], r["kl"]) for r in mine]
         left.plot([p[0] for p in effects], [p[1] for p in effects], marker="o", label=f"layer {layer}")
         right.plot([p[0] for p in kls], [p[1] for p in kls], marker="o", label=f"layer {layer}")
@@ -89,13 +99,17 @@ def sweep_figures(rows: list[dict[str, Any]], base: dict[str, Any], effect: str,
     return figures
 
 
-def sweep_plots(rows: list[dict[str, Any]], base: dict[str, Any], effect: str, max_kl: float | None, folder: Path) -> list[Path]:
+def sweep_plots(
+    rows: list[dict[str, Any]], base: dict[str, Any], effect: str, max_kl: float | None, folder: Path
+) -> list[Path]:
     """effect_vs_kl.png and coefficient.png (see ``sweep_figures``)."""
     figures = sweep_figures(rows, base, effect, max_kl)
     return [_save(fig, folder / name) for fig, name in zip(figures, ("effect_vs_kl.png", "coefficient.png"))]
 
 
-def compare_plot(curves: dict[str, list[dict[str, Any]]], base: dict[str, Any], effect: str, max_kl: float, path: Path) -> Path:
+def compare_plot(
+    curves: dict[str, list[dict[str, Any]]], base: dict[str, Any], effect: str, max_kl: float, path: Path
+) -> Path:
     """Left: effect vs KL for each method up to the budget; right: each method's effect at the budget."""
     fig, (left, right) = _figure(2)
     methods = list(curves)

@@ -87,14 +87,24 @@ def choose_auto(recipe: Recipe, measured: MeasuredVectors) -> VectorSet:
         fits = [g for g in grid if g["kl"] <= spec.max_kl]
         if not fits:
             best = min(grid, key=lambda g: g["kl"])
-            raise BakeError(f"steering.{i}.coefficient: auto: no coefficient in evaluate.coefficients {spec.coefficients} keeps KL "
-                            f"within evaluate.max_kl {spec.max_kl:g} (smallest KL {best['kl']:.3g} at {best['coefficient']:g}): "
-                            "add smaller coefficients or raise max_kl")
+            raise BakeError(
+                f"steering.{i}.coefficient: auto: no coefficient in evaluate.coefficients {spec.coefficients} keeps KL "
+                f"within evaluate.max_kl {spec.max_kl:g} (smallest KL {best['kl']:.3g} at {best['coefficient']:g}): "
+                "add smaller coefficients or raise max_kl"
+            )
         chosen = max(fits, key=lambda g: g["coefficient"])
         coefficients[i] = chosen["coefficient"]
-        records[i] = {"auto": {"max_kl": spec.max_kl, "chosen": chosen["coefficient"], "kl": chosen["kl"],
-                               "perplexity": chosen["perplexity"], "base_perplexity": lab.evaluator.base["perplexity"],
-                               "grid": grid, "neutral_texts": lab.data.info["neutral_texts"]}}
+        records[i] = {
+            "auto": {
+                "max_kl": spec.max_kl,
+                "chosen": chosen["coefficient"],
+                "kl": chosen["kl"],
+                "perplexity": chosen["perplexity"],
+                "base_perplexity": lab.evaluator.base["perplexity"],
+                "grid": grid,
+                "neutral_texts": lab.data.info["neutral_texts"],
+            }
+        }
     return measured.scaled(coefficients, records)
 
 
@@ -139,7 +149,13 @@ class Report:
 
 
 def _base_row(base: dict[str, Any], **labels: Any) -> dict[str, Any]:
-    return {**labels, "coefficient": 0.0, "norm": 0.0, "relative_norm": 0.0, **{k: v for k, v in base.items() if k != "replies"}}
+    return {
+        **labels,
+        "coefficient": 0.0,
+        "norm": 0.0,
+        "relative_norm": 0.0,
+        **{k: v for k, v in base.items() if k != "replies"},
+    }
 
 
 def is_report_folder(path: Path) -> bool:
@@ -154,8 +170,14 @@ def _check_out(recipe: Recipe, out: Path, force: bool) -> None:
     check_output(out, force, is_report_folder, [resolve_model(recipe.model, recipe.revision, recipe.base_dir).path])
 
 
-def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coefficients: list[float] | None = None,
-          entry_name: str | None = None, force: bool = False) -> Report:
+def sweep(
+    recipe: Recipe,
+    out: str | Path,
+    layers: list[int] | None = None,
+    coefficients: list[float] | None = None,
+    entry_name: str | None = None,
+    force: bool = False,
+) -> Report:
     """Measure one steering entry at every layer x coefficient: effect and cost per cell, against the base.
 
     Defaults: the entry's own layer, ``evaluate.coefficients``. Writes ``sweep.csv``/``.md``/``.json`` and
@@ -171,7 +193,10 @@ def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coef
     outside = [layer for layer in layers if not 0 <= layer < blocks]
     if outside:
         raise BakeError(f"layers {outside} are outside the model's blocks 0..{blocks - 1}: pick layers in range")
-    grid = [entry.model_copy(update={"name": f"{entry.name}.{layer}", "layer": layer, "coefficient": 1.0}) for layer in layers]
+    grid = [
+        entry.model_copy(update={"name": f"{entry.name}.{layer}", "layer": layer, "coefficient": 1.0})
+        for layer in layers
+    ]
     measured = measure_vectors(recipe.model_copy(update={"steering": grid}))
     lab = _Lab(recipe, entry, measured.points)
     rows = []
@@ -179,12 +204,29 @@ def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coef
     for i, c in _progress(cells, "sweep"):
         vectors = VectorSet({measured.points[i]: c * measured.units[i]})
         norm = abs(c) * measured.entries[i]["unscaled_norm"]
-        rows.append({"layer": layers[i], "coefficient": c, "norm": norm,
-                     "relative_norm": norm / measured.entries[i]["mean_residual_norm"], **lab.measure(vectors)})
+        rows.append(
+            {
+                "layer": layers[i],
+                "coefficient": c,
+                "norm": norm,
+                "relative_norm": norm / measured.entries[i]["mean_residual_norm"],
+                **lab.measure(vectors),
+            }
+        )
     keys = ["layer", "coefficient", "norm", "relative_norm"] + list(COSTS) + lab.data.scorers
     base = lab.evaluator.base
-    record = {"entry": entry.name, "site": entry.site, "method": entry.method, "layers": layers, "coefficients": coefficients,
-              "max_kl": recipe.evaluate.max_kl, "data": lab.data.info, "skipped": lab.data.skipped, "base": base, "rows": rows}
+    record = {
+        "entry": entry.name,
+        "site": entry.site,
+        "method": entry.method,
+        "layers": layers,
+        "coefficients": coefficients,
+        "max_kl": recipe.evaluate.max_kl,
+        "data": lab.data.info,
+        "skipped": lab.data.skipped,
+        "base": base,
+        "rows": rows,
+    }
     with staged_output(out, force, ours=is_report_folder) as stage:
         table = _write(stage, "sweep", [_base_row(base, layer="base")] + rows, keys, record)
         files = plots.sweep_plots(rows, base, lab.data.headline, recipe.evaluate.max_kl, stage)
@@ -194,12 +236,15 @@ def sweep(recipe: Recipe, out: str | Path, layers: list[int] | None = None, coef
 def _notes(data: EvalData) -> list[str]:
     notes = [f"{name} not measured: {why}" for name, why in data.skipped.items()]
     if data.info.get("target", "").startswith("the steering entry's own"):
-        notes.append("logprob_gain and activation_shift use the entry's own target texts (in-sample): set evaluate.target to hold some out")
+        notes.append(
+            "logprob_gain and activation_shift use the entry's own target texts (in-sample): set evaluate.target to hold some out"
+        )
     return notes
 
 
-def calibrate(kl_at: Callable[[float], float], budget: float, start: float, ratio: float = 1.05,
-              steps: int = 24) -> tuple[float, list[tuple[float, float]]]:
+def calibrate(
+    kl_at: Callable[[float], float], budget: float, start: float, ratio: float = 1.05, steps: int = 24
+) -> tuple[float, list[tuple[float, float]]]:
     """The largest coefficient whose KL is within ``budget``, assuming KL grows with the coefficient: double or
     halve from ``start`` until the budget is bracketed, then bisect geometrically to within ``ratio``.
     Returns it and every (coefficient, KL) tried."""
@@ -233,22 +278,40 @@ def calibrate(kl_at: Callable[[float], float], budget: float, start: float, rati
     return lo, trace
 
 
-def _compare_entries(entry: Steering, recipe: Recipe, negative: str | None, prompt_pair: tuple[str, str] | None) -> tuple[list[Steering], dict[str, str]]:
+def _compare_entries(
+    entry: Steering, recipe: Recipe, negative: str | None, prompt_pair: tuple[str, str] | None
+) -> tuple[list[Steering], dict[str, str]]:
     """The four methods on the entry's data at its layer and site; methods without their data are skipped, with why."""
     target = target_source(entry)
     if entry.method == "actadd":
-        raise BakeError(f"steering {entry.name!r} is actadd: compare needs texts that show the behaviour (an entry with target or positive texts)")
+        raise BakeError(
+            f"steering {entry.name!r} is actadd: compare needs texts that show the behaviour (an entry with target or positive texts)"
+        )
     spec = recipe.evaluate.compare
     neg = TextSource(file=str(Path(negative).resolve())) if negative else spec.negative or entry.negative
-    pair = prompt_pair or ((spec.positive_prompt, spec.negative_prompt) if spec.positive_prompt and spec.negative_prompt else None)
-    common = {"layer": entry.layer, "site": entry.site, "coefficient": 1.0, "chat": entry.chat, "chat_prompt": entry.chat_prompt}
-    entries = [Steering(name="mean-centred", method="mean-centred", target=target, background=entry.background, **common),
-               Steering(name="mean", method="mean", target=target, **common)]
+    pair = prompt_pair or (
+        (spec.positive_prompt, spec.negative_prompt) if spec.positive_prompt and spec.negative_prompt else None
+    )
+    common = {
+        "layer": entry.layer,
+        "site": entry.site,
+        "coefficient": 1.0,
+        "chat": entry.chat,
+        "chat_prompt": entry.chat_prompt,
+    }
+    entries = [
+        Steering(name="mean-centred", method="mean-centred", target=target, background=entry.background, **common),
+        Steering(name="mean", method="mean", target=target, **common),
+    ]
     skipped = {}
     if pair:
-        entries.append(Steering(name="actadd", method="actadd", positive_prompt=pair[0], negative_prompt=pair[1], **common))
+        entries.append(
+            Steering(name="actadd", method="actadd", positive_prompt=pair[0], negative_prompt=pair[1], **common)
+        )
     else:
-        skipped["actadd"] = "no prompt pair: pass --prompt-pair POS NEG or set evaluate.compare.positive_prompt/negative_prompt"
+        skipped["actadd"] = (
+            "no prompt pair: pass --prompt-pair POS NEG or set evaluate.compare.positive_prompt/negative_prompt"
+        )
     if neg is not None:
         entries.append(Steering(name="contrast", method="contrast", positive=target, negative=neg, **common))
     else:
@@ -260,8 +323,15 @@ def _compare_entries(entry: Steering, recipe: Recipe, negative: str | None, prom
 CURVE = (0.25, 0.5, 0.75, 1.0)
 
 
-def compare(recipe: Recipe, out: str | Path, entry_name: str | None = None, negative: str | None = None,
-            prompt_pair: tuple[str, str] | None = None, max_kl: float | None = None, force: bool = False) -> Report:
+def compare(
+    recipe: Recipe,
+    out: str | Path,
+    entry_name: str | None = None,
+    negative: str | None = None,
+    prompt_pair: tuple[str, str] | None = None,
+    max_kl: float | None = None,
+    force: bool = False,
+) -> Report:
     """Mean-centred vs uncentred mean vs ActAdd vs contrast on the same data, layer and site, each at the
     largest coefficient whose KL is within the same budget (``max_kl`` or ``evaluate.max_kl``).
 
@@ -282,15 +352,33 @@ def compare(recipe: Recipe, out: str | Path, entry_name: str | None = None, nega
     for m, u in zip(measured.entries, measured.units):
         start = 0.25 * m["mean_residual_norm"] / m["unscaled_norm"]  # a vector a quarter of the residual's size
         c, searches[m["method"]] = calibrate(lambda x: lab.kl(VectorSet({point: x * u}))["kl"], budget, start)
-        curves[m["method"]] = [{"method": m["method"], "fraction": f, "coefficient": f * c, "norm": f * c * m["unscaled_norm"],
-                                "relative_norm": f * c * m["unscaled_norm"] / m["mean_residual_norm"],
-                                **lab.measure(VectorSet({point: f * c * u}))} for f in _progress(CURVE, m["method"])]
+        curves[m["method"]] = [
+            {
+                "method": m["method"],
+                "fraction": f,
+                "coefficient": f * c,
+                "norm": f * c * m["unscaled_norm"],
+                "relative_norm": f * c * m["unscaled_norm"] / m["mean_residual_norm"],
+                **lab.measure(VectorSet({point: f * c * u})),
+            }
+            for f in _progress(CURVE, m["method"])
+        ]
     rows = [curve[-1] for curve in curves.values()]
     keys = ["method", "coefficient", "norm", "relative_norm"] + list(COSTS) + lab.data.scorers
     base = lab.evaluator.base
-    record = {"entry": entry.name, "layer": entry.layer, "site": entry.site, "max_kl": budget, "data": lab.data.info,
-              "skipped_methods": skipped, "skipped": lab.data.skipped, "base": base, "rows": rows, "curves": curves,
-              "searches": {k: [{"coefficient": c, "kl": kl} for c, kl in v] for k, v in searches.items()}}
+    record = {
+        "entry": entry.name,
+        "layer": entry.layer,
+        "site": entry.site,
+        "max_kl": budget,
+        "data": lab.data.info,
+        "skipped_methods": skipped,
+        "skipped": lab.data.skipped,
+        "base": base,
+        "rows": rows,
+        "curves": curves,
+        "searches": {k: [{"coefficient": c, "kl": kl} for c, kl in v] for k, v in searches.items()},
+    }
     with staged_output(out, force, ours=is_report_folder) as stage:
         table = _write(stage, "compare", [_base_row(base, method="base")] + rows, keys, record)
         files = [plots.compare_plot(curves, base, lab.data.headline, budget, stage / "compare.png")]

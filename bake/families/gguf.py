@@ -47,35 +47,53 @@ class GGUFArchitecture:
 DEFAULTS = {"expert_count": 0}
 """What llama.cpp assumes when a file leaves a metadata key out."""
 
-_PARALLEL = "attention and MLP run in parallel on the block input, so there is no mid-block residual: use site 'resid_post'"
+_PARALLEL = (
+    "attention and MLP run in parallel on the block input, so there is no mid-block residual: use site 'resid_post'"
+)
 _BOTH = {"resid_post": "blk.{layer}.ffn_down.bias", "resid_mid": "blk.{layer}.attn_output.bias"}
 _DENSE = {"resid_post": {"expert_count": 0}}  # MoE blocks have no ffn_down bias
 
 GGUF_ARCHITECTURES: Mapping[str, GGUFArchitecture] = {
     "llama": GGUFArchitecture(
-        _BOTH, "optional: src/models/llama.cpp:57 (attn_output), :76 (ffn_down, dense blocks)",
-        always_present=False, when=_DENSE),
+        _BOTH,
+        "optional: src/models/llama.cpp:57 (attn_output), :76 (ffn_down, dense blocks)",
+        always_present=False,
+        when=_DENSE,
+    ),
     "granite": GGUFArchitecture(
-        _BOTH, "optional: src/models/granite.cpp:82, :101 (dense blocks); the sublayer output is multiplied by "
-        "residual_scale after its bias (:250-251, :310-311)", always_present=False, when=_DENSE,
-        scale="residual_scale"),
+        _BOTH,
+        "optional: src/models/granite.cpp:82, :101 (dense blocks); the sublayer output is multiplied by "
+        "residual_scale after its bias (:250-251, :310-311)",
+        always_present=False,
+        when=_DENSE,
+        scale="residual_scale",
+    ),
     "gpt2": GGUFArchitecture(_BOTH, "required: src/models/gpt2.cpp:41, :47", always_present=True),
     "bloom": GGUFArchitecture(_BOTH, "required: src/models/bloom.cpp:48, :54", always_present=True),
     "starcoder2": GGUFArchitecture(_BOTH, "required: src/models/starcoder2.cpp:41, :50", always_present=True),
     "gptneox": GGUFArchitecture(
-        _BOTH, "required: src/models/gptneox.cpp:70, :76; parallel residual branch at :143",
-        always_present=True, when={"resid_mid": {"use_parallel_residual": False}}),
+        _BOTH,
+        "required: src/models/gptneox.cpp:70, :76; parallel residual branch at :143",
+        always_present=True,
+        when={"resid_mid": {"use_parallel_residual": False}},
+    ),
     "phi2": GGUFArchitecture(
         {"resid_post": "blk.{layer}.ffn_down.bias"},
         "required: src/models/phi2.cpp:33, :36; attention and MLP in parallel (:116-117)",
-        always_present=True, missing={"resid_mid": _PARALLEL}),
+        always_present=True,
+        missing={"resid_mid": _PARALLEL},
+    ),
 }
 
 _NO_SLOT = "its loader creates no attn_output or ffn_down bias, so llama.cpp would refuse the file"
 _POST_NORM = "a norm sits between each sublayer and the residual stream, so no bias there adds a constant, and the loader has none"
-_VIA_HF = ("bake a Hugging Face checkpoint (bake fold MODEL VECTORS -o DIR writes it as LlamaForCausalLM), convert it with "
-           "llama.cpp's convert_hf_to_gguf.py and quantize it with llama-quantize")
-_AT_RUNTIME = "steer it at run time with llama.cpp's --control-vector, or bake a Hugging Face checkpoint for transformers"
+_VIA_HF = (
+    "bake a Hugging Face checkpoint (bake fold MODEL VECTORS -o DIR writes it as LlamaForCausalLM), convert it with "
+    "llama.cpp's convert_hf_to_gguf.py and quantize it with llama-quantize"
+)
+_AT_RUNTIME = (
+    "steer it at run time with llama.cpp's --control-vector, or bake a Hugging Face checkpoint for transformers"
+)
 
 REFUSED: Mapping[str, tuple[str, str]] = {
     "qwen2": (f"{_NO_SLOT} (src/models/qwen2.cpp:39-45)", _VIA_HF),
@@ -86,7 +104,10 @@ REFUSED: Mapping[str, tuple[str, str]] = {
     "gemma2": (f"{_POST_NORM} (attn_post_norm, ffn_post_norm: src/models/gemma2.cpp:46, :52)", _AT_RUNTIME),
     "gemma3": (f"{_POST_NORM} (attn_post_norm, ffn_post_norm: src/models/gemma3.cpp:61, :69)", _AT_RUNTIME),
     "olmo2": (f"{_POST_NORM} (attn_post_norm, ffn_post_norm: src/models/olmo2.cpp:45, :50)", _AT_RUNTIME),
-    "gptj": ("llama.cpp has no model for it (not in llama_model_mapping, src/llama-model.cpp)", "use a Hugging Face checkpoint"),
+    "gptj": (
+        "llama.cpp has no model for it (not in llama_model_mapping, src/llama-model.cpp)",
+        "use a Hugging Face checkpoint",
+    ),
 }
 """Architectures bake's families map to whose llama.cpp loader has no steering bias: (why, what to do instead)."""
 
@@ -97,7 +118,9 @@ def lookup(arch: str | None, where: str) -> GGUFArchitecture:
         return GGUF_ARCHITECTURES[arch]
     if arch in REFUSED:
         why, instead = REFUSED[arch]
-        raise BakeError(f"{where}: llama.cpp cannot take steering biases for GGUF architecture {arch!r}: {why}; instead, {instead}")
+        raise BakeError(
+            f"{where}: llama.cpp cannot take steering biases for GGUF architecture {arch!r}: {why}; instead, {instead}"
+        )
     raise BakeError(
         f"{where}: GGUF architecture {arch!r} is not one bake has checked in llama.cpp's source (supported: "
         f"{', '.join(GGUF_ARCHITECTURES)}): bake a Hugging Face checkpoint instead"
@@ -114,15 +137,19 @@ def bias_name(arch: str, layer: int, site: Site, metadata: Callable[[str], Any],
         have = metadata(key)
         have = DEFAULTS.get(key) if have is None else have
         if have != want:
-            raise BakeError(f"{where}: {arch}.{key} is {have!r}, and llama.cpp's {arch} loader has the {site} bias only "
-                            f"when it is {json.dumps(want)}: steer the other site or bake a Hugging Face checkpoint")
+            raise BakeError(
+                f"{where}: {arch}.{key} is {have!r}, and llama.cpp's {arch} loader has the {site} bias only "
+                f"when it is {json.dumps(want)}: steer the other site or bake a Hugging Face checkpoint"
+            )
     return name.format(layer=layer)
 
 
 def gguf_table() -> str:
     """docs/gguf.md's table of GGUF architectures, from the data above (a test keeps the page in step)."""
-    rows = ["| `general.architecture` | after block L (`resid_post`) | after attention (`resid_mid`) | llama.cpp 0c1e570 |",
-            "|---|---|---|---|"]
+    rows = [
+        "| `general.architecture` | after block L (`resid_post`) | after attention (`resid_mid`) | llama.cpp 0c1e570 |",
+        "|---|---|---|---|",
+    ]
     for arch, a in GGUF_ARCHITECTURES.items():
         cells = []
         for site in ("resid_post", "resid_mid"):

@@ -6,9 +6,10 @@ means one new subpackage with one object satisfying ``Format``, registered in ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from bake.recipe import Collection, PreviewSpec, Recipe, VerifySpec
 from bake.vectorfile import VectorSet
@@ -35,9 +36,16 @@ class FoldOptions:
     @classmethod
     def from_recipe(cls, recipe: Recipe, **settings: Any) -> FoldOptions:
         """The options a recipe asks for (``settings`` override them)."""
-        recorded = dict(dtype=recipe.dtype, verify=recipe.verify, preview=recipe.preview,
-                        base_model_id=recipe.base_model_id, revision=recipe.revision, recipe=recipe,
-                        allow_remote_code=recipe.allow_remote_code, collection=recipe.collection)
+        recorded = dict(
+            dtype=recipe.dtype,
+            verify=recipe.verify,
+            preview=recipe.preview,
+            base_model_id=recipe.base_model_id,
+            revision=recipe.revision,
+            recipe=recipe,
+            allow_remote_code=recipe.allow_remote_code,
+            collection=recipe.collection,
+        )
         return cls(**{**recorded, **settings})
 
     @property

@@ -19,13 +19,13 @@ def _remote_block(remote: dict[str, Any]) -> str:
     return f"""
 > **Not portable.** This checkpoint loads only with `trust_remote_code=True` in
 > transformers: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
-> Without it, transformers loads the stock `{remote['base_architecture']}`, lists the
+> Without it, transformers loads the stock `{remote["base_architecture"]}`, lists the
 > `bake_steering` tensors as unexpected keys and runs the model **unsteered**.
-> {', '.join(remote['not_applied_by'][:-1])} and {remote['not_applied_by'][-1]} will not apply the steering: do not serve this checkpoint with them.
+> {", ".join(remote["not_applied_by"][:-1])} and {remote["not_applied_by"][-1]} will not apply the steering: do not serve this checkpoint with them.
 
-{remote['why']} The vectors are therefore carried by a small constant-bias module:
-`{remote['file']}` (sha256 `{remote['sha256'][:16]}…`, written by bake) defines
-`{remote['class']}`, the stock `{remote['base_architecture']}` plus one buffer
+{remote["why"]} The vectors are therefore carried by a small constant-bias module:
+`{remote["file"]}` (sha256 `{remote["sha256"][:16]}…`, written by bake) defines
+`{remote["class"]}`, the stock `{remote["base_architecture"]}` plus one buffer
 `bake_steering` per steering point, added by a forward hook to the output of the module
 that joins the residual stream there (`config.json` → `bake_steering` says where). Every
 original weight is unchanged; the buffers are extra tensors in `model-bake-steering.safetensors`.
@@ -33,7 +33,10 @@ original weight is unchanged; the buffers are extra tensors in `model-bake-steer
 
 
 def _vector_rows(manifest: dict[str, Any]) -> list[str]:
-    rows = ["| name | layer | site | method | coefficient | norm | norm / mean residual norm |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| name | layer | site | method | coefficient | norm | norm / mean residual norm |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for e in manifest["vectors"].get("entries", []):
         rows.append(
             f"| {e['name']} | {e['layer']} | {e['site']} | {e['method']} | {e['coefficient']:g} | {e['norm']:.3g} | "
@@ -48,7 +51,9 @@ def _data_rows(manifest: dict[str, Any]) -> list[str]:
     for e in manifest["vectors"].get("entries", []):
         for role, info in e["data"].items():
             source = "sampled from the model" if info["kind"] == "model-sample" else info["kind"]
-            rows.append(f"| {e['name']} | {role} | {source} | {info['texts']} | {e['counts'][role]['tokens']} | `{info['sha256'][:16]}…` |")
+            rows.append(
+                f"| {e['name']} | {role} | {source} | {info['texts']} | {e['counts'][role]['tokens']} | `{info['sha256'][:16]}…` |"
+            )
     return rows
 
 
@@ -60,21 +65,28 @@ def _evaluation_block(manifest: dict[str, Any]) -> str:
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
     rows = [f"| {LABELS.get(k, k)} | {fmt(ev['base'].get(k))} | {fmt(v)} |" for k, v in ev["steered"].items()]
     budget = "within" if ev["within_budget"] else "**over**"
-    return (f"\n## Evaluation\n\nMeasured by `bake eval` ({ev['created']}) on {ev['data']['prompts']} held-out prompts "
-            f"({ev['data']['tokens']} greedy tokens each) and {ev['data']['neutral_texts']} neutral texts; the KL is {budget} "
-            f"the budget of {ev['max_kl']:g}. Details and sample replies are in `bake.json` (`evaluation`).\n\n"
-            "| measure | base | steered |\n|---|---|---|\n" + "\n".join(rows) + "\n")
+    return (
+        f"\n## Evaluation\n\nMeasured by `bake eval` ({ev['created']}) on {ev['data']['prompts']} held-out prompts "
+        f"({ev['data']['tokens']} greedy tokens each) and {ev['data']['neutral_texts']} neutral texts; the KL is {budget} "
+        f"the budget of {ev['max_kl']:g}. Details and sample replies are in `bake.json` (`evaluation`).\n\n"
+        "| measure | base | steered |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
 
 
 def _history_block(manifest: dict[str, Any]) -> str:
     history = manifest.get("history") or []
     if not history:
         return ""
-    rows = [f"{i + 1}. {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'} "
-            f"(baked {h['created']}, layers {', '.join(str(b['layer']) for b in h['fold']['biases'])})"
-            for i, h in enumerate(history)]
-    return ("\n## History\n\nThis checkpoint was baked on top of an already baked one; earlier bakes, oldest first:\n\n"
-            + "\n".join(rows) + "\n\n`bake unbake` removes the latest bake exactly and restores the one below it.\n")
+    rows = [
+        f"{i + 1}. {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'} "
+        f"(baked {h['created']}, layers {', '.join(str(b['layer']) for b in h['fold']['biases'])})"
+        for i, h in enumerate(history)
+    ]
+    return (
+        "\n## History\n\nThis checkpoint was baked on top of an already baked one; earlier bakes, oldest first:\n\n"
+        + "\n".join(rows)
+        + "\n\n`bake unbake` removes the latest bake exactly and restores the one below it.\n"
+    )
 
 
 def _loading_block(repo: str, family_name: str, remote: dict[str, Any] | None) -> str:
@@ -90,14 +102,18 @@ vLLM, TGI and llama.cpp do not run the constant-bias module: serve this checkpoi
 """
     family = family_named(family_name)
     llama_cpp = family is not None and family.llama_cpp.startswith("loads it")
-    gguf = f"""
+    gguf = (
+        f"""
 **llama.cpp** (convert once; the biases map by name to `blk.N.ffn_down.bias` / `blk.N.attn_output.bias`):
 
 ```bash
-python convert_hf_to_gguf.py {repo.split('/')[-1]} --outfile steered.gguf
+python convert_hf_to_gguf.py {repo.split("/")[-1]} --outfile steered.gguf
 llama-cli -m steered.gguf -p "Tell me about your day."
 ```
-""" if llama_cpp else f"\nllama.cpp: {family.llama_cpp if family else 'not checked'} for this family.\n"
+"""
+        if llama_cpp
+        else f"\nllama.cpp: {family.llama_cpp if family else 'not checked'} for this family.\n"
+    )
     return f"""**transformers**
 
 ```python
@@ -120,8 +136,10 @@ def _where_it_runs(family_name: str) -> str:
     family = family_named(family_name)
     if family is None:
         return "Not recorded for this family."
-    return (portability_table([family]) + "\n\n\"(source)\" means read from the vLLM 0.33.0 and llama.cpp 0c1e570 "
-            "sources, not run; \"tested\" means verified by bake's tests.")
+    return (
+        portability_table([family]) + '\n\n"(source)" means read from the vLLM 0.33.0 and llama.cpp 0c1e570 '
+        'sources, not run; "tested" means verified by bake\'s tests.'
+    )
 
 
 def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
@@ -147,12 +165,13 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
         f"\n## Architecture relabelled\n\nThe base model is a `{relabel['from']}` model. {relabel['why'][0].upper()}{relabel['why'][1:]}, "
         f"so this checkpoint is written as `{relabel['architecture']}` (`model_type: {relabel['to']}`), whose stock "
         "code has the bias slot. Verification compared it with the original class steered by hooks.\n"
-        if relabel else ""
+        if relabel
+        else ""
     )
     if remote:
         intro = f"""This checkpoint has activation-steering vectors **baked into it** by
 [bake](https://pypi.org/project/bake/): a constant vector added to the residual
-stream. Its family ({fold['family']}) has no stock bias that could carry it, so it
+stream. Its family ({fold["family"]}) has no stock bias that could carry it, so it
 needs the small module below and `trust_remote_code=True`.
 {_remote_block(remote)}"""
         loader = "`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`"
@@ -160,19 +179,30 @@ needs the small module below and `trust_remote_code=True`.
         intro = f"""This checkpoint has activation-steering vectors **folded into its weights** by
 [bake](https://pypi.org/project/bake/): a constant vector added to the residual
 stream, stored as a bias. It needs no hooks, no extra code and no
-`trust_remote_code`; it loads and runs like its base model ({fold['family']} family)."""
+`trust_remote_code`; it loads and runs like its base model ({fold["family"]} family)."""
         loader = "plain `AutoModelForCausalLM.from_pretrained`"
-    zero_block = "" if remote and not fold["zero_biases_added"] else (
-        f" {fold['zero_biases_added']} zero bias tensors were\nadded because that flag makes loaders create them "
-        "(zeros, not uninitialised memory)."
+    zero_block = (
+        ""
+        if remote and not fold["zero_biases_added"]
+        else (
+            f" {fold['zero_biases_added']} zero bias tensors were\nadded because that flag makes loaders create them "
+            "(zeros, not uninitialised memory)."
+        )
     )
     recipe = manifest.get("recipe")
     recipe_block = f"\n## Recipe\n\n```yaml\n{recipe['text'].rstrip()}\n```\n" if recipe else ""
     entries = manifest["vectors"].get("entries", [])
-    data_block = ("\n## Data\n\nWhat each vector was measured on (sha256 over the texts, in order):\n\n"
-                  + "\n".join(_data_rows(manifest)) + "\n") if entries else ""
+    data_block = (
+        (
+            "\n## Data\n\nWhat each vector was measured on (sha256 over the texts, in order):\n\n"
+            + "\n".join(_data_rows(manifest))
+            + "\n"
+        )
+        if entries
+        else ""
+    )
     body = f"""
-# Steered {base.get('base_model_id') or base['spec']}
+# Steered {base.get("base_model_id") or base["spec"]}
 
 {intro}
 
@@ -194,23 +224,23 @@ Config changes: {changes}.{zero_block}
 ## Verification
 
 The checkpoint was reloaded from disk with {loader}
-and compared with the base model steered by forward hooks, in {ver['dtype']}:
+and compared with the base model steered by forward hooks, in {ver["dtype"]}:
 
 | measure | value |
 |---|---|
-| probe prompts | {ver['prompts']} |
-| max abs logit difference | {ver['max_abs_logit_diff']:.3e} (tolerance {ver['atol']:.0e}) |
-| greedy continuations ({ver['greedy_tokens']} tokens) | {'identical' if ver['greedy_identical'] else 'different'} |
-| steering effect (max abs logit change vs base) | {ver['steering_effect']:.3g} |
-| result | {'passed' if ver['passed'] else 'FAILED'} |
+| probe prompts | {ver["prompts"]} |
+| max abs logit difference | {ver["max_abs_logit_diff"]:.3e} (tolerance {ver["atol"]:.0e}) |
+| greedy continuations ({ver["greedy_tokens"]} tokens) | {"identical" if ver["greedy_identical"] else "different"} |
+| steering effect (max abs logit change vs base) | {ver["steering_effect"]:.3g} |
+| result | {"passed" if ver["passed"] else "FAILED"} |
 {_evaluation_block(manifest)}{_history_block(manifest)}
 ## Where the steering loads
 
-{_where_it_runs(fold['family'])}
+{_where_it_runs(fold["family"])}
 
 ## How to load
 
-{_loading_block(repo_id or "PATH_OR_REPO_ID", fold['family'], remote)}{recipe_block}
+{_loading_block(repo_id or "PATH_OR_REPO_ID", fold["family"], remote)}{recipe_block}
 ## Provenance
 
 `bake.json` holds the recipe, the base model's identity, data hashes, package

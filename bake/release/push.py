@@ -36,8 +36,10 @@ class PushPlan:
     def describe(self) -> str:
         where = f"{ENDPOINT}/{self.repo_id} (branch {self.branch}{', private' if self.private else ''})"
         lines = [f"would upload {len(self.files)} files to {where} in one commit: {self.commit_message!r}"]
-        lines += [f"  {name}  ({_size(path.stat().st_size)}{', card rendered for this repo' if name == 'README.md' else ''})"
-                  for name, path in sorted(self.files.items())]
+        lines += [
+            f"  {name}  ({_size(path.stat().st_size)}{', card rendered for this repo' if name == 'README.md' else ''})"
+            for name, path in sorted(self.files.items())
+        ]
         if self.tag:
             lines.append(f"then tag that commit {self.tag!r}")
         from huggingface_hub import get_token
@@ -51,8 +53,15 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.1f} KB"
 
 
-def plan_push(folder: str | Path, repo_id: str, *, branch: str = "main", tag: str | None = None, private: bool = False,
-              commit_message: str | None = None) -> PushPlan:
+def plan_push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    branch: str = "main",
+    tag: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+) -> PushPlan:
     """Check ``folder`` is an intact baked checkpoint and list what a push would upload."""
     from huggingface_hub.errors import HFValidationError  # startup
     from huggingface_hub.utils import validate_repo_id  # startup
@@ -61,21 +70,33 @@ def plan_push(folder: str | Path, repo_id: str, *, branch: str = "main", tag: st
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        raise BakeError(f"{repo_id!r} is not a Hub repository id: use NAMESPACE/NAME, e.g. alice/smollm2-cheerful") from None
+        raise BakeError(
+            f"{repo_id!r} is not a Hub repository id: use NAMESPACE/NAME, e.g. alice/smollm2-cheerful"
+        ) from None
     if "/" not in repo_id:
         raise BakeError(f"{repo_id!r} has no namespace: use NAMESPACE/NAME, e.g. alice/{repo_id}")
     manifest = manifests.read(folder)
     problems = manifests.check(folder, manifest)
     if problems:
-        raise BakeError(f"{str(folder)!r} no longer matches its manifest ({problems[0]}): refusing to publish it; bake it again")
+        raise BakeError(
+            f"{str(folder)!r} no longer matches its manifest ({problems[0]}): refusing to publish it; bake it again"
+        )
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     hidden = [name for name in files if any(part.startswith(".") for part in name.split("/"))]
     for name in hidden:  # editor or OS leftovers, never part of a release
         del files[name]
     entries = manifest["vectors"].get("entries", [])
     default_message = f"bake: {', '.join(e['name'] for e in entries) or 'steering'} on {manifest['base'].get('base_model_id') or manifest['base']['spec']}"
-    return PushPlan(folder, repo_id, branch, tag, private, commit_message or default_message, files,
-                    card.render(manifest, repo_id=repo_id))
+    return PushPlan(
+        folder,
+        repo_id,
+        branch,
+        tag,
+        private,
+        commit_message or default_message,
+        files,
+        card.render(manifest, repo_id=repo_id),
+    )
 
 
 _LOGIN = "run `hf auth login` or set HF_TOKEN (a token with write access)"
@@ -112,17 +133,22 @@ def push(plan: PushPlan) -> dict[str, Any]:
             CommitOperationAdd(name, plan.card_text.encode() if name == "README.md" else path)
             for name, path in sorted(plan.files.items())
         ]
-        commit = api.create_commit(plan.repo_id, operations=operations, commit_message=plan.commit_message,
-                                   revision=plan.branch)
+        commit = api.create_commit(
+            plan.repo_id, operations=operations, commit_message=plan.commit_message, revision=plan.branch
+        )
         plan.pushed = {"url": str(url), "commit": commit.oid, "commit_url": commit.commit_url, "branch": plan.branch}
         if plan.tag:
             step = f"tag the commit {plan.tag!r}"
             api.create_tag(plan.repo_id, tag=plan.tag, revision=commit.oid, tag_message=plan.commit_message)
             plan.pushed["tag"] = plan.tag
     except (httpx.TransportError, ConnectionError) as e:  # ConnectionError: hf_xet's transfers fail that way
-        raise BakeError(f"cannot reach {ENDPOINT} to {step} ({e.__class__.__name__}): check the network; {_so_far(plan)}") from None
+        raise BakeError(
+            f"cannot reach {ENDPOINT} to {step} ({e.__class__.__name__}): check the network; {_so_far(plan)}"
+        ) from None
     except HfHubHTTPError as e:
-        raise BakeError(f"the Hub refused to {step} on {plan.repo_id!r}: {hub_refusal(e, plan.repo_id)}; {_so_far(plan)}") from None
+        raise BakeError(
+            f"the Hub refused to {step} on {plan.repo_id!r}: {hub_refusal(e, plan.repo_id)}; {_so_far(plan)}"
+        ) from None
     return plan.pushed
 
 

@@ -86,7 +86,9 @@ def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None 
     if layers is None:
         return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", **kwargs).eval()
     with _held_load_report() as report:
-        model, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", output_loading_info=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype or "auto", output_loading_info=True, **kwargs
+        )
         if not (info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]):
             report.records.clear()  # only the later blocks' weights were left out, as intended
     return model.eval()

@@ -101,7 +101,9 @@ def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None 
         require_safetensors(path)
         config = (path / "config.json").read_bytes()
         return ModelSource(
-            spec, path.resolve(), {"kind": "local", "path": str(path.resolve()), "config_sha256": hashlib.sha256(config).hexdigest()}
+            spec,
+            path.resolve(),
+            {"kind": "local", "path": str(path.resolve()), "config_sha256": hashlib.sha256(config).hexdigest()},
         )
     if path.exists() or not _HUB_ID.match(spec):
         raise BakeError(
@@ -112,7 +114,11 @@ def resolve_model(spec: str, revision: str | None = None, base_dir: Path | None 
 
 def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
     # bake/*: a baked base keeps its own vectors and undo data, which a bake on top of it carries on.
-    path = download(repo_id, revision, ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "README.md", "bake/*"])
+    path = download(
+        repo_id,
+        revision,
+        ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*", "README.md", "bake/*"],
+    )
     require_safetensors(path)
     return ModelSource(repo_id, path, {"kind": "hub", "repo_id": repo_id, "commit": path.name})
 
@@ -133,8 +139,9 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
     try:  # a cache entry is always bake's own: a broken one is replaced
         with staged_output(target, force=True, ours=lambda p: True) as staging:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                         use_safetensors=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, use_safetensors=True
+            )
             # save_pretrained refuses a GGUF-quantized model; the weights are already dequantized.
             model.hf_quantizer = None
             model.config.__dict__.pop("quantization_config", None)

@@ -121,7 +121,9 @@ def _read_one(path: Path, scale: float) -> tuple[dict[int, np.ndarray], dict[str
     for t in reader.tensors:
         m = _DIRECTION.match(t.name)
         if not m:
-            raise BakeError(f"{where}: tensor {t.name!r} is not named direction.N (N a layer number): remove or rename it")
+            raise BakeError(
+                f"{where}: tensor {t.name!r} is not named direction.N (N a layer number): remove or rename it"
+            )
         layer = int(m[1])
         if layer == 0:
             raise BakeError(
@@ -138,7 +140,9 @@ def _read_one(path: Path, scale: float) -> tuple[dict[int, np.ndarray], dict[str
         if size is None:
             size = data.size
         elif data.size != size:
-            raise BakeError(f"{where}: {t.name} has {data.size} values but other directions have {size}: one file is for one model")
+            raise BakeError(
+                f"{where}: {t.name} has {data.size} values but other directions have {size}: one file is for one model"
+            )
         scaled = data * scale
         if not np.isfinite(scaled).all():
             raise BakeError(f"{where}: {t.name} times scale {scale:g} contains NaN or inf: fix the file or the scale")
@@ -166,7 +170,9 @@ def _scales(n: int, scale: float | Sequence[float]) -> list[float]:
         raise BakeError(f"{len(scales)} scales for {n} files: give one scale for all files, or one per file in order")
     for s in scales:
         if not math.isfinite(s) or s == 0:
-            raise BakeError(f"scale {s:g} would make the vectors {'zero' if s == 0 else 'non-finite'}: give a non-zero finite scale")
+            raise BakeError(
+                f"scale {s:g} would make the vectors {'zero' if s == 0 else 'non-finite'}: give a non-zero finite scale"
+            )
     return scales
 
 

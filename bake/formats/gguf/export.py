@@ -110,7 +110,9 @@ def bias_value(original: np.ndarray | None, vector: np.ndarray, scale: float) ->
 
 def _refuse_steered(reader, where: str) -> None:
     if reader.fields.get(MANIFEST_KEY) is not None:
-        raise BakeError(f"{where} already carries bake steering: bake the original GGUF instead (stacking is not supported)")
+        raise BakeError(
+            f"{where} already carries bake steering: bake the original GGUF instead (stacking is not supported)"
+        )
 
 
 def check_points(model: str, points: list[tuple[int, Site]], base_dir: Path | None = None) -> None:
@@ -124,7 +126,9 @@ def check_points(model: str, points: list[tuple[int, Site]], base_dir: Path | No
     blocks = gguf_value(reader, f"{arch}.block_count")
     for layer, site in points:
         if not 0 <= layer < blocks:
-            raise BakeError(f"{where}: layer {layer} is outside the model's blocks 0..{blocks - 1}: pick a layer in range")
+            raise BakeError(
+                f"{where}: layer {layer} is outside the model's blocks 0..{blocks - 1}: pick a layer in range"
+            )
         bias_name(arch, layer, site, lambda key: gguf_value(reader, f"{arch}.{key}"), where)
 
 
@@ -144,15 +148,21 @@ def plan(reader, vectors: VectorSet, where: str) -> tuple[str, list[_Bias]]:
         original = None
         if existing is not None:
             if existing.tensor_type.name != "F32" or int(existing.n_elements) != hidden:
-                raise BakeError(f"{where}: {name} is {existing.tensor_type.name} with {int(existing.n_elements)} values, "
-                                f"not F32 with {hidden}: bake adds to F32 biases only")
+                raise BakeError(
+                    f"{where}: {name} is {existing.tensor_type.name} with {int(existing.n_elements)} values, "
+                    f"not F32 with {hidden}: bake adds to F32 biases only"
+                )
             original = np.array(existing.data, dtype=np.float32).reshape(-1)
         elif entry.always_present:
-            raise BakeError(f"{where}: {name} is missing, but llama.cpp's {arch} loader requires it: the file is incomplete")
+            raise BakeError(
+                f"{where}: {name} is missing, but llama.cpp's {arch} loader requires it: the file is incomplete"
+            )
         rescale = name.removesuffix(".bias") + ".scale"
         if rescale in tensors:  # multiplies that output after the bias (src/llama-graph.cpp:1955-1956)
-            raise BakeError(f"{where}: {rescale} rescales the output after its bias: files with per-tensor scales "
-                            "(e.g. NVFP4) are not supported")
+            raise BakeError(
+                f"{where}: {rescale} rescales the output after its bias: files with per-tensor scales "
+                "(e.g. NVFP4) are not supported"
+            )
         value = bias_value(original, v.numpy(), scale)
         if not np.isfinite(value).all():
             raise BakeError(f"{where}: {tensor_name(layer, site)} makes {name} non-finite: lower the coefficient")
@@ -199,10 +209,10 @@ def _digests(reader, kv_count: int, tensor_count: int, skip: set[str]) -> dict[s
     tensors = hashlib.sha256()
     for t in reader.tensors[:tensor_count]:
         if t.name not in skip:
-            tensors.update(data[t.data_offset:t.data_offset + int(t.n_bytes)])
+            tensors.update(data[t.data_offset : t.data_offset + int(t.n_bytes)])
     return {
-        "metadata_sha256": hashlib.sha256(data[_HEADER.size:_end(kvs[-1])] if kvs else b"").hexdigest(),
-        "tensor_info_sha256": hashlib.sha256(data[infos[0].offset:_end(infos[-1])] if infos else b"").hexdigest(),
+        "metadata_sha256": hashlib.sha256(data[_HEADER.size : _end(kvs[-1])] if kvs else b"").hexdigest(),
+        "tensor_info_sha256": hashlib.sha256(data[infos[0].offset : _end(infos[-1])] if infos else b"").hexdigest(),
         "tensor_data_sha256": tensors.hexdigest(),
     }
 
@@ -276,12 +286,16 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], Any]:
         raise BakeError(f"GGUF file {str(path)!r} not found: check the path")
     reader = read_gguf(path)
     if reader.fields.get(MANIFEST_KEY) is None:
-        raise BakeError(f"{str(path)!r} has no {MANIFEST_KEY} metadata: it was not written by bake (or the entry was removed)")
+        raise BakeError(
+            f"{str(path)!r} has no {MANIFEST_KEY} metadata: it was not written by bake (or the entry was removed)"
+        )
     try:
         manifest = json.loads(gguf_value(reader, MANIFEST_KEY))
         verification = json.loads(gguf_value(reader, VERIFICATION_KEY, "null"))
     except (json.JSONDecodeError, TypeError):
-        raise BakeError(f"{str(path)!r}: {MANIFEST_KEY} or {VERIFICATION_KEY} is not valid JSON: the metadata was edited") from None
+        raise BakeError(
+            f"{str(path)!r}: {MANIFEST_KEY} or {VERIFICATION_KEY} is not valid JSON: the metadata was edited"
+        ) from None
     if not isinstance(manifest, dict):
         raise BakeError(f"{str(path)!r}: {MANIFEST_KEY} is not a bake manifest: use --json to see it")
     validate(manifest, f"{str(path)!r}: {MANIFEST_KEY}", GGUFManifest)
@@ -339,10 +353,16 @@ def check(path: str | Path, manifest: dict[str, Any], reader) -> list[str]:
     if extra != baked:
         problems.append(f"the tensors after the original ones are {extra}, baked as {baked}")
     now = _digests(reader, kv_count, tensor_count, {b["tensor"] for b in biases if b["had_bias"]})
-    labels = {"metadata_sha256": "original metadata entries", "tensor_info_sha256": "original tensor descriptions",
-              "tensor_data_sha256": "original tensors' data"}
-    problems += [f"the {label} changed after baking (sha256 {now[key][:12]}…, baked {str(copied.get(key))[:12]}…)"
-                 for key, label in labels.items() if now[key] != copied.get(key)]
+    labels = {
+        "metadata_sha256": "original metadata entries",
+        "tensor_info_sha256": "original tensor descriptions",
+        "tensor_data_sha256": "original tensors' data",
+    }
+    problems += [
+        f"the {label} changed after baking (sha256 {now[key][:12]}…, baked {str(copied.get(key))[:12]}…)"
+        for key, label in labels.items()
+        if now[key] != copied.get(key)
+    ]
     tensors = {t.name: t for t in reader.tensors}
     problems += [p for p in (_check_bias(b, reader, tensors) for b in biases) if p]
     return problems
@@ -363,18 +383,28 @@ def inspect(path: str | Path) -> tuple[dict[str, Any], str, list[str]]:
     problems = check(path, manifest, reader)
     try:
         base = manifest["base"]
-        lines = [f"base: {base.get('base_model_id') or base['file']} (GGUF architecture {manifest['architecture']}, "
-                 f"sha256 {base['sha256'][:12]}…)"]
-        lines += [f"  {e['name']}: layer {e['layer']} {e['site']}, {e['method']} x{e['coefficient']:g}, norm {e['norm']:.3f}"
-                  for e in manifest["vectors"].get("entries", [])]  # a bare vector file has no entries
-        lines += [f"  {b['vector']} -> {b['tensor']}" + (" (added to the bias it had)" if b["had_bias"] else "")
-                  for b in manifest["biases"]]
+        lines = [
+            f"base: {base.get('base_model_id') or base['file']} (GGUF architecture {manifest['architecture']}, "
+            f"sha256 {base['sha256'][:12]}…)"
+        ]
+        lines += [
+            f"  {e['name']}: layer {e['layer']} {e['site']}, {e['method']} x{e['coefficient']:g}, norm {e['norm']:.3f}"
+            for e in manifest["vectors"].get("entries", [])
+        ]  # a bare vector file has no entries
+        lines += [
+            f"  {b['vector']} -> {b['tensor']}" + (" (added to the bias it had)" if b["had_bias"] else "")
+            for b in manifest["biases"]
+        ]
         lines.append(describe(manifest["verification"]) if manifest["verification"] else "verification: not recorded")
     except (KeyError, TypeError, AttributeError) as e:
-        raise BakeError(f"{str(path)!r}: {MANIFEST_KEY} is not a complete bake manifest ({e.__class__.__name__}: {e}): "
-                        "use --json to see it") from None
-    lines.append("loads in: llama.cpp (and Ollama, which runs it) with no flags; not in transformers, whose GGUF "
-                 "loader drops the biases (use the Hugging Face checkpoint there)")
+        raise BakeError(
+            f"{str(path)!r}: {MANIFEST_KEY} is not a complete bake manifest ({e.__class__.__name__}: {e}): "
+            "use --json to see it"
+        ) from None
+    lines.append(
+        "loads in: llama.cpp (and Ollama, which runs it) with no flags; not in transformers, whose GGUF "
+        "loader drops the biases (use the Hugging Face checkpoint there)"
+    )
     lines.append("file: matches the manifest" if not problems else "file: DOES NOT match the manifest")
     lines += [f"  - {p}" for p in problems]
     return manifest, "\n".join(lines), problems
@@ -391,8 +421,15 @@ def _dequantized(model: str, recipe: Recipe | None) -> Path:
     return resolve_model(model, recipe.revision if recipe else None, recipe.base_dir if recipe else None).path
 
 
-def _verify(model: str, source: Path, staged: Path, vectors: VectorSet, verify: VerifySpec, recipe: Recipe | None,
-            run_llama: bool) -> dict[str, Any]:
+def _verify(
+    model: str,
+    source: Path,
+    staged: Path,
+    vectors: VectorSet,
+    verify: VerifySpec,
+    recipe: Recipe | None,
+    run_llama: bool,
+) -> dict[str, Any]:
     problems = check(staged, *read_manifest(staged))
     report: dict[str, Any] = {"file_problems": problems, "llama_cpp": None, "llama_cpp_skipped": None}
     if not run_llama:
@@ -408,8 +445,17 @@ def _verify(model: str, source: Path, staged: Path, vectors: VectorSet, verify: 
     return report
 
 
-def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False, verify: VerifySpec | None = None,
-         base_model_id: str | None = None, recipe: Recipe | None = None, llama_cpp: bool | None = None) -> BakeResult:
+def fold(
+    model: str,
+    vectors: VectorSet,
+    out: str | Path,
+    *,
+    force: bool = False,
+    verify: VerifySpec | None = None,
+    base_model_id: str | None = None,
+    recipe: Recipe | None = None,
+    llama_cpp: bool | None = None,
+) -> BakeResult:
     """Write the GGUF ``model`` with ``vectors`` baked in as bias tensors to ``out`` (a .gguf file), then verify.
 
     The output is staged beside ``out`` and renamed into place only after its bytes match
@@ -435,20 +481,43 @@ def fold(model: str, vectors: VectorSet, out: str | Path, *, force: bool = False
         "llama_cpp_source": f"{LLAMA_CPP}: {lookup(arch, where).source}",
         "recipe": {"text": recipe.text, "base_dir": str(recipe.base_dir)} if recipe else None,
         "vectors": vectors.meta,
-        "biases": [{"vector": b.vector, "layer": b.layer, "site": b.site, "tensor": b.tensor,
-                    "had_bias": b.original is not None, "scale": b.scale, "norm": b.norm} for b in biases],
-        "copied": {**counts, "alignment": int(reader.alignment),
-                   **_digests(reader, counts["kv_count"], counts["tensor_count"],
-                              {b.tensor for b in biases if b.original is not None})},
+        "biases": [
+            {
+                "vector": b.vector,
+                "layer": b.layer,
+                "site": b.site,
+                "tensor": b.tensor,
+                "had_bias": b.original is not None,
+                "scale": b.scale,
+                "norm": b.norm,
+            }
+            for b in biases
+        ],
+        "copied": {
+            **counts,
+            "alignment": int(reader.alignment),
+            **_digests(
+                reader, counts["kv_count"], counts["tensor_count"], {b.tensor for b in biases if b.original is not None}
+            ),
+        },
     }
     size = source.stat().st_size
     with staged_output(out, force, ours=is_steered_gguf, sources=[source], needed=size, file=True) as staged:
         verification_at = _write(source, reader, staged, biases, manifest, vectors)
         del reader
-        report = _verify(model, source, staged, vectors, verify or VerifySpec(), recipe,
-                         llamacpp.available() if llama_cpp is None else llama_cpp)
+        report = _verify(
+            model,
+            source,
+            staged,
+            vectors,
+            verify or VerifySpec(),
+            recipe,
+            llamacpp.available() if llama_cpp is None else llama_cpp,
+        )
         if not report["passed"]:
-            raise BakeError(describe(report) + "".join(f"; {p}" for p in report["file_problems"]) + ": nothing was written")
+            raise BakeError(
+                describe(report) + "".join(f"; {p}" for p in report["file_problems"]) + ": nothing was written"
+            )
         _patch_verification(staged, verification_at, report)
     manifest["verification"] = report
     return BakeResult(out, manifest)

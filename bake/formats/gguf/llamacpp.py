@@ -44,10 +44,18 @@ def _load(path: Path, n_ctx: int, logits_all: bool = False):
     except ImportError:
         raise BakeError(f"running GGUF files needs llama-cpp-python: {INSTALL}") from None
     try:
-        return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False,
-                     n_threads=torch.get_num_threads(), n_gpu_layers=0)
+        return Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            logits_all=logits_all,
+            verbose=False,
+            n_threads=torch.get_num_threads(),
+            n_gpu_layers=0,
+        )
     except ValueError as e:  # llama-cpp-python reports a loader refusal as "Failed to load model from file"
-        raise BakeError(f"llama.cpp refused to load {str(path)!r} ({e}): the file is not one this llama.cpp can run") from None
+        raise BakeError(
+            f"llama.cpp refused to load {str(path)!r} ({e}): the file is not one this llama.cpp can run"
+        ) from None
 
 
 def logits(path: Path, ids: list[list[int]]) -> list[np.ndarray]:
@@ -88,7 +96,9 @@ def _top1(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return same / sum(len(x) for x in a)
 
 
-def compare(source: Path, steered_file: Path, dequantized: Path, vectors: VectorSet, prompts: list[str]) -> dict[str, Any]:
+def compare(
+    source: Path, steered_file: Path, dequantized: Path, vectors: VectorSet, prompts: list[str]
+) -> dict[str, Any]:
     """The steered GGUF in llama.cpp vs the dequantized base steered by hooks in transformers, at every prompt position."""
     tokenizer = load_tokenizer(dequantized)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
@@ -115,21 +125,27 @@ def compare(source: Path, steered_file: Path, dequantized: Path, vectors: Vector
         "gap_factor": GAP_FACTOR,
         "steering_effect": float(np.abs(change).max()),
         "hook_effect": float(np.abs(hook_change).max()),
-        "effect_relative_error": float(np.linalg.norm(change - hook_change) / max(float(np.linalg.norm(hook_change)), 1e-30)),
+        "effect_relative_error": float(
+            np.linalg.norm(change - hook_change) / max(float(np.linalg.norm(hook_change)), 1e-30)
+        ),
         "top1_agreement": _top1(baked, hooked),
         "unsteered_top1_agreement": _top1(base, plain),
         "degenerate": degenerate([torch.from_numpy(x) for x in hooked + baked], vectors, residual),
     }
-    report["passed"] = bool(max_gap <= GAP_FACTOR * base_max and mean_gap <= GAP_FACTOR * base_mean
-                            and report["steering_effect"] >= 0.5 * report["hook_effect"] and not report["degenerate"])
+    report["passed"] = bool(
+        max_gap <= GAP_FACTOR * base_max
+        and mean_gap <= GAP_FACTOR * base_mean
+        and report["steering_effect"] >= 0.5 * report["hook_effect"]
+        and not report["degenerate"]
+    )
     return report
 
 
 def describe(report: dict[str, Any]) -> str:
     dead = "; ".join(report.get("degenerate", []))  # absent from the reports of bakes before the check
     return (
-        (f"{dead}; " if dead else "") +
-        f"llama.cpp vs hook-steered transformers over {report['positions']} positions: |Δlogit| max {report['max_gap']:.3g}, "
+        (f"{dead}; " if dead else "")
+        + f"llama.cpp vs hook-steered transformers over {report['positions']} positions: |Δlogit| max {report['max_gap']:.3g}, "
         f"mean {report['mean_gap']:.3g} (unsteered file: {report['unsteered_max_gap']:.3g}, {report['unsteered_mean_gap']:.3g}; "
         f"allowed {report['gap_factor']:g}x); steering changes logits by up to {report['steering_effect']:.3g} "
         f"(hooks {report['hook_effect']:.3g}, relative error {report['effect_relative_error']:.2f}); top-1 agreement "

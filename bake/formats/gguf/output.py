@@ -22,8 +22,10 @@ def _preview(model: str, out: Path, options: FoldOptions) -> list[tuple[str, str
         return []
     tokenizer = load_tokenizer(export._dequantized(model, options.recipe))
     ids = [prompt_ids(tokenizer, p, preview.chat) for p in preview.prompts]
-    texts = [[tokenizer.decode(x, skip_special_tokens=True).strip() for x in llamacpp.greedy(f, ids, preview.tokens)]
-             for f in (export.gguf_file(model, options.base_dir), out)]
+    texts = [
+        [tokenizer.decode(x, skip_special_tokens=True).strip() for x in llamacpp.greedy(f, ids, preview.tokens)]
+        for f in (export.gguf_file(model, options.base_dir), out)
+    ]
     return list(zip(preview.prompts, *texts))
 
 
@@ -40,16 +42,25 @@ class GGUFFormat:
 
     def _refuse_folder_options(self, options: FoldOptions) -> None:
         if options.allow_remote_code:
-            raise BakeError("--allow-remote-code bakes transformers code, which llama.cpp cannot run: "
-                            "drop it for GGUF output")
+            raise BakeError(
+                "--allow-remote-code bakes transformers code, which llama.cpp cannot run: drop it for GGUF output"
+            )
         if options.dtype != "auto" or options.link or (options.verify is not None and options.verify.scope != "all"):
-            raise BakeError("dtype, link, verify scope and remote code apply to a checkpoint folder: "
-                            "drop them for a .gguf output")
+            raise BakeError(
+                "dtype, link, verify scope and remote code apply to a checkpoint folder: drop them for a .gguf output"
+            )
 
     def fold(self, model: str, vectors: VectorSet, out: Path, options: FoldOptions) -> BakeResult:
         self._refuse_folder_options(options)
-        result = export.fold(model, vectors, out, force=options.force, verify=options.verify,
-                             base_model_id=options.base_model_id, recipe=options.recipe)
+        result = export.fold(
+            model,
+            vectors,
+            out,
+            force=options.force,
+            verify=options.verify,
+            base_model_id=options.base_model_id,
+            recipe=options.recipe,
+        )
         result.preview = _preview(model, result.path, options)
         return result
 

@@ -84,8 +84,9 @@ class HFFormat:
         out_dtype = _out_dtype(options.dtype, source)
         needed = 0 if options.link else folder_bytes(source.path)
         with staged_output(out, options.force, ours=self.ours, sources=[source.path], needed=needed) as stage:
-            fold_record = fold_checkpoint(source.path, vectors, stage, out_dtype, link=options.link,
-                                          allow_remote_code=options.allow_remote_code)
+            fold_record = fold_checkpoint(
+                source.path, vectors, stage, out_dtype, link=options.link, allow_remote_code=options.allow_remote_code
+            )
             blocks = 1 + max(layer for layer, _ in vectors.vectors) if verify.scope == "steered" else None
             tokenizer = load_tokenizer(stage)
             module = fold_record["remote_code"] is not None
@@ -110,9 +111,19 @@ class HFFormat:
                 "format": "bake-manifest/1",
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "versions": versions(),
-                "base": {"spec": source.spec, "identity": source.identity, "base_model_id": options.base_model_id,
-                         "license": source.license},
-                "recipe": {"text": recipe.text, "base_dir": str(recipe.base_dir), "parsed": recipe.model_dump(mode="json")} if recipe else None,
+                "base": {
+                    "spec": source.spec,
+                    "identity": source.identity,
+                    "base_model_id": options.base_model_id,
+                    "license": source.license,
+                },
+                "recipe": {
+                    "text": recipe.text,
+                    "base_dir": str(recipe.base_dir),
+                    "parsed": recipe.model_dump(mode="json"),
+                }
+                if recipe
+                else None,
                 "vectors": vectors.meta,
                 "vector_file": VECTORS_IN_OUTPUT,
                 "fold": fold_record,
@@ -140,8 +151,10 @@ class HFFormat:
         try:
             base = manifest["base"]
             lines = [f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)"]
-            lines += [f"  on top of earlier bake {i + 1}: {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'}"
-                      for i, h in enumerate(manifest.get("history", []))]
+            lines += [
+                f"  on top of earlier bake {i + 1}: {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'}"
+                for i, h in enumerate(manifest.get("history", []))
+            ]
             lines.append(entry_table(manifest["vectors"].get("entries", [])))  # a bare vector file has no entries
             lines += [f"  {b['vector']} -> {b['tensor']}" for b in manifest["fold"]["biases"]]
             lines.append(describe(manifest["verification"]))
@@ -149,7 +162,9 @@ class HFFormat:
             if family is not None:
                 lines.append("loads in " + portability(family))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
-            raise BakeError(f"{str(path)!r}: bake.json is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json to see it") from None
+            raise BakeError(
+                f"{str(path)!r}: bake.json is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json to see it"
+            ) from None
         problems = manifests.check(path, manifest)
         lines.append("weights: match the manifest" if not problems else "weights: DO NOT match the manifest")
         lines += [f"  - {p}" for p in problems]

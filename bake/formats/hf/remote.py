@@ -42,7 +42,9 @@ def base_architecture(model_type: str) -> str:
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if not isinstance(name, str) or not name.endswith("ForCausalLM"):
-        raise BakeError(f"transformers has no *ForCausalLM class for model_type {model_type!r}: the constant-bias module cannot subclass it")
+        raise BakeError(
+            f"transformers has no *ForCausalLM class for model_type {model_type!r}: the constant-bias module cannot subclass it"
+        )
     return name
 
 
@@ -55,7 +57,9 @@ def _buffer_dtype(plan: FoldPlan, prefix: str, layer: int) -> torch.dtype:
             dtype = plan.ckpt.find(name).torch_dtype
             if dtype.is_floating_point:
                 return dtype
-    raise BakeError(f"{str(plan.ckpt.path)!r} has no floating-point tensor in block {layer}: is the checkpoint complete?")
+    raise BakeError(
+        f"{str(plan.ckpt.path)!r} has no floating-point tensor in block {layer}: is the checkpoint complete?"
+    )
 
 
 def add_module(plan: FoldPlan, family: Family, cfg, prefix: str, points: list[tuple[int, Site, torch.Tensor]]) -> None:
@@ -72,7 +76,9 @@ def add_module(plan: FoldPlan, family: Family, cfg, prefix: str, points: list[tu
         exact = v.to(torch.float32) / scale
         stored = exact.to(_buffer_dtype(plan, prefix, layer))
         if not torch.isfinite(stored).all():
-            raise BakeError(f"vector {tensor_name(layer, site)} overflows {stored.dtype}: lower the coefficient or use float32")
+            raise BakeError(
+                f"vector {tensor_name(layer, site)} overflows {stored.dtype}: lower the coefficient or use float32"
+            )
         plan.added[name] = stored
         entries.append({"layer": layer, "site": site, "hook": slot.hook, "tensor": name})
         plan.records.append(

@@ -41,7 +41,9 @@ HEADERS = UNDO / "headers.json"
 _KEPT_VERBATIM = ("config.json", INDEX, "README.md", manifests.MANIFEST)
 
 
-def save_undo(plan: FoldPlan, placed: dict[str, str], rewritten: list[str], out: Path, written: list[str]) -> dict[str, Any]:
+def save_undo(
+    plan: FoldPlan, placed: dict[str, str], rewritten: list[str], out: Path, written: list[str]
+) -> dict[str, Any]:
     """Keep in ``out/bake/undo`` what ``unbake`` needs; return its description for the manifest.
 
     ``placed`` maps each source shard to its output file, ``written`` lists the
@@ -52,7 +54,9 @@ def save_undo(plan: FoldPlan, placed: dict[str, str], rewritten: list[str], out:
     source = plan.ckpt.path
     (out / UNDO).mkdir(parents=True)
     if plan.changed:
-        save_file({name: plan.ckpt.find(name).read() for name in plan.changed}, out / ORIGINALS, metadata={"format": "pt"})
+        save_file(
+            {name: plan.ckpt.find(name).read() for name in plan.changed}, out / ORIGINALS, metadata={"format": "pt"}
+        )
     headers = {shard: header_bytes(source / shard).decode() for shard, name in placed.items() if name in rewritten}
     (out / HEADERS).write_text(json.dumps(headers) + "\n")
     for name in _KEPT_VERBATIM:
@@ -71,7 +75,9 @@ def save_undo(plan: FoldPlan, placed: dict[str, str], rewritten: list[str], out:
     }
 
 
-def _rebuild(dst: Path, header: bytes, ckpt: Checkpoint, originals: dict[str, TensorInfo], splits: dict[str, list[str]]) -> None:
+def _rebuild(
+    dst: Path, header: bytes, ckpt: Checkpoint, originals: dict[str, TensorInfo], splits: dict[str, list[str]]
+) -> None:
     """Write a shard with its original ``header`` verbatim and every tensor's original bytes at its offset."""
     entries = json.loads(header)
     entries.pop("__metadata__", None)
@@ -86,7 +92,9 @@ def _rebuild(dst: Path, header: bytes, ckpt: Checkpoint, originals: dict[str, Te
             size = sum(s.end - s.start for s in sources)
             start, end = h["data_offsets"]
             if size != end - start or any(s.dtype != h["dtype"] for s in sources):
-                raise BakeError(f"{name} no longer has its original dtype and size: the checkpoint was changed after baking")
+                raise BakeError(
+                    f"{name} no longer has its original dtype and size: the checkpoint was changed after baking"
+                )
             out.seek(base + start)
             for s in sources:
                 s.copy_to(out)
@@ -107,10 +115,14 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
     if undo is None:
         raise BakeError(f"{str(path)!r} keeps no undo data (baked by an older bake): bake the base model again instead")
     if undo["cast"]:
-        raise BakeError(f"{str(path)!r} was cast to another dtype when baked, so its original weights are gone: use the base model itself")
+        raise BakeError(
+            f"{str(path)!r} was cast to another dtype when baked, so its original weights are gone: use the base model itself"
+        )
     problems = manifests.check(path, manifest)
     if problems:
-        raise BakeError(f"{str(path)!r} was changed after baking ({problems[0]}): unbaking it would not give the original back")
+        raise BakeError(
+            f"{str(path)!r} was changed after baking ({problems[0]}): unbaking it would not give the original back"
+        )
     ckpt = Checkpoint.open(path)
     folder = path / undo["folder"]
     originals = read_header(path / undo["originals"])[0] if undo["originals"] else {}
@@ -119,8 +131,9 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
     except (OSError, ValueError):  # missing, unreadable or not JSON: refused below like a wrong one
         headers = None
     if not isinstance(headers, dict) or set(headers) != {s for s, p in undo["shards"].items() if p["rewritten"]}:
-        raise BakeError(f"{str(path / HEADERS)!r} does not list the rewritten shards of the manifest: "
-                        "it cannot be unbaked")
+        raise BakeError(
+            f"{str(path / HEADERS)!r} does not list the rewritten shards of the manifest: it cannot be unbaked"
+        )
     for p in [*path.iterdir(), *(folder / "bake").rglob("*")]:  # no symlink may bring in a file from elsewhere
         inside(path, p.relative_to(path).as_posix(), "folder")
     needed = 0 if link else folder_bytes(path)
@@ -137,4 +150,3 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
         if (folder / "bake").is_dir():
             shutil.copytree(folder / "bake", stage / "bake")
     return manifests.read(out) if (Path(out) / manifests.MANIFEST).is_file() else None
-
