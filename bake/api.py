@@ -33,8 +33,9 @@ from bake.verify import verify as verify_paths
 def compute_vectors(recipe: Recipe) -> VectorSet:
     """Measure every steering entry of ``recipe`` on its base model and return the vectors.
 
-    Entries sharing a (layer, site) add up. ``coefficient: auto`` entries get the largest coefficient on ``evaluate.coefficients`` whose
-    KL(base ‖ steered) stays within ``evaluate.max_kl`` (``bake.evaluation.sweep.choose_auto``).
+    Entries sharing a (layer, site) add up. ``coefficient: auto`` entries get the largest coefficient on
+    ``evaluate.coefficients`` whose KL(base ‖ steered) stays within ``evaluate.max_kl``
+    (``bake.evaluation.sweep.choose_auto``).
     """
     measured = measure_vectors(recipe)
     if any(e.coefficient == "auto" for e in recipe.steering):
@@ -167,8 +168,8 @@ def evaluate_checkpoint(
     path: str | Path, prompts: list[str] | None = None, tokens: int | None = None
 ) -> dict[str, Any]:
     """Measure a baked checkpoint against the base it was baked from (``bake eval``): effect and cost figures
-    (``bake.evaluation.evaluate``) with the settings of its recipe's ``evaluate`` section, or the defaults for a bake from a
-    vector file. The figures go into its ``bake.json`` under ``evaluation`` and its model card."""
+    (``bake.evaluation.evaluate``) with the settings of its recipe's ``evaluate`` section, or the defaults for a bake
+    from a vector file. The figures go into its ``bake.json`` under ``evaluation`` and its model card."""
     folder = Path(path)
     require_safetensors(folder)
     manifest = manifests.read(folder)

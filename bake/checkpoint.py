@@ -316,10 +316,10 @@ def write_checkpoint(
 
     Shards with no replaced or removed tensor (and no ``cast``) are copied byte for byte,
     and a shard whose tensors are only replaced by same-sized ones is copied and patched
-    in place (its header, order and metadata unchanged); new tensors go to an extra shard so no original shard has to change. With
-    ``cast``, floating tensors are converted one at a time. With ``link``, unchanged
-    shards are hard-linked instead of copied where the filesystem allows (the
-    output then shares those files with the source: replace, never edit, them).
+    in place (its header, order and metadata unchanged); new tensors go to an extra shard so
+    no original shard has to change. With ``cast``, floating tensors are converted one at a time.
+    With ``link``, unchanged shards are hard-linked instead of copied where the filesystem allows
+    (the output then shares those files with the source: replace, never edit, them).
     Returns where each source shard went (the single file is renamed when an extra
     shard joins it) and the output shards that were rewritten or patched.
     """

@@ -617,7 +617,8 @@ def compare(
 @click.option(
     "--prompts",
     multiple=True,
-    help="A held-out prompt, or a .txt file of them (one per line); repeatable (default: the recipe's evaluate.prompts).",
+    help="A held-out prompt, or a .txt file of them (one per line); repeatable (default: the recipe's "
+    "evaluate.prompts).",
 )
 @click.option(
     "--tokens", type=click.IntRange(min=1), help="New tokens per reply (default: the recipe's evaluate.tokens)."
@@ -644,7 +645,8 @@ def evaluate(path: str, prompts: tuple[str, ...], tokens: int | None) -> None:
     ev = api.evaluate_checkpoint(path, texts or None, tokens)
     rows = [f"{'measure':<18} {'base':>10} {'steered':>10}"]
     rows += [
-        f"{k:<18} {'' if ev['base'].get(k) is None else format(ev['base'][k], '.4g'):>10} {'' if v is None else format(v, '.4g'):>10}"
+        f"{k:<18} {'' if ev['base'].get(k) is None else format(ev['base'][k], '.4g'):>10} "
+        f"{'' if v is None else format(v, '.4g'):>10}"
         for k, v in ev["steered"].items()
     ]
     click.echo("\n".join(rows))

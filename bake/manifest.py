@@ -199,7 +199,8 @@ def check(path: str | Path, manifest: dict[str, Any]) -> list[str]:
         if not torch.equal(stored, expected):
             delta = float((stored.float() - expected.float()).abs().max())
             problems.append(
-                f"{b['tensor']} differs from the baked value by up to {delta:.3g}: the weights were changed after baking"
+                f"{b['tensor']} differs from the baked value by up to {delta:.3g}: the weights were changed after "
+                "baking"
             )
     config = ckpt.config
     for key, value in config_changes.items():
@@ -214,7 +215,8 @@ def check(path: str | Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"{module['file']} is missing: transformers cannot apply the steering")
         elif hashlib.sha256(code.read_bytes()).hexdigest() != module["sha256"]:
             problems.append(
-                f"{module['file']} differs from the file baked (sha256 {module['sha256'][:16]}…): the code was changed after baking"
+                f"{module['file']} differs from the file baked (sha256 {module['sha256'][:16]}…): the code was "
+                "changed after baking"
             )
     return problems
 

@@ -238,7 +238,8 @@ DEFAULT_NEUTRAL = [
 
 
 class ClassifierSpec(_Strict):
-    """A Hugging Face text-classification model (local folder or Hub id): the score is the mean probability of ``label``."""
+    """A Hugging Face text-classification model (local folder or Hub id): the score is the mean probability of
+    ``label``."""
 
     model: str
     label: str = Field(
@@ -247,7 +248,8 @@ class ClassifierSpec(_Strict):
 
 
 class CompareSpec(_Strict):
-    """What ``bake compare`` needs beyond the steering entry: negative texts for ``contrast``, a prompt pair for ``actadd``."""
+    """What ``bake compare`` needs beyond the steering entry: negative texts for ``contrast``, a prompt pair for
+    ``actadd``."""
 
     negative: TextSource | None = None
     positive_prompt: str | None = None
@@ -255,7 +257,8 @@ class CompareSpec(_Strict):
 
 
 class EvaluateSpec(_Strict):
-    """How ``bake sweep``/``compare``/``eval`` and ``coefficient: auto`` measure a steering: effect against fluency cost.
+    """How ``bake sweep``/``compare``/``eval`` and ``coefficient: auto`` measure a steering: effect against fluency
+    cost.
 
     Effects (``scorers``; the first one is the headline in tables and plots): ``wordlist`` (rate of words specific to
     the target texts in greedy replies to ``prompts``), ``vader`` (mean VADER compound sentiment), ``toxicity``

@@ -237,9 +237,9 @@ def describe(report: dict[str, Any]) -> str:
         reasons.append("the baked model behaves like the unsteered base: the steering was dropped on load")
     why = f" ({'; '.join(reasons)})" if reasons else ""
     return (
-        f"verification {verdict}{why}: max |Δlogit| {report['max_abs_logit_diff']:.2e} (tolerance {report['atol']:.0e}, "
-        f"{report['dtype']}) over {report['prompts']} prompts; greedy {report['greedy_tokens']} tokens "
-        f"{_greedy_words(report)}; steering effect {report['steering_effect']:.3g}"
+        f"verification {verdict}{why}: max |Δlogit| {report['max_abs_logit_diff']:.2e} (tolerance "
+        f"{report['atol']:.0e}, {report['dtype']}) over {report['prompts']} prompts; greedy {report['greedy_tokens']} "
+        f"tokens {_greedy_words(report)}; steering effect {report['steering_effect']:.3g}"
     )
 
 

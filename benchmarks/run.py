@@ -144,7 +144,8 @@ def machine(args, start_load: float) -> None:
             ["OS / Python", f"{platform.system()} {platform.release()} / {platform.python_version()}"],
             [
                 "torch / transformers / safetensors",
-                f"{_version('torch')} / {_version('transformers')} / {_version('safetensors')} (torch threads: {floor['torch_threads']})",
+                f"{_version('torch')} / {_version('transformers')} / {_version('safetensors')} (torch threads: "
+                f"{floor['torch_threads']})",
             ],
             ["bake", _commit()],
             ["1-minute load average at start", f"{start_load:.2f} (other jobs share this machine when it is above 0)"],
@@ -167,13 +168,13 @@ def collection(args) -> None:
     out("### Collection: mean residual after block L")
     out()
     out(
-        f"Real text (the quickstart's cheerful replies, repeated to the token count), SmolLM2's tokenizer, batches of at "
-        f"most 4096 padded tokens sorted by length, the same batches both ways; `use_cache=False` both ways. "
-        f"**common**: the whole model, `model(..., output_hidden_states=True)`, keep `hidden_states[L+1]` "
-        f"(as repeng does). **bake**: `load_model(path, layers=L+1)` + `bake.activations.collect`. "
-        f"Late L is N-2, not N-1: transformers returns the last hidden state after the final norm. "
-        f"Each case in a fresh process; median of {repeat} run(s), ways alternating. tokens/s counts the forward "
-        f"loop only; load + forward is what the user waits for after start-up. Both ways' means are checked equal."
+        "Real text (the quickstart's cheerful replies, repeated to the token count), SmolLM2's tokenizer, batches of "
+        "at most 4096 padded tokens sorted by length, the same batches both ways; `use_cache=False` both ways. "
+        "**common**: the whole model, `model(..., output_hidden_states=True)`, keep `hidden_states[L+1]` (as repeng "
+        "does). **bake**: `load_model(path, layers=L+1)` + `bake.activations.collect`. Late L is N-2, not N-1: "
+        "transformers returns the last hidden state after the final norm. Each case in a fresh process; median of "
+        f"{repeat} run(s), ways alternating. tokens/s counts the forward loop only; load + forward is what the user "
+        "waits for after start-up. Both ways' means are checked equal."
     )
     out()
     rows = []
@@ -201,7 +202,8 @@ def collection(args) -> None:
             diff = max(abs(x - y) for x, y in zip(mean_c, mean_b)) / scale
             if diff > 1e-3:
                 raise SystemExit(
-                    f"{label} L={layer}: the two ways' means differ by {diff:.2e} of max|mean|: the comparison is not like for like"
+                    f"{label} L={layer}: the two ways' means differ by {diff:.2e} of max|mean|: the comparison is not "
+                    "like for like"
                 )
             speed = {w: [run["tokens"] / run["forward_s"] for run in rs] for w, rs in runs.items()}
             total = {w: [run["load_s"] + run["forward_s"] for run in rs] for w, rs in runs.items()}
@@ -292,14 +294,15 @@ def fold(args) -> None:
     out("### Fold: streaming fold vs copying the folder")
     out()
     out(
-        f"Synthetic random-weight Llama ({size / 1e9:.2f} GB bf16 in {len(shards)} shards, largest {largest / 1e6:.0f} MB), "
-        f"generated once shard by shard. A vector at block N/2 (resid_post) makes the fold add `mlp_bias` and one "
-        f"`down_proj.bias` per block in an extra shard; every original shard is copied unchanged. The source is warm in "
-        f"the page cache for every run (one untimed `cp -r` first); each run is a fresh process writing to the same disk, then its output is deleted "
-        f"and `sync` runs, then a 2 s pause (untimed); the three cases alternate with the order rotated every round; median of {repeat}. "
-        f"**s**: the operation as a user waits for it (data may still be in the page cache); **+ fsync**: until its "
-        f"output files are on disk; **process s**: the whole process, Python start, imports and the fsync included "
-        f"(bake's verification, which `bake fold` runs after the fold, is not included)."
+        f"Synthetic random-weight Llama ({size / 1e9:.2f} GB bf16 in {len(shards)} shards, largest "
+        f"{largest / 1e6:.0f} MB), generated once shard by shard. A vector at block N/2 (resid_post) makes the fold "
+        "add `mlp_bias` and one `down_proj.bias` per block in an extra shard; every original shard is copied "
+        "unchanged. The source is warm in the page cache for every run (one untimed `cp -r` first); each run is a "
+        "fresh process writing to the same disk, then its output is deleted and `sync` runs, then a 2 s pause "
+        f"(untimed); the three cases alternate with the order rotated every round; median of {repeat}. **s**: the "
+        "operation as a user waits for it (data may still be in the page cache); **+ fsync**: until its output files "
+        "are on disk; **process s**: the whole process, Python start, imports and the fsync included (bake's "
+        "verification, which `bake fold` runs after the fold, is not included)."
     )
     out()
     rows = []
@@ -374,8 +377,8 @@ def inference(args) -> None:
     out("### Inference: greedy generation")
     out()
     out(
-        f"SmolLM2-135M-Instruct in float32. **baked**: the quickstart recipe's vector (block 15, coefficient 1.25) folded "
-        f"by `bake.api.fold` and verified, i.e. a `down_proj.bias` in all 30 blocks; **hooked**: the base with "
+        "SmolLM2-135M-Instruct in float32. **baked**: the quickstart recipe's vector (block 15, coefficient 1.25) "
+        "folded by `bake.api.fold` and verified, i.e. a `down_proj.bias` in all 30 blocks; **hooked**: the base with "
         f"`bake.verify.steered` (a forward hook adding the vector). {len(prompts)} chat prompts, batch 1, exactly "
         f"{tokens} new tokens each (`min_new_tokens` = `max_new_tokens`), after a 4-token warm-up; each run a fresh "
         f"process, modes alternating; median of {repeat}."
@@ -449,11 +452,11 @@ def streaming(args) -> None:
     out()
     out(
         f"Synthetic random-weight Llama with 8B-like blocks ({n_layers} blocks, {size / 1e9:.1f} GB bf16 on disk), "
-        f"generated once shard by shard. **streaming**: `bake.collection.streaming.collect_sets(..., 'streaming')`, one "
-        f"block at a time in float32; **memory**: the truncated in-memory path (`load_model(layers=L+1)` + `collect`), run only "
-        f"where blocks 0..L fit MemAvailable with the margin. Means asserted equal to 1e-10 where both ran. "
-        f"**goal RSS**: one float32 block + the hidden states (float32, padded) + 1 GiB, whatever L. "
-        f"**GB read()**: bytes through read() calls (each block tensor once); **GB from disk**: what the page cache missed."
+        "generated once shard by shard. **streaming**: `bake.collection.streaming.collect_sets(..., 'streaming')`, "
+        "one block at a time in float32; **memory**: the truncated in-memory path (`load_model(layers=L+1)` + "
+        "`collect`), run only where blocks 0..L fit MemAvailable with the margin. Means asserted equal to 1e-10 where "
+        "both ran. **goal RSS**: one float32 block + the hidden states (float32, padded) + 1 GiB, whatever L. **GB "
+        "read()**: bytes through read() calls (each block tensor once); **GB from disk**: what the page cache missed."
     )
     out()
     table(
@@ -508,7 +511,8 @@ def main() -> None:
             out(f"1-minute load average during this section: {before:.2f} at its start, {load1():.2f} at its end.")
             out()
     out(
-        f"Whole run: {(time.perf_counter() - started) / 60:.1f} min; 1-minute load average {start_load:.2f} at start, {load1():.2f} at end."
+        f"Whole run: {(time.perf_counter() - started) / 60:.1f} min; 1-minute load average {start_load:.2f} at start, "
+        f"{load1():.2f} at end."
     )
 
 

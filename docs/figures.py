@@ -49,7 +49,8 @@ def render(figures: dict[str, Any]) -> str:
             f"| {ver['max_abs_logit_diff']:.2e} (tolerance {ver['atol']:g}) |",
             f"| greedy continuations, {ver['greedy_tokens']} tokens "
             f"| {'identical' if ver['greedy_identical'] else 'differ'} |",
-            f"| max \\|Δlogit\\| baked vs unsteered base (the steering is really there) | {ver['steering_effect']:.3g} |",
+            "| max \\|Δlogit\\| baked vs unsteered base (the steering is really there) | "
+            f"{ver['steering_effect']:.3g} |",
             f"| vector norm / mean residual norm at block {vec['layer']} (coefficient {vec['coefficient']:g}) "
             f"| {vec['relative_norm']:.3f} |",
             "",

@@ -37,7 +37,8 @@ def choose(record: dict[str, Any]) -> dict[str, Any]:
     fits = [r for r in record["rows"] if r["kl"] <= record["max_kl"] and r["repetition"] <= cap]
     if not fits:
         raise SystemExit(
-            f"no swept setting keeps KL within {record['max_kl']} and repetition within {cap:.3g}: sweep smaller coefficients"
+            f"no swept setting keeps KL within {record['max_kl']} and repetition within {cap:.3g}: sweep smaller "
+            "coefficients"
         )
     sign = -1 if headline in LOWER_IS_BETTER else 1
     best = max(fits, key=lambda r: (sign * r[headline], -r["kl"]))
@@ -57,12 +58,14 @@ def write(name: str, sweep_dir: Path, command: str) -> dict[str, Any]:
             f"# Calibration of `{name}.yaml`",
             "",
             f"`{command}` on the default model: {data['prompts']} held-out prompts × {data['tokens']} greedy tokens "
-            f"({'chat' if data['chat'] else 'plain continuation'}), KL and perplexity on {data['neutral_texts']} neutral texts.",
+            f"({'chat' if data['chat'] else 'plain continuation'}), KL and perplexity on {data['neutral_texts']} "
+            "neutral texts.",
             "",
-            f"Rule (`recipes/calibrate.py`): KL ≤ {record['max_kl']:g} and repetition ≤ {chosen['repetition_cap']:.3g}, then the "
-            f"{'lowest' if chosen['headline'] in LOWER_IS_BETTER else 'highest'} `{chosen['headline']}`. "
-            f"**Chosen: layer {chosen['layer']}, coefficient {chosen['coefficient']:g}** "
-            f"(KL {chosen['kl']:.3g}, repetition {chosen['repetition']:.3g}, {chosen['headline']} {chosen[chosen['headline']]:.3g}).",
+            f"Rule (`recipes/calibrate.py`): KL ≤ {record['max_kl']:g} and repetition ≤ "
+            f"{chosen['repetition_cap']:.3g}, then the "
+            f"{'lowest' if chosen['headline'] in LOWER_IS_BETTER else 'highest'} `{chosen['headline']}`. **Chosen: "
+            f"layer {chosen['layer']}, coefficient {chosen['coefficient']:g}** (KL {chosen['kl']:.3g}, repetition "
+            f"{chosen['repetition']:.3g}, {chosen['headline']} {chosen[chosen['headline']]:.3g}).",
             "",
             (sweep_dir / "sweep.md").read_text().strip(),
             "",

@@ -453,7 +453,8 @@ def test_eval_of_a_bake_from_a_vector_file_measures_the_costs_and_says_what_it_c
     assert set(ev["steered"]) == {"kl", "perplexity", "repetition"} and ev["headline"] is None
     assert set(ev["skipped"]) == {"wordlist", "logprob_gain", "activation_shift"}
     assert "note: wordlist not measured" in result.output
-    # Costs on the built-in neutral texts (words outside the tiny vocabulary are <unk>, not counted), as the hook-steered base's.
+    # Costs on the built-in neutral texts (words outside the tiny vocabulary are <unk>, not counted), as the
+    # hook-steered base's.
     evaluator = Evaluator(model, tok, build_data(EvaluateSpec(), tok, need_effect=False), effects=False)
     with steered(model, family_for(model.config), vectors):
         assert ev["steered"]["kl"] == pytest.approx(evaluator.costs(model)["kl"], rel=1e-3)

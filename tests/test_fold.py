@@ -218,7 +218,7 @@ def test_streaming_fold_equals_an_in_memory_fold(tmp_path, tiny_models, model_ty
             model.transformer.h[2].attn.c_proj.bias += vectors.vectors[(2, "resid_mid")]
         else:
             model.config.mlp_bias = model.config.attention_bias = True
-            for i, layer in enumerate(model.model.layers):
+            for layer in model.model.layers:
                 for lin in (
                     layer.mlp.gate_proj,
                     layer.mlp.up_proj,

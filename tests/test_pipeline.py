@@ -62,7 +62,10 @@ def test_mean_centred_is_target_mean_minus_background_mean(tiny_models, tmp_path
 def test_entries_sharing_a_layer_add_up(tiny_models, tmp_path):
     src = tiny_models["llama"]
     a = '  - {name: a, layer: 1, method: mean, coefficient: 0.5, target: {texts: ["the happy dog"]}}\n'
-    b = '  - {name: b, layer: 1, method: contrast, positive: {texts: ["i love tea"]}, negative: {texts: ["i hate rain"]}}\n'
+    b = (
+        '  - {name: b, layer: 1, method: contrast, positive: {texts: ["i love tea"]}, negative: {texts: ["i hate '
+        'rain"]}}\n'
+    )
     c = '  - {name: c, layer: 3, method: actadd, positive_prompt: "love love", negative_prompt: "hate hate"}\n'
     both = bake.compute_vectors(_recipe(src, tmp_path, a + b + c)).vectors
     only_a = bake.compute_vectors(_recipe(src, tmp_path, a)).vectors[(1, "resid_post")]
@@ -163,8 +166,8 @@ def test_two_process_gloo_collection_equals_single_process(tiny_models, tmp_path
     ]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"model: {tiny_models['llama']}\nbatch_tokens: 16\nbackground: {{corpus: {{texts: {json.dumps(CORPUS * 3)}}}}}\n"
-        f"steering:\n  - {{name: a, layer: 2, target: {{texts: {json.dumps(texts)}}}}}\n"
+        f"model: {tiny_models['llama']}\nbatch_tokens: 16\nbackground: {{corpus: {{texts: "
+        f"{json.dumps(CORPUS * 3)}}}}}\nsteering:\n  - {{name: a, layer: 2, target: {{texts: {json.dumps(texts)}}}}}\n"
         f"  - {{name: b, layer: 1, site: resid_mid, method: mean, target: {{texts: {json.dumps(TARGET)}}}}}\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

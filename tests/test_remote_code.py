@@ -215,12 +215,9 @@ def test_cli_refuses_without_the_flag_in_one_line_and_bakes_with_it(tiny, tmp_pa
 
 def test_recipe_field_and_run_flag(tiny, tmp_path):
     text = (
-        f"model: {tiny['gemma2']}\n"
-        "background: {sample: {sequences: 4, tokens: 8}}\n"
-        "preview: {prompts: ['tell me about your day'], tokens: 4, chat: false}\n"
-        "verify: {tokens: 4}\n"
-        "steering:\n"
-        "  - {name: happy, layer: 1, site: resid_mid, coefficient: 4, target: ['the happy dog is very happy today', 'what a wonderful day']}\n"
+        f"model: {tiny['gemma2']}\nbackground: {{sample: {{sequences: 4, tokens: 8}}}}\npreview: {{prompts: ['tell me "
+        "about your day'], tokens: 4, chat: false}\nverify: {tokens: 4}\nsteering:\n  - {name: happy, layer: 1, site: "
+        "resid_mid, coefficient: 4, target: ['the happy dog is very happy today', 'what a wonderful day']}\n"
     )
     (tmp_path / "plain.yaml").write_text(text)
     (tmp_path / "allowed.yaml").write_text(text + "allow_remote_code: true\n")

@@ -127,7 +127,8 @@ def measure_vectors(recipe: Recipe) -> MeasuredVectors:
     for i, entry in enumerate(recipe.steering):
         if not 0 <= entry.layer < cfg.num_hidden_layers:
             raise BakeError(
-                f"steering.{i}.layer: {entry.layer} is outside the model's blocks 0..{cfg.num_hidden_layers - 1}: pick a layer in range"
+                f"steering.{i}.layer: {entry.layer} is outside the model's blocks 0..{cfg.num_hidden_layers - 1}: "
+                "pick a layer in range"
             )
         try:
             family.slot(entry.site, cfg)
@@ -188,7 +189,8 @@ def entry_table(entries: list[dict[str, Any]]) -> str:
         if "auto" in e:
             a = e["auto"]
             rows.append(
-                f"  coefficient auto: {a['chosen']:g}, the largest of the {len(a['grid'])} on the grid whose KL ({a['kl']:.3g}) "
-                f"is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> {a['perplexity']:.3g})"
+                f"  coefficient auto: {a['chosen']:g}, the largest of the {len(a['grid'])} on the grid whose KL "
+                f"({a['kl']:.3g}) is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> "
+                f"{a['perplexity']:.3g})"
             )
     return "\n".join(rows)

@@ -333,7 +333,7 @@ def collect_streaming(
     try:
         calls, masks = [], []
         skeleton.load_outside()
-        for b, (j, group) in enumerate(tqdm(work, desc="embedding", unit="batch", leave=False)):
+        for b, (_j, group) in enumerate(tqdm(work, desc="embedding", unit="batch", leave=False)):
             ids, attention, counted = padded(group, pad_id)
             seen: list[tuple[tuple, dict]] = []
             with _stand_ins(skeleton.blocks, seen), contextlib.suppress(_Stop):

@@ -88,7 +88,8 @@ def _hub_dataset(source: TextSource, what: str) -> list[str]:
         data = datasets.load_dataset(source.dataset, source.config, split=source.split)
     except Exception as e:  # datasets raises many types for offline/missing cases
         raise BakeError(
-            f"{what}: cannot load dataset {source.dataset!r} ({e.__class__.__name__}): check the id and that you are online"
+            f"{what}: cannot load dataset {source.dataset!r} ({e.__class__.__name__}): check the id and that you are "
+            "online"
         ) from None
     if source.field not in data.column_names:
         raise BakeError(

@@ -43,7 +43,8 @@ from bake.vectorfile import VectorSet
 
 # Padded tokens per evaluation batch: full-vocabulary log-probs are kept for every position of a batch.
 EVAL_BATCH_TOKENS = 1024
-# Without held-out target texts, logprob_gain and activation_shift use this many of the entry's own (each is a forward pass per setting).
+# Without held-out target texts, logprob_gain and activation_shift use this many of the entry's own (each is a forward
+# pass per setting).
 IN_SAMPLE_TEXTS = 32
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
@@ -120,8 +121,8 @@ def classifier_scorer(model: str, label: str) -> Callable[[list[str]], float]:
         )
     except (OSError, ValueError) as e:
         raise BakeError(
-            f"evaluate.classifier.model: cannot load {model!r} as a text-classification model ({e.__class__.__name__}): "
-            "give a local folder or a Hub id"
+            f"evaluate.classifier.model: cannot load {model!r} as a text-classification model "
+            f"({e.__class__.__name__}): give a local folder or a Hub id"
         ) from None
     labels = list(pipe.model.config.id2label.values())
     if label not in labels:
@@ -264,7 +265,8 @@ def build_data(
     else:
         held_out = own_texts[:IN_SAMPLE_TEXTS] if own_texts else None
         info["target"] = (
-            f"the steering entry's own texts, the first {IN_SAMPLE_TEXTS} at most (in-sample: set evaluate.target to hold some out)"
+            f"the steering entry's own texts, the first {IN_SAMPLE_TEXTS} at most (in-sample: set evaluate.target to "
+            "hold some out)"
         )
     if held_out:
         chat, chat_prompt = (entry.chat, entry.chat_prompt) if entry else (False, "")
@@ -278,7 +280,8 @@ def build_data(
         reference = neutral_texts + _background_texts(recipe, entry, tokenizer, model_key, model_factory)
         data.words = derive_words(own_texts, reference, spec.top_words)
         info["words"] = (
-            f"derived: the {len(data.words)} words most specific to the target texts against background and neutral texts"
+            f"derived: the {len(data.words)} words most specific to the target texts against background and neutral "
+            "texts"
         )
     needs = {"wordlist": data.words, "logprob_gain": data.target, "activation_shift": data.target}
     for name in list(data.scorers):

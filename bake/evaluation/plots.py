@@ -1,4 +1,5 @@
-"""PNG plots of sweeps and method comparisons (matplotlib's object API on the Agg canvas: no display, no pyplot state)."""
+"""PNG plots of sweeps and method comparisons (matplotlib's object API on the Agg canvas: no display, no pyplot
+state)."""
 
 from __future__ import annotations
 

@@ -237,7 +237,8 @@ def _notes(data: EvalData) -> list[str]:
     notes = [f"{name} not measured: {why}" for name, why in data.skipped.items()]
     if data.info.get("target", "").startswith("the steering entry's own"):
         notes.append(
-            "logprob_gain and activation_shift use the entry's own target texts (in-sample): set evaluate.target to hold some out"
+            "logprob_gain and activation_shift use the entry's own target texts (in-sample): set evaluate.target to "
+            "hold some out"
         )
     return notes
 
@@ -285,7 +286,8 @@ def _compare_entries(
     target = target_source(entry)
     if entry.method == "actadd":
         raise BakeError(
-            f"steering {entry.name!r} is actadd: compare needs texts that show the behaviour (an entry with target or positive texts)"
+            f"steering {entry.name!r} is actadd: compare needs texts that show the behaviour (an entry with target or "
+            "positive texts)"
         )
     spec = recipe.evaluate.compare
     neg = TextSource(file=str(Path(negative).resolve())) if negative else spec.negative or entry.negative
@@ -351,7 +353,7 @@ def compare(
     searches = {}
     for m, u in zip(measured.entries, measured.units):
         start = 0.25 * m["mean_residual_norm"] / m["unscaled_norm"]  # a vector a quarter of the residual's size
-        c, searches[m["method"]] = calibrate(lambda x: lab.kl(VectorSet({point: x * u}))["kl"], budget, start)
+        c, searches[m["method"]] = calibrate(lambda x, u=u: lab.kl(VectorSet({point: x * u}))["kl"], budget, start)
         curves[m["method"]] = [
             {
                 "method": m["method"],

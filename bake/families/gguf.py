@@ -35,7 +35,8 @@ class GGUFArchitecture:
     source: str
     """The llama.cpp lines where the loader creates the bias and the graph adds it."""
     always_present: bool
-    """The loader requires the bias (every file has one, and steering is added to it) instead of accepting it optionally."""
+    """The loader requires the bias (every file has one, and steering is added to it) instead of accepting it
+    optionally."""
     when: Mapping[Site, Mapping[str, Any]] = field(default_factory=dict)
     """Metadata values (keys without the ``<arch>.`` prefix) under which a site's bias exists."""
     scale: str | None = None
@@ -86,7 +87,10 @@ GGUF_ARCHITECTURES: Mapping[str, GGUFArchitecture] = {
 }
 
 _NO_SLOT = "its loader creates no attn_output or ffn_down bias, so llama.cpp would refuse the file"
-_POST_NORM = "a norm sits between each sublayer and the residual stream, so no bias there adds a constant, and the loader has none"
+_POST_NORM = (
+    "a norm sits between each sublayer and the residual stream, so no bias there adds a constant, and the loader has "
+    "none"
+)
 _VIA_HF = (
     "bake a Hugging Face checkpoint (bake fold MODEL VECTORS -o DIR writes it as LlamaForCausalLM), convert it with "
     "llama.cpp's convert_hf_to_gguf.py and quantize it with llama-quantize"
@@ -128,7 +132,8 @@ def lookup(arch: str | None, where: str) -> GGUFArchitecture:
 
 
 def bias_name(arch: str, layer: int, site: Site, metadata: Callable[[str], Any], where: str) -> str:
-    """The bias llama.cpp adds at (layer, site) of this file (``metadata(key)`` reads ``<arch>.<key>``), or a refusal."""
+    """The bias llama.cpp adds at (layer, site) of this file (``metadata(key)`` reads ``<arch>.<key>``), or a
+    refusal."""
     entry = lookup(arch, where)
     name = entry.sites.get(site)
     if name is None:

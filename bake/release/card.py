@@ -16,12 +16,13 @@ REMOTE_TAGS = ["custom_code"]  # the Hub's tag for repositories whose model need
 
 def _remote_block(remote: dict[str, Any]) -> str:
     """The warning a constant-bias-module checkpoint carries at the top of its card."""
+    engines = f"{', '.join(remote['not_applied_by'][:-1])} and {remote['not_applied_by'][-1]}"
     return f"""
 > **Not portable.** This checkpoint loads only with `trust_remote_code=True` in
 > transformers: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
 > Without it, transformers loads the stock `{remote["base_architecture"]}`, lists the
 > `bake_steering` tensors as unexpected keys and runs the model **unsteered**.
-> {", ".join(remote["not_applied_by"][:-1])} and {remote["not_applied_by"][-1]} will not apply the steering: do not serve this checkpoint with them.
+> {engines} will not apply the steering: do not serve this checkpoint with them.
 
 {remote["why"]} The vectors are therefore carried by a small constant-bias module:
 `{remote["file"]}` (sha256 `{remote["sha256"][:16]}…`, written by bake) defines
@@ -52,7 +53,8 @@ def _data_rows(manifest: dict[str, Any]) -> list[str]:
         for role, info in e["data"].items():
             source = "sampled from the model" if info["kind"] == "model-sample" else info["kind"]
             rows.append(
-                f"| {e['name']} | {role} | {source} | {info['texts']} | {e['counts'][role]['tokens']} | `{info['sha256'][:16]}…` |"
+                f"| {e['name']} | {role} | {source} | {info['texts']} | {e['counts'][role]['tokens']} | "
+                f"`{info['sha256'][:16]}…` |"
             )
     return rows
 
@@ -67,8 +69,8 @@ def _evaluation_block(manifest: dict[str, Any]) -> str:
     budget = "within" if ev["within_budget"] else "**over**"
     return (
         f"\n## Evaluation\n\nMeasured by `bake eval` ({ev['created']}) on {ev['data']['prompts']} held-out prompts "
-        f"({ev['data']['tokens']} greedy tokens each) and {ev['data']['neutral_texts']} neutral texts; the KL is {budget} "
-        f"the budget of {ev['max_kl']:g}. Details and sample replies are in `bake.json` (`evaluation`).\n\n"
+        f"({ev['data']['tokens']} greedy tokens each) and {ev['data']['neutral_texts']} neutral texts; the KL is "
+        f"{budget} the budget of {ev['max_kl']:g}. Details and sample replies are in `bake.json` (`evaluation`).\n\n"
         "| measure | base | steered |\n|---|---|---|\n" + "\n".join(rows) + "\n"
     )
 
@@ -162,9 +164,10 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
         changes += "; removed: " + ", ".join(f"`{k}`" for k in fold["config_removed"])
     relabel = fold.get("relabel")
     relabel_block = (
-        f"\n## Architecture relabelled\n\nThe base model is a `{relabel['from']}` model. {relabel['why'][0].upper()}{relabel['why'][1:]}, "
-        f"so this checkpoint is written as `{relabel['architecture']}` (`model_type: {relabel['to']}`), whose stock "
-        "code has the bias slot. Verification compared it with the original class steered by hooks.\n"
+        f"\n## Architecture relabelled\n\nThe base model is a `{relabel['from']}` model. "
+        f"{relabel['why'][0].upper()}{relabel['why'][1:]}, so this checkpoint is written as "
+        f"`{relabel['architecture']}` (`model_type: {relabel['to']}`), whose stock code has the bias slot. "
+        "Verification compared it with the original class steered by hooks.\n"
         if relabel
         else ""
     )

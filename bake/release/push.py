@@ -86,7 +86,10 @@ def plan_push(
     for name in hidden:  # editor or OS leftovers, never part of a release
         del files[name]
     entries = manifest["vectors"].get("entries", [])
-    default_message = f"bake: {', '.join(e['name'] for e in entries) or 'steering'} on {manifest['base'].get('base_model_id') or manifest['base']['spec']}"
+    default_message = (
+        f"bake: {', '.join(e['name'] for e in entries) or 'steering'} on "
+        f"{manifest['base'].get('base_model_id') or manifest['base']['spec']}"
+    )
     return PushPlan(
         folder,
         repo_id,
@@ -154,5 +157,8 @@ def push(plan: PushPlan) -> dict[str, Any]:
 
 def _so_far(plan: PushPlan) -> str:
     if "commit" in plan.pushed:
-        return f"commit {plan.pushed['commit'][:12]} was pushed to {plan.branch!r} but not tagged (run `hf repo tag create` or push again)"
+        return (
+            f"commit {plan.pushed['commit'][:12]} was pushed to {plan.branch!r} but not tagged (run `hf repo tag "
+            "create` or push again)"
+        )
     return "nothing was pushed"

@@ -51,6 +51,7 @@ def check_code(path: Path) -> None:
     code = path / MODELING_FILE
     if auto_map != expected or not code.is_file() or code.read_bytes() != TEMPLATE.read_bytes():
         raise BakeError(
-            f"{str(path)!r} carries a bake constant-bias module, but its {MODELING_FILE} or auto_map is not the one this "
-            "version of bake writes: review the code, then load it yourself with trust_remote_code=True (or re-bake it)"
+            f"{str(path)!r} carries a bake constant-bias module, but its {MODELING_FILE} or auto_map is not the one "
+            "this version of bake writes: review the code, then load it yourself with trust_remote_code=True (or "
+            "re-bake it)"
         )

@@ -202,7 +202,8 @@ def _pad(n: int, alignment: int) -> int:
 
 
 def _digests(reader, kv_count: int, tensor_count: int, skip: set[str]) -> dict[str, str]:
-    """sha256 of the original metadata entries, tensor descriptions and tensor data (the biases bake rewrote excepted)."""
+    """sha256 of the original metadata entries, tensor descriptions and tensor data (the biases bake rewrote
+    excepted)."""
     data = reader.data
     kvs = _kv_fields(reader)[:kv_count]
     infos = [t.field for t in reader.tensors[:tensor_count]]
@@ -329,7 +330,10 @@ def _check_bias(b: dict[str, Any], reader, tensors: dict) -> str | None:
     if stored.shape != expected.shape:
         return f"{b['tensor']} has {stored.size} values, baked with {expected.size}"
     if not np.array_equal(stored, expected):
-        return f"{b['tensor']} differs from the baked value by up to {float(np.abs(stored - expected).max()):.3g}: it was changed after baking"
+        return (
+            f"{b['tensor']} differs from the baked value by up to {float(np.abs(stored - expected).max()):.3g}: it "
+            "was changed after baking"
+        )
     return None
 
 

@@ -99,7 +99,8 @@ def _top1(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 def compare(
     source: Path, steered_file: Path, dequantized: Path, vectors: VectorSet, prompts: list[str]
 ) -> dict[str, Any]:
-    """The steered GGUF in llama.cpp vs the dequantized base steered by hooks in transformers, at every prompt position."""
+    """The steered GGUF in llama.cpp vs the dequantized base steered by hooks in transformers, at every prompt
+    position."""
     tokenizer = load_tokenizer(dequantized)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
     model = load_model(dequantized, dtype=torch.float32)
@@ -145,9 +146,10 @@ def describe(report: dict[str, Any]) -> str:
     dead = "; ".join(report.get("degenerate", []))  # absent from the reports of bakes before the check
     return (
         (f"{dead}; " if dead else "")
-        + f"llama.cpp vs hook-steered transformers over {report['positions']} positions: |Δlogit| max {report['max_gap']:.3g}, "
-        f"mean {report['mean_gap']:.3g} (unsteered file: {report['unsteered_max_gap']:.3g}, {report['unsteered_mean_gap']:.3g}; "
-        f"allowed {report['gap_factor']:g}x); steering changes logits by up to {report['steering_effect']:.3g} "
-        f"(hooks {report['hook_effect']:.3g}, relative error {report['effect_relative_error']:.2f}); top-1 agreement "
-        f"{report['top1_agreement']:.1%} (unsteered {report['unsteered_top1_agreement']:.1%})"
+        + f"llama.cpp vs hook-steered transformers over {report['positions']} positions: |Δlogit| max "
+        f"{report['max_gap']:.3g}, mean {report['mean_gap']:.3g} (unsteered file: {report['unsteered_max_gap']:.3g}, "
+        f"{report['unsteered_mean_gap']:.3g}; allowed {report['gap_factor']:g}x); steering changes logits by up to "
+        f"{report['steering_effect']:.3g} (hooks {report['hook_effect']:.3g}, relative error "
+        f"{report['effect_relative_error']:.2f}); top-1 agreement {report['top1_agreement']:.1%} (unsteered "
+        f"{report['unsteered_top1_agreement']:.1%})"
     )

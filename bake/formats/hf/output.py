@@ -152,7 +152,8 @@ class HFFormat:
             base = manifest["base"]
             lines = [f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)"]
             lines += [
-                f"  on top of earlier bake {i + 1}: {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'}"
+                f"  on top of earlier bake {i + 1}: "
+                f"{', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'}"
                 for i, h in enumerate(manifest.get("history", []))
             ]
             lines.append(entry_table(manifest["vectors"].get("entries", [])))  # a bare vector file has no entries
@@ -163,7 +164,8 @@ class HFFormat:
                 lines.append("loads in " + portability(family))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise BakeError(
-                f"{str(path)!r}: bake.json is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json to see it"
+                f"{str(path)!r}: bake.json is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json "
+                "to see it"
             ) from None
         problems = manifests.check(path, manifest)
         lines.append("weights: match the manifest" if not problems else "weights: DO NOT match the manifest")

@@ -43,7 +43,8 @@ def base_architecture(model_type: str) -> str:
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if not isinstance(name, str) or not name.endswith("ForCausalLM"):
         raise BakeError(
-            f"transformers has no *ForCausalLM class for model_type {model_type!r}: the constant-bias module cannot subclass it"
+            f"transformers has no *ForCausalLM class for model_type {model_type!r}: the constant-bias module cannot "
+            "subclass it"
         )
     return name
 
@@ -109,7 +110,8 @@ def add_module(plan: FoldPlan, family: Family, cfg, prefix: str, points: list[tu
             "the model is NOT steered"
         ),
         "not_applied_by": list(NOT_APPLIED_BY),
-        "why": f"{family.name} has no stock bias slot at site(s) {', '.join(sorted({p[1] for p in points}))}: {family.notes}",
+        "why": f"{family.name} has no stock bias slot at site(s) {', '.join(sorted({p[1] for p in points}))}: "
+        f"{family.notes}",
         "note": NOT_PORTABLE,
     }
 

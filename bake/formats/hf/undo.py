@@ -116,7 +116,8 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
         raise BakeError(f"{str(path)!r} keeps no undo data (baked by an older bake): bake the base model again instead")
     if undo["cast"]:
         raise BakeError(
-            f"{str(path)!r} was cast to another dtype when baked, so its original weights are gone: use the base model itself"
+            f"{str(path)!r} was cast to another dtype when baked, so its original weights are gone: use the base "
+            "model itself"
         )
     problems = manifests.check(path, manifest)
     if problems:
