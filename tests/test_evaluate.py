@@ -281,11 +281,13 @@ def test_run_with_auto_records_the_choice_in_manifest_card_and_inspect(llama, tm
 def test_sweep_collects_once_writes_tables_and_png_plots(llama, tmp_path, monkeypatch):
     import matplotlib.image
 
-    import bake.collection.measure
+    import bake.collection.streaming  # the in-memory collection is called from there (collect_sets)
 
     calls = []
-    real_collect = bake.collection.measure.collect
-    monkeypatch.setattr(bake.collection.measure, "collect", lambda *a, **k: calls.append(a[3]) or real_collect(*a, **k))
+    real_collect = bake.collection.streaming.collect
+    monkeypatch.setattr(
+        bake.collection.streaming, "collect", lambda *a, **k: calls.append(a[3]) or real_collect(*a, **k)
+    )
     (tmp_path / "r.yaml").write_text(
         _recipe(llama[0], tmp_path, evaluate="  scorers: [wordlist, vader, logprob_gain, activation_shift]\n").text
     )
