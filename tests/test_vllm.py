@@ -55,7 +55,7 @@ def vllm_python() -> Path:
     python = VENV / "bin" / "python"
     if not (VENV / f".bake-vllm-{VLLM_VERSION}").is_file():
         pytest.skip(f"no vLLM {VLLM_VERSION} environment at {VENV} (set BAKE_VLLM_VENV, or build it with "
-                    "`bash tests/setup_vllm.sh`, ~4 min, 3.5 GB)")
+                    "`bash tests/setup_vllm.sh`, ~4 min, 2.5 GB)")
     return python
 
 
