@@ -78,10 +78,15 @@ class Family:
     when: Mapping[str, Any] = field(default_factory=dict)
     """Config values this entry describes (e.g. OPT's pre-LN vs post-LN layout)."""
     relabel: Relabel | None = None
+    vllm_architecture: str | None = None
+    """Written as config.json's ``architectures`` when vLLM's own class for the family drops a bias bake
+    sets: "TransformersForCausalLM" makes vLLM run its Transformers backend (which keeps every bias), while
+    transformers itself still builds the stock class from ``model_type``."""
     vllm: str = "not checked yet"
     llama_cpp: str = "not checked yet"
-    """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering; "(source)" means read
-    from vLLM 0.33.0 and llama.cpp 0c1e570 sources, not tested here ("tested": tests/test_hf_to_gguf.py)."""
+    """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering: "tested (vLLM <version>)" means
+    tests/test_vllm.py runs it (greedy tokens equal transformers'); "(source)" means read from vLLM 0.33.0 and
+    llama.cpp 0c1e570 sources, not run here (llama.cpp "tested": tests/test_hf_to_gguf.py)."""
 
     def slot(self, site: Site, config: Config | None = None) -> Slot:
         """The slot for ``site``; refuses with the alternatives when there is none."""
@@ -170,6 +175,8 @@ def _phi3_reason(config: Config) -> str | None:
 _MID_ONLY = "Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias."
 _POST_NORM = "A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it."
 _MODULE_ONLY = "no: the module is transformers code (by design)"
+_VIA_BACKEND_LABEL = ("tested (vLLM 0.32.0), via its Transformers backend: written as `TransformersForCausalLM` "
+                      "(its own class drops the o_proj bias)")
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _TO_LLAMA = "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
 
@@ -183,7 +190,7 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="attn.c_proj", hook="attn", read="ln_2"),
         },
         notes="Every linear already has a bias; the vector is added to the existing one.",
-        vllm="loads it (source)",
+        vllm="tested (vLLM 0.32.0)",
         llama_cpp="loads it (source)",
     ),
     Family(
@@ -197,7 +204,7 @@ FAMILIES: tuple[Family, ...] = (
                               when={"use_parallel_residual": False}),
         },
         notes="Parallel or sequential residual: after-block is exact in both; the mid site exists only when sequential.",
-        vllm="loads it via its Transformers backend (source)",
+        vllm="tested (vLLM 0.32.0), via its Transformers backend",
         llama_cpp="loads it (source)",
     ),
     Family(
@@ -206,7 +213,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="transformer.h",
         sites={"resid_post": Slot(bias="mlp.fc_out")},
         notes="Parallel attention and MLP: there is no mid-block residual.",
-        vllm="loads it (source)",
+        vllm="tested (vLLM 0.32.0)",
         llama_cpp="architecture unsupported",
     ),
     Family(
@@ -220,7 +227,7 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="self_attn.out_proj", hook="self_attn", read="final_layer_norm", flags={"enable_bias": True},
                               zero_biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
         },
-        vllm="loads it (source)",
+        vllm="tested (vLLM 0.32.0)",
         llama_cpp="architecture unsupported",
     ),
     Family(
@@ -233,7 +240,7 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="self_attn_layer_norm", hook="self_attn_layer_norm", when={"layer_norm_elementwise_affine": True}),
         },
         notes="The residual add comes before each LayerNorm, so the LayerNorm biases are the exact slots (fc2.bias is not).",
-        vllm="loads it (source)",
+        vllm="tested (vLLM 0.32.0)",
         llama_cpp="architecture unsupported",
     ),
     Family(
@@ -242,7 +249,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites={"resid_post": Slot(bias="mlp.fc2")},
         notes="Parallel attention and MLP: there is no mid-block residual.",
-        vllm="loads it via its Transformers backend (source)",
+        vllm="tested (vLLM 0.32.0), via its Transformers backend",
         llama_cpp="loads it (source)",
     ),
     Family(
@@ -257,7 +264,7 @@ FAMILIES: tuple[Family, ...] = (
                               when={"parallel_attn": False, "new_decoder_architecture": False}),
         },
         notes="`bias: true` switches on every linear bias: the others are written as zeros.",
-        vllm="loads it (source)",
+        vllm="tested (vLLM 0.32.0)",
         llama_cpp="conversion fails on the qkv bias; loader has no bias slots (source)",
     ),
     Family(
@@ -270,7 +277,7 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="self_attention.dense", hook="self_attention", when={"slow_but_exact": False}),
         },
         notes="With slow_but_exact and pretraining_tp > 1 BLOOM ignores these biases, so that mode is refused.",
-        vllm="loads it (source)",
+        vllm="tested (vLLM 0.32.0)",
         llama_cpp="loads it (source)",
     ),
     Family(
@@ -282,7 +289,7 @@ FAMILIES: tuple[Family, ...] = (
             "resid_mid": Slot(bias="self_attn.o_proj", hook="self_attn", read="post_attention_layernorm", flags={"use_bias": True},
                               zero_biases=_QKVO + ("mlp.c_fc", "mlp.c_proj")),
         },
-        vllm="loads it via its Transformers backend (source)",
+        vllm="tested (vLLM 0.32.0), via its Transformers backend",
         llama_cpp="loads it (source)",
     ),
     Family(
@@ -291,7 +298,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_llama_like(),
         notes="Llama, SmolLM2/3 and other `llama` checkpoints: `mlp_bias` also creates gate/up biases, written as zeros.",
-        vllm="loads it (source)",
+        vllm="tested (vLLM 0.32.0)",
         llama_cpp="loads it (tested: convert_hf_to_gguf.py, then llama.cpp)",
     ),
     Family(
@@ -300,7 +307,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_llama_like(scale="residual_multiplier"),
         notes="Sublayer outputs are multiplied by residual_multiplier before the add: the bias is vector / multiplier.",
-        vllm="loads it, same residual_multiplier scaling (source)",
+        vllm="tested (vLLM 0.32.0), same residual_multiplier scaling",
         llama_cpp="loads it, same scaling (source)",
     ),
     Family(
@@ -311,7 +318,7 @@ FAMILIES: tuple[Family, ...] = (
         relabel=Relabel(to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA, refuse=_sliding_window_reason,
                         drop_keys=_SLIDING_KEYS),
         notes="Written as LlamaForCausalLM (same tensor names and computation).",
-        vllm="loads it as Llama (source)",
+        vllm="tested (vLLM 0.32.0), as Llama",
         llama_cpp="loads it as Llama (source)",
     ),
     Family(
@@ -322,7 +329,7 @@ FAMILIES: tuple[Family, ...] = (
         relabel=Relabel(to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA, refuse=_sliding_window_reason,
                         drop_keys=_SLIDING_KEYS, set_keys={"attention_bias": True}, zero_biases=("self_attn.o_proj",)),
         notes="Written as LlamaForCausalLM with attention_bias (keeps the q/k/v biases; o_proj gets zeros).",
-        vllm="loads it as Llama (source)",
+        vllm="tested (vLLM 0.32.0), as Llama",
         llama_cpp="loads it as Llama (source)",
     ),
     Family(
@@ -345,7 +352,7 @@ FAMILIES: tuple[Family, ...] = (
             },
         ),
         notes="Written as LlamaForCausalLM after splitting qkv_proj and gate_up_proj.",
-        vllm="loads it as Llama (source)",
+        vllm="tested (vLLM 0.32.0), as Llama",
         llama_cpp="loads it as Llama (source)",
     ),
     Family(
@@ -354,7 +361,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_llama_like(flag_mlp=False),
         notes=_MID_ONLY,
-        vllm="**silently drops** the o_proj bias (source)",
+        vllm_architecture="TransformersForCausalLM",
+        vllm=_VIA_BACKEND_LABEL,
         llama_cpp="refuses to load (unexpected tensor) (source)",
     ),
     Family(
@@ -363,7 +371,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_llama_like(flag_mlp=False),
         notes=_MID_ONLY,
-        vllm="**silently drops** the o_proj bias (source)",
+        vllm_architecture="TransformersForCausalLM",
+        vllm=_VIA_BACKEND_LABEL,
         llama_cpp="refuses to load (unexpected tensor) (source)",
     ),
     Family(

@@ -116,6 +116,8 @@ def plan_fold(
         for layer in range(cfg.num_hidden_layers):
             for module in slot.zero_biases:
                 plan.add_zero_bias(f"{prefix}.{layer}.{module}")
+    if family.vllm_architecture:
+        plan.config["architectures"] = [family.vllm_architecture]  # a constant-bias module below names its own
     if without_slot:
         remote.add_module(plan, family, cfg, prefix, without_slot)
     if out_dtype is not None:

@@ -1,0 +1,51 @@
+"""Greedy decoding in vLLM for tests/test_vllm.py, run by the vLLM environment's python (not the suite's).
+
+Reads a JSON job (argument 1): {"tokens": N, "prompts": [[ids...], ...], "models": [{"path": ...,
+"trust_remote_code": bool}, ...]}. Loads the models in turn in this one process and prints one JSON line per
+model: {"path": ..., "architecture": <the class vLLM ran>, "tokens": [[ids...] per prompt]} or {"path": ...,
+"error": ...} when vLLM refuses it (the test reports that). Token ids in, token ids out: no tokenizer involved.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def _run(model: dict, prompts: list[list[int]], tokens: int) -> dict:
+    from vllm import LLM, ModelRegistry, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model["path"], dtype="float32", max_model_len=128, enforce_eager=True, skip_tokenizer_init=True,
+              trust_remote_code=model.get("trust_remote_code", False), seed=0, max_num_seqs=len(prompts))
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        config = llm.llm_engine.model_config
+        architecture = ModelRegistry.resolve_model_cls(config.architectures, model_config=config)[0].__name__
+        return {"path": model["path"], "architecture": architecture,
+                "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+    finally:
+        del llm
+        gc.collect()
+
+
+def main() -> None:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    for model in job["models"]:
+        try:
+            result = _run(model, job["prompts"], job["tokens"])
+        except Exception as e:  # noqa: BLE001 -- reported per model: one refusal must not hide the others' results
+            traceback.print_exc()
+            result = {"path": model["path"], "error": f"{type(e).__name__}: {e}"}
+        print("BAKE-RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one process: the engine runs in this one
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; tiny models need little
+    main()
