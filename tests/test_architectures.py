@@ -7,43 +7,64 @@ import json
 
 import pytest
 import torch
+from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 from transformers import AutoModelForCausalLM
 
 import bake
 from bake.errors import BakeError
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
-from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 
 PROBES = ["the happy dog is here", "tell me about your day", "a king and a dragon in the castle"]
 
 # Written here independently of bake/families/hf.py: where each family's blocks live, and
 # which module's output joins the residual after the attention sublayer.
-BLOCKS = {"gpt2": "transformer.h", "gptj": "transformer.h", "falcon": "transformer.h", "bloom": "transformer.h",
-          "gpt_neox": "gpt_neox.layers", "opt": "model.decoder.layers"}
-ATTENTION = {"gpt2": "attn", "gpt_neox": "attention", "falcon": "self_attention", "bloom": "self_attention", "opt": "self_attn"}
+BLOCKS = {
+    "gpt2": "transformer.h",
+    "gptj": "transformer.h",
+    "falcon": "transformer.h",
+    "bloom": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+}
+ATTENTION = {
+    "gpt2": "attn",
+    "gpt_neox": "attention",
+    "falcon": "self_attention",
+    "bloom": "self_attention",
+    "opt": "self_attn",
+}
 
 # (model_type, config overrides, site, relabelled to llama)
 EXACT = [
-    ("gpt2", {}, "resid_post", False), ("gpt2", {}, "resid_mid", False),
+    ("gpt2", {}, "resid_post", False),
+    ("gpt2", {}, "resid_mid", False),
     ("gpt_neox", {}, "resid_post", False),
     ("gpt_neox", {"use_parallel_residual": False}, "resid_post", False),
     ("gpt_neox", {"use_parallel_residual": False}, "resid_mid", False),
     ("gptj", {}, "resid_post", False),
-    ("opt", {}, "resid_post", False), ("opt", {}, "resid_mid", False),
+    ("opt", {}, "resid_post", False),
+    ("opt", {}, "resid_mid", False),
     ("opt", {"do_layer_norm_before": False}, "resid_post", False),
     ("opt", {"do_layer_norm_before": False}, "resid_mid", False),
     ("phi", {}, "resid_post", False),
     ("falcon", {}, "resid_post", False),
     ("falcon", {"parallel_attn": False}, "resid_mid", False),
     ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}, "resid_post", False),
-    ("bloom", {}, "resid_post", False), ("bloom", {}, "resid_mid", False),
-    ("starcoder2", {}, "resid_post", False), ("starcoder2", {}, "resid_mid", False),
-    ("llama", {}, "resid_post", False), ("llama", {}, "resid_mid", False),
-    ("granite", {}, "resid_post", False), ("granite", {}, "resid_mid", False),
-    ("mistral", {}, "resid_post", True), ("mistral", {}, "resid_mid", True),
-    ("qwen2", {}, "resid_post", True), ("qwen2", {}, "resid_mid", True),
-    ("phi3", {}, "resid_post", True), ("phi3", {}, "resid_mid", True),
+    ("bloom", {}, "resid_post", False),
+    ("bloom", {}, "resid_mid", False),
+    ("starcoder2", {}, "resid_post", False),
+    ("starcoder2", {}, "resid_mid", False),
+    ("llama", {}, "resid_post", False),
+    ("llama", {}, "resid_mid", False),
+    ("granite", {}, "resid_post", False),
+    ("granite", {}, "resid_mid", False),
+    ("mistral", {}, "resid_post", True),
+    ("mistral", {}, "resid_mid", True),
+    ("qwen2", {}, "resid_post", True),
+    ("qwen2", {}, "resid_mid", True),
+    ("phi3", {}, "resid_post", True),
+    ("phi3", {}, "resid_mid", True),
     ("qwen3", {}, "resid_mid", False),
     ("gemma", {}, "resid_mid", False),
 ]
@@ -145,7 +166,12 @@ REFUSED = [
     ("phi", {}, "resid_mid", ["Phi", "use site 'resid_post'"]),
     ("falcon", {}, "resid_mid", ["Falcon", "use site 'resid_post'"]),
     ("mistral", {"sliding_window": 8}, "resid_post", ["Mistral", "LlamaForCausalLM", "sliding_window 8"]),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, "resid_post", ["Qwen2", "sliding"]),
+    (
+        "qwen2",
+        {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0},
+        "resid_post",
+        ["Qwen2", "sliding"],
+    ),
     ("phi3", {"partial_rotary_factor": 0.5}, "resid_post", ["Phi-3", "partial_rotary_factor"]),
 ]
 
@@ -179,10 +205,14 @@ def test_phi3_split_reproduces_the_fused_weights(tmp_path):
     with safe_open(src / "model.safetensors", "pt") as f:
         for layer in range(4):
             p = f"model.layers.{layer}"
-            assert torch.equal(f.get_tensor(f"{p}.self_attn.qkv_proj.weight"),
-                               torch.cat([get(f"{p}.self_attn.{x}_proj.weight") for x in "qkv"]))
-            assert torch.equal(f.get_tensor(f"{p}.mlp.gate_up_proj.weight"),
-                               torch.cat([get(f"{p}.mlp.gate_proj.weight"), get(f"{p}.mlp.up_proj.weight")]))
+            assert torch.equal(
+                f.get_tensor(f"{p}.self_attn.qkv_proj.weight"),
+                torch.cat([get(f"{p}.self_attn.{x}_proj.weight") for x in "qkv"]),
+            )
+            assert torch.equal(
+                f.get_tensor(f"{p}.mlp.gate_up_proj.weight"),
+                torch.cat([get(f"{p}.mlp.gate_proj.weight"), get(f"{p}.mlp.up_proj.weight")]),
+            )
             assert f"{p}.self_attn.qkv_proj.weight" not in index
 
 
@@ -192,4 +222,6 @@ def test_docs_carry_the_table_generated_from_the_data():
     from bake.families.hf import portability_table
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "architectures.md").read_text()
-    assert portability_table() in page, "docs/architectures.md's table is stale: paste bake.families.hf.portability_table()"
+    assert portability_table() in page, (
+        "docs/architectures.md's table is stale: paste bake.families.hf.portability_table()"
+    )

@@ -33,8 +33,14 @@ RUNNER = Path(__file__).parent / "vllm_runner.py"
 TOKENS = 8
 TESTED = f"tested (vLLM {VLLM_VERSION})"
 # vLLM's CPU attention needs head_dim >= 32: the tiny configs widened to hidden 128 over 4 heads.
-_WIDE = {"n_embd": 128, "hidden_size": 128, "word_embed_proj_dim": 128, "intermediate_size": 256, "ffn_dim": 256,
-         "head_dim": 32}
+_WIDE = {
+    "n_embd": 128,
+    "hidden_size": 128,
+    "word_embed_proj_dim": 128,
+    "intermediate_size": 256,
+    "ffn_dim": 256,
+    "head_dim": 32,
+}
 
 
 def wide_config(model_type: str, **overrides):
@@ -47,15 +53,17 @@ def greedy(model, prompt: list[int], tokens: int = TOKENS) -> list[int]:
     with torch.no_grad():
         for _ in range(tokens):
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return ids[0, len(prompt):].tolist()
+    return ids[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
     python = VENV / "bin" / "python"
     if not (VENV / f".bake-vllm-{VLLM_VERSION}").is_file():
-        pytest.skip(f"no vLLM {VLLM_VERSION} environment at {VENV} (set BAKE_VLLM_VENV, or build it with "
-                    "`bash tests/setup_vllm.sh`, ~4 min, 2.5 GB)")
+        pytest.skip(
+            f"no vLLM {VLLM_VERSION} environment at {VENV} (set BAKE_VLLM_VENV, or build it with "
+            "`bash tests/setup_vllm.sh`, ~4 min, 2.5 GB)"
+        )
     return python
 
 
@@ -93,23 +101,28 @@ def runs(vllm_python, tmp_path_factory, one_thread) -> dict[str, dict]:
         out = root / key / "baked"
         for seed in range(3, 11):  # the first of a few fixed directions that changes greedy tokens (the test must
             g = torch.Generator().manual_seed(seed)  # be able to fail; tiny random GPT-NeoX ignores most)
-            vectors = VectorSet({(layer, site): 2 * norm * _unit(config.hidden_size, g)
-                                 for site in sites for layer in (1, 3)})
+            vectors = VectorSet(
+                {(layer, site): 2 * norm * _unit(config.hidden_size, g) for site in sites for layer in (1, 3)}
+            )
             bake.fold(str(src), vectors, out, force=True, verify=VerifySpec(prompts=PROBES[:1], tokens=2))
             baked = AutoModelForCausalLM.from_pretrained(out).eval()  # stock transformers, as the user loads it
             steered = [greedy(baked, p) for p in prompts]
             if steered != plain:
                 break
-        cases[key] = {"family": family_for(config).name, "path": str(out),
-                      "steered": steered, "base": plain}
+        cases[key] = {"family": family_for(config).name, "path": str(out), "steered": steered, "base": plain}
     job = root / "job.json"
     models = [{"path": c["path"]} for c in cases.values()]
     job.write_text(json.dumps({"tokens": TOKENS, "prompts": prompts, "models": models}))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the runner imports vLLM's world only
-    proc = subprocess.run([str(vllm_python), str(RUNNER), str(job)], capture_output=True, text=True, env=env,
-                          timeout=1800, check=False)  # a crash is reported below with vLLM's stderr
-    results = {r["path"]: r for r in (json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-                                       if line.startswith("BAKE-RESULT "))}
+    proc = subprocess.run(
+        [str(vllm_python), str(RUNNER), str(job)], capture_output=True, text=True, env=env, timeout=1800, check=False
+    )  # a crash is reported below with vLLM's stderr
+    results = {
+        r["path"]: r
+        for r in (
+            json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("BAKE-RESULT ")
+        )
+    }
     assert proc.returncode == 0 and len(results) == len(cases), proc.stderr[-4000:]
     for c in cases.values():
         c["vllm"] = results[c["path"]]
@@ -124,7 +137,8 @@ def test_vllm_greedy_equals_transformers_steered(runs, key):
     assert run["steered"] != run["base"], "the steering does not change greedy tokens: the test could not fail"
     assert got["tokens"] == run["steered"], (
         f"vLLM ({got['architecture']}) does not apply the steering at {GROUPS[key][2]}: {got['tokens']} vs "
-        f"transformers {run['steered']}" + (" (= the unsteered base's)" if got["tokens"] == run["base"] else ""))
+        f"transformers {run['steered']}" + (" (= the unsteered base's)" if got["tokens"] == run["base"] else "")
+    )
 
 
 def test_table_says_what_vllm_ran(runs):

@@ -20,15 +20,26 @@ def _run(model: dict, prompts: list[list[int]], tokens: int) -> dict:
     from vllm import LLM, ModelRegistry, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model["path"], dtype="float32", max_model_len=128, enforce_eager=True, skip_tokenizer_init=True,
-              trust_remote_code=model.get("trust_remote_code", False), seed=0, max_num_seqs=len(prompts))
+    llm = LLM(
+        model=model["path"],
+        dtype="float32",
+        max_model_len=128,
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+        trust_remote_code=model.get("trust_remote_code", False),
+        seed=0,
+        max_num_seqs=len(prompts),
+    )
     try:
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         config = llm.llm_engine.model_config
         architecture = ModelRegistry.resolve_model_cls(config.architectures, model_config=config)[0].__name__
-        return {"path": model["path"], "architecture": architecture,
-                "tokens": [list(o.outputs[0].token_ids) for o in outputs]}
+        return {
+            "path": model["path"],
+            "architecture": architecture,
+            "tokens": [list(o.outputs[0].token_ids) for o in outputs],
+        }
     finally:
         del llm
         gc.collect()

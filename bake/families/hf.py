@@ -98,7 +98,9 @@ class Family:
         if slot is None:
             other = [s for s in self.sites if s != site and (config is None or self._available(s, config))]
             alt = f"use site {other[0]!r} instead" if other else "it has no exact site at all"
-            raise BakeError(f"{self.name} has no exact place for a constant at site {site!r} in this configuration: {alt}.")
+            raise BakeError(
+                f"{self.name} has no exact place for a constant at site {site!r} in this configuration: {alt}."
+            )
         return slot
 
     def _available(self, site: Site, config: Config) -> bool:
@@ -109,8 +111,11 @@ class Family:
         """The slot, refusing when no stock module can carry the bias."""
         slot = self.slot(site, config)
         if slot.bias is None:
-            others = [s for s in self.sites if s != site and self.sites[s].bias is not None
-                      and (config is None or self._available(s, config))]
+            others = [
+                s
+                for s in self.sites
+                if s != site and self.sites[s].bias is not None and (config is None or self._available(s, config))
+            ]
             alt = f"use site {others[0]!r}, or " if others else ""
             raise BakeError(
                 f"{self.name} has no exact bias slot for site {site!r}: {self.notes} To bake it anyway, {alt}pass "
@@ -129,8 +134,14 @@ _QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.
 def _llama_like(flag_mlp: bool = True, scale: str | None = None) -> dict[Site, Slot]:
     """Sequential pre-norm blocks named like Llama's (post_attention_layernorm reads the mid residual)."""
     sites: dict[Site, Slot] = {
-        "resid_mid": Slot(bias="self_attn.o_proj", hook="self_attn", read="post_attention_layernorm",
-                          flags={"attention_bias": True}, zero_biases=_QKVO, scale=scale),
+        "resid_mid": Slot(
+            bias="self_attn.o_proj",
+            hook="self_attn",
+            read="post_attention_layernorm",
+            flags={"attention_bias": True},
+            zero_biases=_QKVO,
+            scale=scale,
+        ),
     }
     if flag_mlp:
         sites["resid_post"] = Slot(bias="mlp.down_proj", flags={"mlp_bias": True}, zero_biases=_LLAMA_MLP, scale=scale)
@@ -159,8 +170,10 @@ def _sliding_window_reason(config: Config) -> str | None:
     if "sliding_attention" in layer_types and use:
         return "some layers use sliding-window attention, which Llama lacks"
     if use and window is not None and window < config.max_position_embeddings:
-        return (f"sliding_window {window} is shorter than the context ({config.max_position_embeddings}); "
-                "Llama attends to the whole context")
+        return (
+            f"sliding_window {window} is shorter than the context ({config.max_position_embeddings}); "
+            "Llama attends to the whole context"
+        )
     return None
 
 
@@ -175,10 +188,14 @@ def _phi3_reason(config: Config) -> str | None:
 _MID_ONLY = "Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias."
 _POST_NORM = "A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it."
 _MODULE_ONLY = "no: the module is transformers code (by design)"
-_VIA_BACKEND_LABEL = ("tested (vLLM 0.32.0), via its Transformers backend: written as `TransformersForCausalLM` "
-                      "(its own class drops the o_proj bias)")
+_VIA_BACKEND_LABEL = (
+    "tested (vLLM 0.32.0), via its Transformers backend: written as `TransformersForCausalLM` "
+    "(its own class drops the o_proj bias)"
+)
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
-_TO_LLAMA = "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
+_TO_LLAMA = (
+    "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
+)
 
 FAMILIES: tuple[Family, ...] = (
     Family(
@@ -199,11 +216,17 @@ FAMILIES: tuple[Family, ...] = (
         blocks="gpt_neox.layers",
         sites={
             "resid_post": Slot(bias="mlp.dense_4h_to_h"),
-            "resid_mid": Slot(bias="attention.dense", hook="attention", read="post_attention_layernorm",
-                              flags={"attention_bias": True}, zero_biases=("attention.query_key_value", "attention.dense"),
-                              when={"use_parallel_residual": False}),
+            "resid_mid": Slot(
+                bias="attention.dense",
+                hook="attention",
+                read="post_attention_layernorm",
+                flags={"attention_bias": True},
+                zero_biases=("attention.query_key_value", "attention.dense"),
+                when={"use_parallel_residual": False},
+            ),
         },
-        notes="Parallel or sequential residual: after-block is exact in both; the mid site exists only when sequential.",
+        notes="Parallel or sequential residual: after-block is exact in both; "
+        "the mid site exists only when sequential.",
         vllm="tested (vLLM 0.32.0), via its Transformers backend",
         llama_cpp="loads it (source)",
     ),
@@ -222,10 +245,32 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.decoder.layers",
         when={"do_layer_norm_before": True},
         sites={
-            "resid_post": Slot(bias="fc2", flags={"enable_bias": True},
-                               zero_biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
-            "resid_mid": Slot(bias="self_attn.out_proj", hook="self_attn", read="final_layer_norm", flags={"enable_bias": True},
-                              zero_biases=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")),
+            "resid_post": Slot(
+                bias="fc2",
+                flags={"enable_bias": True},
+                zero_biases=(
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.out_proj",
+                    "fc1",
+                    "fc2",
+                ),
+            ),
+            "resid_mid": Slot(
+                bias="self_attn.out_proj",
+                hook="self_attn",
+                read="final_layer_norm",
+                flags={"enable_bias": True},
+                zero_biases=(
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.out_proj",
+                    "fc1",
+                    "fc2",
+                ),
+            ),
         },
         vllm="tested (vLLM 0.32.0)",
         llama_cpp="architecture unsupported",
@@ -237,9 +282,12 @@ FAMILIES: tuple[Family, ...] = (
         when={"do_layer_norm_before": False},
         sites={
             "resid_post": Slot(bias="final_layer_norm", when={"layer_norm_elementwise_affine": True}),
-            "resid_mid": Slot(bias="self_attn_layer_norm", hook="self_attn_layer_norm", when={"layer_norm_elementwise_affine": True}),
+            "resid_mid": Slot(
+                bias="self_attn_layer_norm", hook="self_attn_layer_norm", when={"layer_norm_elementwise_affine": True}
+            ),
         },
-        notes="The residual add comes before each LayerNorm, so the LayerNorm biases are the exact slots (fc2.bias is not).",
+        notes="The residual add comes before each LayerNorm, so the LayerNorm biases are the exact slots "
+        "(fc2.bias is not).",
         vllm="tested (vLLM 0.32.0)",
         llama_cpp="architecture unsupported",
     ),
@@ -257,11 +305,29 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("falcon",),
         blocks="transformer.h",
         sites={
-            "resid_post": Slot(bias="mlp.dense_4h_to_h", flags={"bias": True},
-                               zero_biases=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
-            "resid_mid": Slot(bias="self_attention.dense", hook="self_attention", read="post_attention_layernorm", flags={"bias": True},
-                              zero_biases=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-                              when={"parallel_attn": False, "new_decoder_architecture": False}),
+            "resid_post": Slot(
+                bias="mlp.dense_4h_to_h",
+                flags={"bias": True},
+                zero_biases=(
+                    "self_attention.query_key_value",
+                    "self_attention.dense",
+                    "mlp.dense_h_to_4h",
+                    "mlp.dense_4h_to_h",
+                ),
+            ),
+            "resid_mid": Slot(
+                bias="self_attention.dense",
+                hook="self_attention",
+                read="post_attention_layernorm",
+                flags={"bias": True},
+                zero_biases=(
+                    "self_attention.query_key_value",
+                    "self_attention.dense",
+                    "mlp.dense_h_to_4h",
+                    "mlp.dense_4h_to_h",
+                ),
+                when={"parallel_attn": False, "new_decoder_architecture": False},
+            ),
         },
         notes="`bias: true` switches on every linear bias: the others are written as zeros.",
         vllm="tested (vLLM 0.32.0)",
@@ -285,9 +351,16 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("starcoder2",),
         blocks="model.layers",
         sites={
-            "resid_post": Slot(bias="mlp.c_proj", flags={"use_bias": True}, zero_biases=_QKVO + ("mlp.c_fc", "mlp.c_proj")),
-            "resid_mid": Slot(bias="self_attn.o_proj", hook="self_attn", read="post_attention_layernorm", flags={"use_bias": True},
-                              zero_biases=_QKVO + ("mlp.c_fc", "mlp.c_proj")),
+            "resid_post": Slot(
+                bias="mlp.c_proj", flags={"use_bias": True}, zero_biases=_QKVO + ("mlp.c_fc", "mlp.c_proj")
+            ),
+            "resid_mid": Slot(
+                bias="self_attn.o_proj",
+                hook="self_attn",
+                read="post_attention_layernorm",
+                flags={"use_bias": True},
+                zero_biases=_QKVO + ("mlp.c_fc", "mlp.c_proj"),
+            ),
         },
         vllm="tested (vLLM 0.32.0), via its Transformers backend",
         llama_cpp="loads it (source)",
@@ -297,7 +370,8 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("llama",),
         blocks="model.layers",
         sites=_llama_like(),
-        notes="Llama, SmolLM2/3 and other `llama` checkpoints: `mlp_bias` also creates gate/up biases, written as zeros.",
+        notes="Llama, SmolLM2/3 and other `llama` checkpoints: `mlp_bias` also creates gate/up biases, "
+        "written as zeros.",
         vllm="tested (vLLM 0.32.0)",
         llama_cpp="loads it (tested: convert_hf_to_gguf.py, then llama.cpp)",
     ),
@@ -315,8 +389,13 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("mistral",),
         blocks="model.layers",
         sites=_llama_like(),
-        relabel=Relabel(to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA, refuse=_sliding_window_reason,
-                        drop_keys=_SLIDING_KEYS),
+        relabel=Relabel(
+            to="llama",
+            architecture="LlamaForCausalLM",
+            why=_TO_LLAMA,
+            refuse=_sliding_window_reason,
+            drop_keys=_SLIDING_KEYS,
+        ),
         notes="Written as LlamaForCausalLM (same tensor names and computation).",
         vllm="tested (vLLM 0.32.0), as Llama",
         llama_cpp="loads it as Llama (source)",
@@ -326,8 +405,15 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("qwen2",),
         blocks="model.layers",
         sites=_llama_like(),
-        relabel=Relabel(to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA, refuse=_sliding_window_reason,
-                        drop_keys=_SLIDING_KEYS, set_keys={"attention_bias": True}, zero_biases=("self_attn.o_proj",)),
+        relabel=Relabel(
+            to="llama",
+            architecture="LlamaForCausalLM",
+            why=_TO_LLAMA,
+            refuse=_sliding_window_reason,
+            drop_keys=_SLIDING_KEYS,
+            set_keys={"attention_bias": True},
+            zero_biases=("self_attn.o_proj",),
+        ),
         notes="Written as LlamaForCausalLM with attention_bias (keeps the q/k/v biases; o_proj gets zeros).",
         vllm="tested (vLLM 0.32.0), as Llama",
         llama_cpp="loads it as Llama (source)",
@@ -338,16 +424,27 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites={
             "resid_post": Slot(bias="mlp.down_proj", flags={"mlp_bias": True}, zero_biases=_LLAMA_MLP),
-            "resid_mid": Slot(bias="self_attn.o_proj", hook="self_attn", read="post_attention_layernorm",
-                              flags={"attention_bias": True}, zero_biases=_QKVO),
+            "resid_mid": Slot(
+                bias="self_attn.o_proj",
+                hook="self_attn",
+                read="post_attention_layernorm",
+                flags={"attention_bias": True},
+                zero_biases=_QKVO,
+            ),
         },
         relabel=Relabel(
-            to="llama", architecture="LlamaForCausalLM", why=_TO_LLAMA + " once the fused projections are split",
-            refuse=_phi3_reason, drop_keys=_SLIDING_KEYS,
+            to="llama",
+            architecture="LlamaForCausalLM",
+            why=_TO_LLAMA + " once the fused projections are split",
+            refuse=_phi3_reason,
+            drop_keys=_SLIDING_KEYS,
             splits={
-                "self_attn.qkv_proj": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                                       lambda c: [n * head_dim(c) for n in (c.num_attention_heads, c.num_key_value_heads,
-                                                                             c.num_key_value_heads)]),
+                "self_attn.qkv_proj": (
+                    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                    lambda c: [
+                        n * head_dim(c) for n in (c.num_attention_heads, c.num_key_value_heads, c.num_key_value_heads)
+                    ],
+                ),
                 "mlp.gate_up_proj": (("mlp.gate_proj", "mlp.up_proj"), lambda c: [c.intermediate_size] * 2),
             },
         ),
@@ -435,14 +532,22 @@ def portability(family: Family) -> str:
 def portability_table(families: list[Family] | None = None) -> str:
     """docs/architectures.md's table (or a model card's rows), from this module's data (a test keeps it in step)."""
     rows = [
-        "| family (`model_type`) | after block L (`resid_post`) | after attention (`resid_mid`) | transformers | vLLM | llama.cpp (GGUF) |",
+        "| family (`model_type`) | after block L (`resid_post`) | after attention (`resid_mid`) "
+        "| transformers | vLLM | llama.cpp (GGUF) |",
         "|---|---|---|---|---|---|",
     ]
     for f in FAMILIES if families is None else families:
         stock = any(slot.bias for slot in f.sites.values())
-        transformers = ("tested, as `LlamaForCausalLM`" if f.relabel else "tested") if stock else "only with `trust_remote_code` (tested)"
+        transformers = (
+            ("tested, as `LlamaForCausalLM`" if f.relabel else "tested")
+            if stock
+            else "only with `trust_remote_code` (tested)"
+        )
         types = ", ".join(f"`{t}`" for t in f.model_types)
-        rows.append(f"| {f.name} ({types}) | {_slot_text(f, 'resid_post')} | {_slot_text(f, 'resid_mid')} | {transformers} | {f.vllm} | {f.llama_cpp} |")
+        rows.append(
+            f"| {f.name} ({types}) | {_slot_text(f, 'resid_post')} | {_slot_text(f, 'resid_mid')} "
+            f"| {transformers} | {f.vllm} | {f.llama_cpp} |"
+        )
     return "\n".join(rows)
 
 

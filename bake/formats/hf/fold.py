@@ -35,7 +35,9 @@ def block_prefix(ckpt: Checkpoint, family: Family) -> str:
         prefix = ".".join(parts[i:]) + ".0."
         if any(n.startswith(prefix) for n in names):
             return prefix[:-3]
-    raise BakeError(f"{str(ckpt.path)!r}: no tensor named {family.blocks}.0.*: is this really a {family.name} checkpoint?")
+    raise BakeError(
+        f"{str(ckpt.path)!r}: no tensor named {family.blocks}.0.*: is this really a {family.name} checkpoint?"
+    )
 
 
 def _relabel(plan: FoldPlan, family: Family, cfg, prefix: str) -> None:
@@ -43,12 +45,18 @@ def _relabel(plan: FoldPlan, family: Family, cfg, prefix: str) -> None:
     relabel = family.relabel
     reason = relabel.refuse(cfg)
     if reason:
-        raise BakeError(f"{family.name} has no bias slot and cannot be relabelled exactly as {relabel.architecture}: {reason}.")
+        raise BakeError(
+            f"{family.name} has no bias slot and cannot be relabelled exactly as {relabel.architecture}: {reason}."
+        )
     for key in relabel.drop_keys + ("auto_map",):
         plan.config.pop(key, None)
     plan.config.update(relabel.set_keys)
-    plan.config.update(model_type=relabel.to, architectures=[relabel.architecture],
-                       rope_parameters=cfg.rope_parameters, head_dim=head_dim(cfg))
+    plan.config.update(
+        model_type=relabel.to,
+        architectures=[relabel.architecture],
+        rope_parameters=cfg.rope_parameters,
+        head_dim=head_dim(cfg),
+    )
     for layer in range(cfg.num_hidden_layers):
         for fused, (parts, sizes) in relabel.splits.items():
             name = f"{prefix}.{layer}.{fused}.weight"
@@ -60,7 +68,12 @@ def _relabel(plan: FoldPlan, family: Family, cfg, prefix: str) -> None:
             plan.removed.add(name)
         for module in relabel.zero_biases:
             plan.add_zero_bias(f"{prefix}.{layer}.{module}")
-    plan.relabel = {"from": family.model_types[0], "to": relabel.to, "architecture": relabel.architecture, "why": relabel.why}
+    plan.relabel = {
+        "from": family.model_types[0],
+        "to": relabel.to,
+        "architecture": relabel.architecture,
+        "why": relabel.why,
+    }
 
 
 def plan_fold(
@@ -97,7 +110,10 @@ def plan_fold(
         exact = before + delta
         stored = exact.to(dtype)
         if not torch.isfinite(stored).all():
-            raise BakeError(f"folding {tensor_name(layer, site)} into {name} overflows {dtype}: lower the coefficient or use float32")
+            raise BakeError(
+                f"folding {tensor_name(layer, site)} into {name} overflows {dtype}: "
+                "lower the coefficient or use float32"
+            )
         (plan.changed if info is not None else plan.added)[name] = stored
         plan.records.append(
             {
@@ -129,7 +145,11 @@ def plan_fold(
 
 
 def fold_checkpoint(
-    source: Path, vectors: VectorSet, out: Path, out_dtype: torch.dtype | None = None, link: bool = False,
+    source: Path,
+    vectors: VectorSet,
+    out: Path,
+    out_dtype: torch.dtype | None = None,
+    link: bool = False,
     allow_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Write ``source`` with ``vectors`` baked in into the empty folder ``out``; never touches ``source``.
