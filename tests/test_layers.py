@@ -1,5 +1,5 @@
-"""The package layout's rules hold: the import-linter contracts of pyproject.toml, and a CLI that starts
-without torch."""
+"""The package layout's rules hold: the import-linter contracts of pyproject.toml, a CLI that starts without
+torch, and a tree that ruff passes."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def test_help_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"imported at --help: {done.stdout.strip()}"
+
+
+@pytest.mark.parametrize("check", [["check"], ["format", "--check"]], ids=["ruff-check", "ruff-format"])
+def test_ruff_is_clean(check):
+    """The code style of pyproject.toml's [tool.ruff] (120 columns; E, F, I, UP, B) holds for every file, so a
+    change that breaks it fails here with ruff's own report."""
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed: pip install 'bake[test]'")
+    done = subprocess.run([ruff, *check, "."], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
