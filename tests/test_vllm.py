@@ -3,7 +3,7 @@ model's, and differ from the unsteered base's (so a dropped bias fails).
 
 vLLM pins its own transformers, so it runs in a second environment (tests/setup_vllm.sh, at $BAKE_VLLM_VENV)
 through tests/vllm_runner.py: one process loads every baked model in turn. Without that environment every test
-here is skipped with the reason. The table's vLLM column (bake/architectures.py) must say what ran: "tested
+here is skipped with the reason. The table's vLLM column (bake/families/hf.py) must say what ran: "tested
 (vLLM <version>)" for each family run here, and "Transformers backend" exactly where vLLM chose that class.
 """
 
@@ -21,7 +21,7 @@ from test_architectures import EXACT, PROBES
 from transformers import AutoModelForCausalLM
 
 import bake
-from bake.architectures import FAMILIES, family_for
+from bake.families.hf import FAMILIES, family_for
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
 
