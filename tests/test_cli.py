@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner, Result
-from conftest import make_tokenizer, save_tiny, tree_digest
+from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 from safetensors.torch import save_file
 
 from bake.cli import main
@@ -121,23 +121,7 @@ def bigcode_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gemma2_model(tmp_path_factory) -> Path:
     """A tiny model of a family with no stock bias slot (post-norms around every sublayer)."""
-    from transformers import Gemma2Config
-
-    tok = make_tokenizer()
-    config = Gemma2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    return save_tiny(tmp_path_factory.mktemp("gemma2") / "gemma2", config)
+    return save_tiny(tmp_path_factory.mktemp("gemma2") / "gemma2", tiny_config("gemma2"))
 
 
 @pytest.fixture(scope="module")
