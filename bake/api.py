@@ -20,7 +20,7 @@ from bake.errors import BakeError
 from bake.evaluation.evaluate import Evaluator, build_data
 from bake.evaluation.sweep import choose_auto
 from bake.formats.base import BakeResult, FoldOptions, Inspection
-from bake.manifest import MANIFEST
+from bake.manifest import MANIFEST, GGUFManifest, Manifest
 from bake.recipe import EvaluateSpec, Recipe, VerifySpec, parse_recipe
 from bake.release import card
 from bake.sources.hub import download
@@ -105,26 +105,26 @@ def rebuild(
     folder = folder.parent if folder.name == MANIFEST else folder
     check_output(out, force, manifests.is_bake_folder, [folder])
     manifest = manifests.read(folder)
-    recorded = manifest.get("recipe")
+    recorded = manifest.recipe
     if not recorded:
         raise BakeError(
             f"{str(folder)!r} was baked from a vector file, not a recipe: rebuild it with "
-            f"bake fold {manifest['base']['spec']} {folder / manifest['vector_file']}"
+            f"bake fold {manifest.base.spec} {folder / manifest.vector_file}"
         )
-    base_dir = Path(recipe_dir or recorded["base_dir"])
+    base_dir = Path(recipe_dir or recorded.base_dir)
     if not base_dir.is_dir():
         raise BakeError(
             f"the recipe's folder {str(base_dir)!r} (where its data paths start) does not exist here: pass --recipe-dir"
         )
-    recipe = parse_recipe(recorded["text"], base_dir, where=f"{folder / MANIFEST} (recipe)")
+    recipe = parse_recipe(recorded.text, base_dir, where=f"{folder / MANIFEST} (recipe)")
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
-    if source.identity != manifest["base"]["identity"]:
+    if source.identity != manifest.base.identity:
         raise BakeError(
             f"model {recipe.model!r} is not the base this was baked from ({source.identity} here, "
-            f"{manifest['base']['identity']} recorded): use the same base model"
+            f"{manifest.base.identity} recorded): use the same base model"
         )
     vectors = compute_vectors(recipe)
-    for old, new in zip(manifest["vectors"]["entries"], vectors.meta["entries"]):
+    for old, new in zip(manifest.entries, vectors.meta["entries"]):
         for role, info in old["data"].items():
             now = new["data"][role]["sha256"]
             if now != info["sha256"]:
@@ -136,7 +136,7 @@ def rebuild(
         recipe.model,
         vectors,
         out,
-        FoldOptions.from_recipe(recipe, force=force, allow_remote_code=manifest["fold"]["remote_code"] is not None),
+        FoldOptions.from_recipe(recipe, force=force, allow_remote_code=manifest.fold.remote_code is not None),
     )
     files = {p.relative_to(d).as_posix() for d in (folder, Path(out)) for p in d.rglob("*") if p.is_file()} - {MANIFEST}
     differ = sorted(
@@ -173,21 +173,19 @@ def evaluate_checkpoint(
     folder = Path(path)
     require_safetensors(folder)
     manifest = manifests.read(folder)
-    recorded = manifest.get("recipe")
+    recorded = manifest.recipe
     recipe = (
-        parse_recipe(recorded["text"], Path(recorded["base_dir"]), where=f"{folder / MANIFEST} (recipe)")
+        parse_recipe(recorded.text, Path(recorded.base_dir), where=f"{folder / MANIFEST} (recipe)")
         if recorded
         else None
     )
     spec = recipe.evaluate if recipe else EvaluateSpec()
     spec = spec.model_copy(update={"tokens": tokens}) if tokens else spec
-    source = resolve_model(
-        manifest["base"]["spec"], recipe.revision if recipe else None, recipe.base_dir if recipe else None
-    )
-    if source.identity != manifest["base"]["identity"]:
+    source = resolve_model(manifest.base.spec, recipe.revision if recipe else None, recipe.base_dir if recipe else None)
+    if source.identity != manifest.base.identity:
         raise BakeError(
-            f"base model {manifest['base']['spec']!r} is not the one {str(folder)!r} was baked from "
-            f"({source.identity} here, {manifest['base']['identity']} recorded): evaluate where that base is available"
+            f"base model {manifest.base.spec!r} is not the one {str(folder)!r} was baked from "
+            f"({source.identity} here, {manifest.base.identity} recorded): evaluate where that base is available"
         )
     tokenizer = load_tokenizer(folder)
     base = load_model(source.path, dtype=torch.float32)
@@ -201,7 +199,7 @@ def evaluate_checkpoint(
         prompts,
         need_effect=False,
     )
-    vectors = VectorSet.load(folder / manifest["vector_file"])
+    vectors = VectorSet.load(folder / manifest.vector_file)
     with torch.random.fork_rng():
         torch.manual_seed(recipe.seed if recipe else 0)
         evaluator = Evaluator(base, tokenizer, data, list(vectors.vectors))
@@ -210,7 +208,7 @@ def evaluate_checkpoint(
         side: {k: v for k, v in f.items() if k != "replies"}
         for side, f in (("base", evaluator.base), ("steered", steered))
     }
-    manifest["evaluation"] = {
+    manifest.evaluation = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "headline": data.headline,
         "max_kl": spec.max_kl,
@@ -224,7 +222,7 @@ def evaluate_checkpoint(
         ],
     }
     _replace_files(folder, {MANIFEST: manifests.dumps(manifest), "README.md": card.render(manifest)})
-    return manifest["evaluation"]
+    return manifest.evaluation
 
 
 def _local(path: str, revision: str | None) -> Path:
@@ -234,13 +232,14 @@ def _local(path: str, revision: str | None) -> Path:
     return Path(path)
 
 
-def read_manifest(path: str, revision: str | None = None) -> dict[str, Any]:
-    """The manifest of a bake (a checkpoint folder, a steered .gguf, or a Hub repository id), unchecked."""
+def read_manifest(path: str, revision: str | None = None) -> Manifest | GGUFManifest:
+    """The manifest of a bake (a checkpoint folder, a steered .gguf, or a Hub repository id), validated but not
+    checked against the weights; ``.as_dict()`` gives it as ``bake.json`` holds it."""
     local = _local(path, revision)
     return formats.for_path(local).read(local)
 
 
-def verdict(path: str, revision: str | None = None) -> tuple[dict[str, Any], list[str]]:
+def verdict(path: str, revision: str | None = None) -> tuple[Manifest | GGUFManifest, list[str]]:
     """``bake inspect --json``: the manifest of ``path`` (folder, .gguf or Hub id) and every way the output no
     longer matches it; a manifest too incomplete to check is shown with why."""
     local = _local(path, revision)

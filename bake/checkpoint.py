@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -96,7 +97,7 @@ class TensorInfo:
     def torch_dtype(self) -> torch.dtype:
         return ST_DTYPES[self.dtype]
 
-    def copy_to(self, out) -> None:
+    def copy_to(self, out: BinaryIO | HashingWriter) -> None:
         """Stream this tensor's raw bytes into the open file ``out`` at its current position."""
         with open(self.file, "rb") as src:
             src.seek(self.start)
@@ -271,14 +272,49 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
+class HashingWriter:
+    """An open binary file that hashes every byte written through it: a shard's sha256 as it is written, with
+    no second read (``FileDigest`` for the manifest)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def digest(self) -> dict[str, Any]:
+        return {"sha256": self.sha256.hexdigest(), "size": self.size}
+
+
+def _copy_bytes(src: BinaryIO, out: BinaryIO | HashingWriter, n: int, what: Path) -> None:
+    """Copy ``n`` bytes from ``src`` (at its position) to ``out``, in bounded chunks."""
+    while n:
+        chunk = src.read(min(_COPY_CHUNK, n))
+        if not chunk:
+            raise _unreadable(what, "the file ended early (truncated)")
+        out.write(chunk)
+        n -= len(chunk)
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """sha256 and size of a file, read once in bounded chunks (a hard-linked shard, or a check of one)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+    return {"sha256": h.hexdigest(), "size": path.stat().st_size}
+
+
 def write_shard(
     dst: Path,
     items: list[tuple[str, TensorInfo | torch.Tensor]],
     metadata: dict[str, str],
-) -> int:
+) -> tuple[int, dict[str, Any]]:
     """Write one safetensors file; a ``TensorInfo`` item is copied as raw bytes from its source.
 
-    Returns the number of data bytes (for the index's ``total_size``).
+    Returns the number of data bytes (for the index's ``total_size``) and the file's digest.
     """
     header: dict = {"__metadata__": {"format": "pt", **metadata}}
     offset = 0
@@ -291,7 +327,8 @@ def write_shard(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    with open(dst, "wb") as out:
+    with open(dst, "wb") as f:
+        out = HashingWriter(f)
         out.write(struct.pack("<Q", len(blob)))
         out.write(blob)
         for _, item in items:
@@ -299,7 +336,29 @@ def write_shard(
                 item.copy_to(out)
             else:
                 out.write(_tensor_bytes(item))
-    return offset
+    return offset, out.digest()
+
+
+def _place_shard(src: Path, dst: Path, link: bool, edits: list[tuple[TensorInfo, torch.Tensor]]) -> dict[str, Any]:
+    """``dst`` as ``src`` with each edited tensor's bytes overwritten (same dtype and shape, so the same byte ranges:
+    header, order and metadata unchanged), in one hashing pass; an unedited shard is hard-linked when ``link``
+    allows (then hashed by reading it once). Returns its digest."""
+    if link and not edits:
+        try:
+            os.link(src, dst)
+            return file_digest(dst)
+        except OSError:  # another filesystem, or links not supported
+            pass
+    with open(src, "rb") as fin, open(dst, "wb") as f:
+        out = HashingWriter(f)
+        position = 0
+        for info, tensor in sorted(edits, key=lambda e: e[0].start):
+            _copy_bytes(fin, out, info.start - position, src)
+            out.write(_tensor_bytes(tensor))
+            fin.seek(info.end)
+            position = info.end
+        _copy_bytes(fin, out, os.fstat(fin.fileno()).st_size - position, src)
+    return out.digest()
 
 
 def write_checkpoint(
@@ -311,7 +370,7 @@ def write_checkpoint(
     cast: torch.dtype | None = None,
     removed: set[str] = frozenset(),
     link: bool = False,
-) -> tuple[dict[str, str], list[str]]:
+) -> tuple[dict[str, str], list[str], dict[str, dict[str, Any]]]:
     """Write ``src`` into the (empty) folder ``dst`` with tensors replaced, added and removed.
 
     Shards with no replaced or removed tensor (and no ``cast``) are copied byte for byte,
@@ -321,7 +380,8 @@ def write_checkpoint(
     With ``link``, unchanged shards are hard-linked instead of copied where the filesystem allows
     (the output then shares those files with the source: replace, never edit, them).
     Returns where each source shard went (the single file is renamed when an extra
-    shard joins it) and the output shards that were rewritten or patched.
+    shard joins it), the output shards that were rewritten or patched, and every output shard's sha256 and
+    size, hashed as it was written.
     """
     unknown = sorted((set(changed) | set(removed)) - set(src.names()))
     if unknown:
@@ -330,6 +390,7 @@ def write_checkpoint(
     total = 0
     rewritten = []
     placed = {}
+    digests = {}
     for shard, infos in src.shards.items():
         out_name = placed[shard] = RENAMED_SINGLE if (added and not src.indexed) else shard
         needs_cast = cast is not None and any(
@@ -339,9 +400,9 @@ def write_checkpoint(
         if not needs_cast and not removed & infos.keys() and all(_same_layout(infos[n], changed[n]) for n in touched):
             # Unchanged, or only same-sized tensors replaced: the original file with those bytes
             # overwritten, so header, order and metadata stay exactly as they were.
-            place_copy(src.path / shard, dst / out_name, link and not touched)
+            edits = [(infos[n], changed[n]) for n in touched]
+            digests[out_name] = _place_shard(src.path / shard, dst / out_name, link, edits)
             if touched:
-                _patch(dst / out_name, [(infos[n], changed[n]) for n in touched])
                 rewritten.append(out_name)
             total += sum(i.end - i.start for i in infos.values())
         else:
@@ -355,33 +416,27 @@ def write_checkpoint(
                     items.append((name, info.read().to(cast)))
                 else:
                     items.append((name, info))
-            total += write_shard(dst / out_name, items, src.metadata[shard])
+            size, digests[out_name] = write_shard(dst / out_name, items, src.metadata[shard])
+            total += size
             rewritten.append(out_name)
         weight_map.update({name: out_name for name in infos if name not in removed})
     if added:
         clash = sorted(set(added) & weight_map.keys())
         if clash:
             raise ValueError(f"adding tensors that already exist: {clash[:3]}")
-        total += write_shard(dst / EXTRA_SHARD, sorted(added.items()), {})
+        size, digests[EXTRA_SHARD] = write_shard(dst / EXTRA_SHARD, sorted(added.items()), {})
+        total += size
         weight_map.update({name: EXTRA_SHARD for name in added})
         rewritten.append(EXTRA_SHARD)
     if src.indexed or added:
         index = {"metadata": {**src.index_meta, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return placed, rewritten
+    return placed, rewritten, digests
 
 
 def _same_layout(info: TensorInfo, tensor: torch.Tensor) -> bool:
     return info.torch_dtype == tensor.dtype and info.shape == tuple(tensor.shape)
-
-
-def _patch(path: Path, edits: list[tuple[TensorInfo, torch.Tensor]]) -> None:
-    """Overwrite tensors in place in a copied shard (same dtype and shape, so the same byte ranges)."""
-    with open(path, "r+b") as f:
-        for info, tensor in edits:
-            f.seek(info.start)
-            f.write(_tensor_bytes(tensor))
 
 
 def place_copy(src: Path, dst: Path, link: bool = False) -> None:

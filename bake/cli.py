@@ -18,6 +18,10 @@ import click
 from bake.errors import BakeError, OutputExists
 
 if TYPE_CHECKING:
+    from types import FrameType
+
+    from bake.evaluation.sweep import Report as SweepReport
+    from bake.manifest import GGUFManifest, Manifest
     from bake.recipe import Recipe
 
 # Exit codes: 0 done; 1 bad input (BakeError) or a check that failed (verification, inspect); 2 usage error
@@ -32,7 +36,7 @@ class _Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so staging is removed exactly as on Ctrl-C."""
 
 
-def _on_sigterm(signum: int, frame) -> None:
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
 
 
@@ -131,11 +135,11 @@ def _side_by_side(samples: list[tuple[str, str, str]], labels: tuple[str, str] =
     return "\n".join(lines)
 
 
-def _warn_not_portable(manifest: dict) -> None:
+def _warn_not_portable(manifest: Manifest | GGUFManifest) -> None:
     """After writing a constant-bias module (--allow-remote-code): say how it loads, and where it does not."""
-    module = manifest.get("fold", {}).get("remote_code")  # a GGUF bake has no "fold" record
-    if module:
-        click.echo(f"NOTE: {module['class']} is {module['note']} (see docs/remote-code.md)")
+    fold = getattr(manifest, "fold", None)  # a GGUF bake has no fold record
+    if fold is not None and fold.remote_code:
+        click.echo(f"NOTE: {fold.remote_code.class_name} is {fold.remote_code.note} (see docs/remote-code.md)")
 
 
 def _with_collection(recipe: Recipe, streaming: bool) -> Recipe:
@@ -227,7 +231,7 @@ def run(
         allow_remote_code=allow_remote_code,
         output_format=output_format,
     )
-    click.echo(entry_table(result.manifest["vectors"]["entries"]))
+    click.echo(entry_table(result.manifest.entries))
     click.echo(for_path(result.path).describe(result.verification))
     if result.preview:
         click.echo("\n" + _side_by_side(result.preview))
@@ -417,7 +421,7 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
 
     if as_json:
         manifest, problems = api.verdict(path, revision)
-        click.echo(json.dumps({"matches_manifest": not problems, "problems": problems, "manifest": manifest}, indent=2))
+        click.echo(_inspect_json(manifest, problems))
         if problems:
             raise SystemExit(1)
         return
@@ -427,9 +431,11 @@ def inspect(path: str, revision: str | None, as_json: bool) -> None:
         raise SystemExit(1)
 
 
-def _inspect_json(manifest: dict, problems: list[str]) -> str:
-    """The manifest with inspect's verdict beside it, so a script reads the same answer as the exit code."""
-    return json.dumps({"matches_manifest": not problems, "problems": problems, "manifest": manifest}, indent=2)
+def _inspect_json(manifest: Manifest | GGUFManifest, problems: list[str]) -> str:
+    """The manifest with inspect's verdict beside it, so a script reads the same answer as the exit code
+    (``unverified``: what could not be checked, e.g. an older bake's weights without recorded hashes)."""
+    verdict = {"matches_manifest": not problems, "problems": problems, "unverified": manifest.unverified()}
+    return json.dumps({**verdict, "manifest": manifest.as_dict()}, indent=2)
 
 
 @main.command()
@@ -459,6 +465,8 @@ def push(
     if dry_run:
         click.echo(plan.describe())
         return
+    for note in plan.unverified:
+        click.echo(f"NOTE: {note}")
     pushed = hub.push(plan)
     click.echo(
         f"pushed {len(plan.files)} files to {pushed['url']} ({branch}) as commit {pushed['commit'][:12]}"
@@ -480,12 +488,15 @@ def unbake(path: str, output: str, link: bool, force: bool) -> None:
     Example:
       bake unbake out/cheerful -o out/base
     """
+    from bake import manifest as manifests  # startup
     from bake.formats.hf.undo import unbake as undo  # startup
 
     restored = undo(path, output, force=force, link=link)
     click.echo(f"wrote {output}: the checkpoint {path} was baked from")
+    for note in manifests.read(path).unverified():  # an older bake: its other weights could not be checked
+        click.echo(f"NOTE: {note}")
     if restored is not None:
-        click.echo(f"it is itself baked ({len(restored.get('history', [])) + 1} layer(s) left): bake inspect {output}")
+        click.echo(f"it is itself baked ({len(restored.history) + 1} layer(s) left): bake inspect {output}")
 
 
 @main.command()
@@ -528,7 +539,7 @@ def _numbers(kind: type, option: str, text: str | None) -> list | None:
     return values
 
 
-def _print_report(report) -> None:
+def _print_report(report: SweepReport) -> None:
     click.echo(report.table)
     for note in report.notes:
         click.echo(f"note: {note}")

@@ -128,7 +128,7 @@ def test_family_bakes_exactly(tmp_path, case, dtype, atol):
     assert (written["architectures"] == ["TransformersForCausalLM"]) == (model_type in ("qwen3", "gemma")), written
     if relabelled:
         assert type(baked).__name__ == "LlamaForCausalLM" and written["model_type"] == "llama"
-        assert result.manifest["fold"]["relabel"]["from"] == model_type
+        assert result.manifest.fold.relabel["from"] == model_type
         card = (tmp_path / "out" / "README.md").read_text()
         assert "## Architecture relabelled" in card and f"`{model_type}` model" in card and "`LlamaForCausalLM`" in card
     else:

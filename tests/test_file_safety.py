@@ -318,7 +318,7 @@ def test_two_concurrent_folds_to_one_output_one_wins(world):
     loser = next(err for code, err in results if code == 1)
     assert len(_error_lines(loser)) == 1, loser
     assert any(w in loser for w in ("already exists", "was created by another run", "another bake run")), loser
-    assert bake.manifest.read(out)["format"] == "bake-manifest/1"
+    assert bake.manifest.read(out).format == "bake-manifest/1"
     no_staging(world["tmp"])
 
 

@@ -97,8 +97,8 @@ def test_sharded_source_rewrites_only_what_changes(tmp_path, model_type):
 
 @pytest.mark.parametrize("kernel", ["used", "refused", "missing"])
 def test_copies_are_byte_identical_with_or_without_copy_file_range(tmp_path, monkeypatch, kernel):
-    """The fold copies with os.copy_file_range as cp does; where the kernel refuses it (EXDEV, ENOSYS) or the
-    platform has none, the streamed copy must give the same bytes."""
+    """The fold copies side files with os.copy_file_range as cp does (shards stream through one hashing pass);
+    where the kernel refuses it (EXDEV, ENOSYS) or the platform has none, the streamed copy gives the same bytes."""
     import os
 
     src = save_tiny(tmp_path / "src", tiny_config("llama"), max_shard_size="20KB")

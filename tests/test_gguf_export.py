@@ -102,14 +102,14 @@ def test_run_writes_a_verified_gguf_in_one_step(baked):
     assert f"wrote {baked['path']}" in out
     assert sorted(p.name for p in baked["path"].parent.iterdir()) == ["recipe.yaml", "steered.gguf"]  # no staging left
     manifest, _ = gguf_export.read_manifest(baked["path"])
-    assert manifest["verification"]["passed"]
-    assert (manifest["verification"]["llama_cpp"] or {}).get("passed") is (True if HAVE_LLAMA_CPP else None)
-    assert [(b["tensor"], b["had_bias"]) for b in manifest["biases"]] == [
+    assert manifest.verification["passed"]
+    assert (manifest.verification["llama_cpp"] or {}).get("passed") is (True if HAVE_LLAMA_CPP else None)
+    assert [(b.tensor, b.had_bias) for b in manifest.biases] == [
         ("blk.9.attn_output.bias", False),
         ("blk.15.ffn_down.bias", False),
     ]
-    assert [e["name"] for e in manifest["vectors"]["entries"]] == ["cheerful", "gloomy"]
-    assert manifest["base"]["sha256"] == sha256(baked["source"])
+    assert [e["name"] for e in manifest.entries] == ["cheerful", "gloomy"]
+    assert manifest.base.sha256 == sha256(baked["source"])
 
 
 def test_every_original_byte_is_kept(readers):
@@ -149,7 +149,7 @@ def test_biases_are_the_vectors(baked, readers):
     assert np.array_equal(tensors["blk.15.ffn_down.bias"], vectors["layer.15"])
     assert np.array_equal(tensors["blk.9.attn_output.bias"], vectors["layer.9.mid"])
     manifest, _ = gguf_export.read_manifest(baked["path"])
-    norms = {e["layer"]: e["norm"] for e in manifest["vectors"]["entries"]}
+    norms = {e["layer"]: e["norm"] for e in manifest.entries}
     assert np.linalg.norm(vectors["layer.15"]) == pytest.approx(norms[15], rel=1e-5)
     assert np.linalg.norm(vectors["layer.9.mid"]) == pytest.approx(norms[9], rel=1e-5)
 

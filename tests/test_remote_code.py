@@ -174,8 +174,8 @@ def test_without_trust_remote_code_transformers_loads_the_stock_class_unsteered(
         assert info["unexpected_keys"] == {"model.layers.2.bake_steering"}
         with torch.no_grad():
             assert torch.equal(model.eval()(input_ids=ids).logits, _plain_logits(src, ids).to(model.dtype))
-    module = result.manifest["fold"]["remote_code"]
-    assert result.manifest["portable"] is False and module["portable"] is False
+    module = result.manifest.fold.remote_code
+    assert result.manifest.portable is False and module.portable is False
     assert "NOT steered" in module["without_trust_remote_code"]
     card = (out / "README.md").read_text()
     for words in (
@@ -237,7 +237,7 @@ def test_remote_code_only_where_no_stock_slot_exists(tmp_path, tiny_models):
     llama = bake.fold(
         str(tiny_models["llama"]), _vectors([(1, "resid_post")]), tmp_path / "llama", allow_remote_code=True
     )
-    assert llama.manifest["fold"]["remote_code"] is None and llama.manifest["portable"] is True
+    assert llama.manifest.fold.remote_code is None and llama.manifest.portable is True
     assert not (tmp_path / "llama" / "modeling_bake.py").exists()
     assert "auto_map" not in json.loads((tmp_path / "llama" / "config.json").read_text())
 
@@ -247,7 +247,7 @@ def test_remote_code_only_where_no_stock_slot_exists(tmp_path, tiny_models):
         bake.fold(str(src), vectors, tmp_path / "refused")
     result = bake.fold(str(src), vectors, tmp_path / "qwen3-out", allow_remote_code=True)
     assert result.verification["passed"] and result.verification["max_abs_logit_diff"] <= 1e-5
-    tensors = {b["tensor"]: b.get("remote_code", False) for b in result.manifest["fold"]["biases"]}
+    tensors = {b.tensor: getattr(b, "remote_code", False) for b in result.manifest.fold.biases}
     assert tensors == {"model.layers.1.self_attn.o_proj.bias": False, "model.layers.2.bake_steering": True}
 
 
@@ -349,8 +349,8 @@ def _real_gemma3(gemma3_gguf: Path, tmp_path: Path) -> None:
     result = bake.run(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out")
     ver = result.verification
     assert ver["passed"] and ver["max_abs_logit_diff"] <= 1e-3 and ver["steering_present"], ver
-    assert result.manifest["fold"]["family"] == "Gemma 3" and result.manifest["portable"] is False
-    assert result.manifest["fold"]["remote_code"]["class"] == "BakeSteeredGemma3ForCausalLM"
+    assert result.manifest.fold.family == "Gemma 3" and result.manifest.portable is False
+    assert result.manifest.fold.remote_code.class_name == "BakeSteeredGemma3ForCausalLM"
     source = resolve_model(str(gemma3_gguf)).path  # the cached dequantized folder
     assert filecmp.cmp(tmp_path / "out" / RENAMED_SINGLE, source / "model.safetensors", shallow=False)
 

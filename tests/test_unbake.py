@@ -82,9 +82,9 @@ def test_stacked_bakes_keep_history_and_unbake_one_layer_at_a_time(tmp_path, tin
     first, second = _vectors(8), _vectors(9, [(1, "resid_post"), (3, "resid_post")])
     bake.fold(str(src), first, tmp_path / "one")
     result = bake.fold(str(tmp_path / "one"), second, tmp_path / "two")
-    history = result.manifest["history"]
-    assert len(history) == 1 and history[0]["base"]["spec"] == str(src)
-    assert "history" not in history[0]
+    history = result.manifest.history
+    assert len(history) == 1 and history[0].base.spec == str(src)
+    assert "history" not in history[0].as_dict()
     # The second layer adds to the first: the bias at layer 1 carries both vectors.
     tensors = {}
     for shard in (tmp_path / "two").glob("*.safetensors"):
@@ -100,7 +100,7 @@ def test_stacked_bakes_keep_history_and_unbake_one_layer_at_a_time(tmp_path, tin
     assert inspect.exit_code == 0, inspect.output
 
     restored = bake.unbake(tmp_path / "two", tmp_path / "back-to-one")
-    assert restored is not None and restored["history"] == []
+    assert restored is not None and restored.history == []
     assert tree_digest(tmp_path / "back-to-one") == tree_digest(tmp_path / "one")
     assert bake.unbake(tmp_path / "back-to-one", tmp_path / "back-to-base") is None
     assert tree_digest(tmp_path / "back-to-base") == tree_digest(src)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from bake.manifest import GGUFManifest, Manifest
 from bake.recipe import Collection, PreviewSpec, Recipe, VerifySpec
 from bake.vectorfile import VectorSet
 
@@ -58,19 +59,19 @@ class BakeResult:
     """What a fold produced: where, the manifest, and (with a preview) base vs steered samples."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest | GGUFManifest
     preview: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def verification(self) -> dict[str, Any]:
-        return self.manifest["verification"]
+        return self.manifest.verification
 
 
 @dataclass
 class Inspection:
     """``bake inspect``: the manifest, a readable report, and every way the output no longer matches it."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest | GGUFManifest
     report: str
     problems: list[str]
 
@@ -89,10 +90,10 @@ class Format(Protocol):
     def fold(self, model: str, vectors: VectorSet, out: Path, options: FoldOptions) -> BakeResult:
         """Write ``model`` with ``vectors`` baked in to ``out``, verified, staged and renamed into place."""
 
-    def read(self, path: Path) -> dict[str, Any]:
+    def read(self, path: Path) -> Manifest | GGUFManifest:
         """The manifest of a bake in this format."""
 
-    def check(self, path: Path) -> tuple[dict[str, Any], list[str]]:
+    def check(self, path: Path) -> tuple[Manifest | GGUFManifest, list[str]]:
         """The manifest, and every way the output no longer matches it (or why it cannot be checked)."""
 
     def inspect(self, path: Path) -> Inspection:

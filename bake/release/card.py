@@ -3,42 +3,42 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from bake.families.hf import family_named, portability_table
+from bake.manifest import Manifest, RemoteCode
 from bake.recipe import LABELS
 
 TAGS = ["steering", "bake", "activation-steering"]
 REMOTE_TAGS = ["custom_code"]  # the Hub's tag for repositories whose model needs trust_remote_code
 
 
-def _remote_block(remote: dict[str, Any]) -> str:
+def _remote_block(remote: RemoteCode) -> str:
     """The warning a constant-bias-module checkpoint carries at the top of its card."""
-    engines = f"{', '.join(remote['not_applied_by'][:-1])} and {remote['not_applied_by'][-1]}"
+    engines = f"{', '.join(remote.not_applied_by[:-1])} and {remote.not_applied_by[-1]}"
     return f"""
 > **Not portable.** This checkpoint loads only with `trust_remote_code=True` in
 > transformers: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
-> Without it, transformers loads the stock `{remote["base_architecture"]}`, lists the
+> Without it, transformers loads the stock `{remote.base_architecture}`, lists the
 > `bake_steering` tensors as unexpected keys and runs the model **unsteered**.
 > {engines} will not apply the steering: do not serve this checkpoint with them.
 
-{remote["why"]} The vectors are therefore carried by a small constant-bias module:
-`{remote["file"]}` (sha256 `{remote["sha256"][:16]}…`, written by bake) defines
-`{remote["class"]}`, the stock `{remote["base_architecture"]}` plus one buffer
+{remote.why} The vectors are therefore carried by a small constant-bias module:
+`{remote.file}` (sha256 `{remote.sha256[:16]}…`, written by bake) defines
+`{remote.class_name}`, the stock `{remote.base_architecture}` plus one buffer
 `bake_steering` per steering point, added by a forward hook to the output of the module
 that joins the residual stream there (`config.json` → `bake_steering` says where). Every
 original weight is unchanged; the buffers are extra tensors in `model-bake-steering.safetensors`.
 """
 
 
-def _vector_rows(manifest: dict[str, Any]) -> list[str]:
+def _vector_rows(manifest: Manifest) -> list[str]:
     rows = [
         "| name | layer | site | method | coefficient | norm | norm / mean residual norm |",
         "|---|---|---|---|---|---|---|",
     ]
-    for e in manifest["vectors"].get("entries", []):
+    for e in manifest.entries:
         rows.append(
             f"| {e['name']} | {e['layer']} | {e['site']} | {e['method']} | {e['coefficient']:g} | {e['norm']:.3g} | "
             f"{e['relative_norm']:.3g} |"
@@ -46,10 +46,10 @@ def _vector_rows(manifest: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _data_rows(manifest: dict[str, Any]) -> list[str]:
+def _data_rows(manifest: Manifest) -> list[str]:
     """Every text set a vector was measured on: enough to tell whether a rebuild used the same data."""
     rows = ["| vector | role | source | texts | tokens counted | sha256 |", "|---|---|---|---|---|---|"]
-    for e in manifest["vectors"].get("entries", []):
+    for e in manifest.entries:
         for role, info in e["data"].items():
             source = "sampled from the model" if info["kind"] == "model-sample" else info["kind"]
             rows.append(
@@ -59,9 +59,9 @@ def _data_rows(manifest: dict[str, Any]) -> list[str]:
     return rows
 
 
-def _evaluation_block(manifest: dict[str, Any]) -> str:
-    """The figures of ``bake eval`` (manifest["evaluation"]), when it was run."""
-    ev = manifest.get("evaluation")
+def _evaluation_block(manifest: Manifest) -> str:
+    """The figures of ``bake eval`` (``manifest.evaluation``), when it was run."""
+    ev = manifest.evaluation
     if not ev:
         return ""
     fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
@@ -75,14 +75,13 @@ def _evaluation_block(manifest: dict[str, Any]) -> str:
     )
 
 
-def _history_block(manifest: dict[str, Any]) -> str:
-    history = manifest.get("history") or []
-    if not history:
+def _history_block(manifest: Manifest) -> str:
+    if not manifest.history:
         return ""
     rows = [
-        f"{i + 1}. {', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'} "
-        f"(baked {h['created']}, layers {', '.join(str(b['layer']) for b in h['fold']['biases'])})"
-        for i, h in enumerate(history)
+        f"{i + 1}. {', '.join(e['name'] for e in h.entries) or 'a vector file'} "
+        f"(baked {h.created}, layers {', '.join(str(b.layer) for b in h.fold.biases)})"
+        for i, h in enumerate(manifest.history)
     ]
     return (
         "\n## History\n\nThis checkpoint was baked on top of an already baked one; earlier bakes, oldest first:\n\n"
@@ -91,7 +90,7 @@ def _history_block(manifest: dict[str, Any]) -> str:
     )
 
 
-def _loading_block(repo: str, family_name: str, remote: dict[str, Any] | None) -> str:
+def _loading_block(repo: str, family_name: str, remote: RemoteCode | None) -> str:
     """How to run it in transformers, vLLM and llama.cpp, as far as each applies the steering."""
     if remote:
         return f"""```python
@@ -144,25 +143,25 @@ def _where_it_runs(family_name: str) -> str:
     )
 
 
-def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
+def render(manifest: Manifest, repo_id: str | None = None) -> str:
     """README.md text: YAML front-matter for the Hub, then what was steered, on what data, how it was checked
     and how to run it (``repo_id``: the Hub repository it is pushed to, for the loading snippets)."""
-    base = manifest["base"]
-    fold = manifest["fold"]
-    remote = fold.get("remote_code")
+    base = manifest.base
+    fold = manifest.fold
+    remote = fold.remote_code
     data = ModelCardData(
-        base_model=base.get("base_model_id"),
-        license=base.get("license"),
+        base_model=base.base_model_id,
+        license=base.license,
         tags=TAGS + (REMOTE_TAGS if remote else []),
         library_name="transformers",
         pipeline_tag="text-generation",
     )
-    ver = manifest["verification"]
-    biases = "\n".join(f"- `{b['tensor']}` ← vector `{b['vector']}` (norm {b['norm']:.4g})" for b in fold["biases"])
-    changes = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in fold["config_changes"].items()) or "none"
-    if fold.get("config_removed"):
-        changes += "; removed: " + ", ".join(f"`{k}`" for k in fold["config_removed"])
-    relabel = fold.get("relabel")
+    ver = manifest.verification
+    biases = "\n".join(f"- `{b.tensor}` ← vector `{b.vector}` (norm {b.norm:.4g})" for b in fold.biases)
+    changes = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in fold.config_changes.items()) or "none"
+    if fold.config_removed:
+        changes += "; removed: " + ", ".join(f"`{k}`" for k in fold.config_removed)
+    relabel = fold.relabel
     relabel_block = (
         f"\n## Architecture relabelled\n\nThe base model is a `{relabel['from']}` model. "
         f"{relabel['why'][0].upper()}{relabel['why'][1:]}, so this checkpoint is written as "
@@ -174,7 +173,7 @@ def render(manifest: dict[str, Any], repo_id: str | None = None) -> str:
     if remote:
         intro = f"""This checkpoint has activation-steering vectors **baked into it** by
 [bake](https://pypi.org/project/bake/): a constant vector added to the residual
-stream. Its family ({fold["family"]}) has no stock bias that could carry it, so it
+stream. Its family ({fold.family}) has no stock bias that could carry it, so it
 needs the small module below and `trust_remote_code=True`.
 {_remote_block(remote)}"""
         loader = "`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`"
@@ -182,19 +181,19 @@ needs the small module below and `trust_remote_code=True`.
         intro = f"""This checkpoint has activation-steering vectors **folded into its weights** by
 [bake](https://pypi.org/project/bake/): a constant vector added to the residual
 stream, stored as a bias. It needs no hooks, no extra code and no
-`trust_remote_code`; it loads and runs like its base model ({fold["family"]} family)."""
+`trust_remote_code`; it loads and runs like its base model ({fold.family} family)."""
         loader = "plain `AutoModelForCausalLM.from_pretrained`"
     zero_block = (
         ""
-        if remote and not fold["zero_biases_added"]
+        if remote and not fold.zero_biases_added
         else (
-            f" {fold['zero_biases_added']} zero bias tensors were\nadded because that flag makes loaders create them "
+            f" {fold.zero_biases_added} zero bias tensors were\nadded because that flag makes loaders create them "
             "(zeros, not uninitialised memory)."
         )
     )
-    recipe = manifest.get("recipe")
-    recipe_block = f"\n## Recipe\n\n```yaml\n{recipe['text'].rstrip()}\n```\n" if recipe else ""
-    entries = manifest["vectors"].get("entries", [])
+    recipe = manifest.recipe
+    recipe_block = f"\n## Recipe\n\n```yaml\n{recipe.text.rstrip()}\n```\n" if recipe else ""
+    entries = manifest.entries
     data_block = (
         (
             "\n## Data\n\nWhat each vector was measured on (sha256 over the texts, in order):\n\n"
@@ -205,7 +204,7 @@ stream, stored as a bias. It needs no hooks, no extra code and no
         else ""
     )
     body = f"""
-# Steered {base.get("base_model_id") or base["spec"]}
+# Steered {base.base_model_id or base.spec}
 
 {intro}
 
@@ -239,16 +238,17 @@ and compared with the base model steered by forward hooks, in {ver["dtype"]}:
 {_evaluation_block(manifest)}{_history_block(manifest)}
 ## Where the steering loads
 
-{_where_it_runs(fold["family"])}
+{_where_it_runs(fold.family)}
 
 ## How to load
 
-{_loading_block(repo_id or "PATH_OR_REPO_ID", fold["family"], remote)}{recipe_block}
+{_loading_block(repo_id or "PATH_OR_REPO_ID", fold.family, remote)}{recipe_block}
 ## Provenance
 
 `bake.json` holds the recipe, the base model's identity, data hashes, package
 versions and every figure above; `bake/vectors.safetensors` holds the exact
-vectors. `bake inspect` checks the weights against both (it reports any edited
-bias), and `bake unbake` restores the base model bit for bit from `bake/undo/`.
+vectors, and the sha256 of every weight file. `bake inspect` checks the weights
+against them (it names any edited file or bias), and `bake unbake` restores the
+base model bit for bit from `bake/undo/`.
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").content

@@ -32,6 +32,8 @@ class PushPlan:
     files: dict[str, Path]
     card_text: str
     pushed: dict[str, Any] = field(default_factory=dict)
+    unverified: list[str] = field(default_factory=list)
+    """What the check before the push could not verify (an older bake recorded no file hashes)."""
 
     def describe(self) -> str:
         where = f"{ENDPOINT}/{self.repo_id} (branch {self.branch}{', private' if self.private else ''})"
@@ -42,6 +44,7 @@ class PushPlan:
         ]
         if self.tag:
             lines.append(f"then tag that commit {self.tag!r}")
+        lines += [f"NOTE: {n}" for n in self.unverified]
         from huggingface_hub import get_token
 
         if not get_token():  # reads HF_TOKEN or the login file only: a dry run contacts nothing
@@ -85,10 +88,9 @@ def plan_push(
     hidden = [name for name in files if any(part.startswith(".") for part in name.split("/"))]
     for name in hidden:  # editor or OS leftovers, never part of a release
         del files[name]
-    entries = manifest["vectors"].get("entries", [])
     default_message = (
-        f"bake: {', '.join(e['name'] for e in entries) or 'steering'} on "
-        f"{manifest['base'].get('base_model_id') or manifest['base']['spec']}"
+        f"bake: {', '.join(e['name'] for e in manifest.entries) or 'steering'} on "
+        f"{manifest.base.base_model_id or manifest.base.spec}"
     )
     return PushPlan(
         folder,
@@ -99,6 +101,7 @@ def plan_push(
         commit_message or default_message,
         files,
         card.render(manifest, repo_id=repo_id),
+        unverified=manifest.unverified(),
     )
 
 

@@ -30,7 +30,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -42,10 +42,22 @@ from bake.families.hf import Site
 from bake.formats.base import BakeResult
 from bake.formats.gguf import llamacpp
 from bake.gguffile import gguf_value, is_gguf, read_gguf
-from bake.manifest import GGUFManifest, package_versions, validate
+from bake.manifest import (
+    BiasRecord,
+    GGUFBase,
+    GGUFCopied,
+    GGUFManifest,
+    RecipeRecord,
+    dumps,
+    package_versions,
+    validate,
+)
 from bake.recipe import Recipe, VerifySpec
 from bake.sources.resolve import package_file, resolve_model, sha256_file
 from bake.vectorfile import VectorSet, tensor_name
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderField
 
 MANIFEST_KEY = "bake.manifest"
 VERIFICATION_KEY = "bake.verification"
@@ -75,12 +87,12 @@ def gguf_file(spec: str, base_dir: Path | None = None) -> Path:
     return path
 
 
-def _kv_fields(reader) -> list:
+def _kv_fields(reader: GGUFReader) -> list:
     """The file's own key-value entries in file order (the reader lists the header counts as fields too)."""
     return list(reader.fields.values())[3:]
 
 
-def _end(f) -> int:
+def _end(f: ReaderField) -> int:
     return f.offset + sum(int(p.nbytes) for p in f.parts)
 
 
@@ -108,7 +120,7 @@ def bias_value(original: np.ndarray | None, vector: np.ndarray, scale: float) ->
     return (before + (v / scale if scale != 1.0 else v)).numpy()
 
 
-def _refuse_steered(reader, where: str) -> None:
+def _refuse_steered(reader: GGUFReader, where: str) -> None:
     if reader.fields.get(MANIFEST_KEY) is not None:
         raise BakeError(
             f"{where} already carries bake steering: bake the original GGUF instead (stacking is not supported)"
@@ -132,7 +144,7 @@ def check_points(model: str, points: list[tuple[int, Site]], base_dir: Path | No
         bias_name(arch, layer, site, lambda key: gguf_value(reader, f"{arch}.{key}"), where)
 
 
-def plan(reader, vectors: VectorSet, where: str) -> tuple[str, list[_Bias]]:
+def plan(reader: GGUFReader, vectors: VectorSet, where: str) -> tuple[str, list[_Bias]]:
     """Every bias to write for ``vectors``, checked against the file's architecture, size and depth."""
     _refuse_steered(reader, where)
     arch = gguf_value(reader, "general.architecture")
@@ -201,7 +213,7 @@ def _pad(n: int, alignment: int) -> int:
     return -n % alignment
 
 
-def _digests(reader, kv_count: int, tensor_count: int, skip: set[str]) -> dict[str, str]:
+def _digests(reader: GGUFReader, kv_count: int, tensor_count: int, skip: set[str]) -> dict[str, str]:
     """sha256 of the original metadata entries, tensor descriptions and tensor data (the biases bake rewrote
     excepted)."""
     data = reader.data
@@ -218,7 +230,7 @@ def _digests(reader, kv_count: int, tensor_count: int, skip: set[str]) -> dict[s
     }
 
 
-def _copy_range(src, out, start: int, end: int) -> None:
+def _copy_range(src: BinaryIO, out: BinaryIO, start: int, end: int) -> None:
     src.seek(start)
     remaining = end - start
     while remaining:
@@ -229,14 +241,16 @@ def _copy_range(src, out, start: int, end: int) -> None:
         remaining -= len(chunk)
 
 
-def _write(source: Path, reader, dst: Path, biases: list[_Bias], manifest: dict[str, Any], vectors: VectorSet) -> int:
+def _write(
+    source: Path, reader: GGUFReader, dst: Path, biases: list[_Bias], manifest: GGUFManifest, vectors: VectorSet
+) -> int:
     """The layout in the module docstring; returns where the verification text starts."""
     kvs = _kv_fields(reader)
     kv_end = _end(kvs[-1]) if kvs else _HEADER.size
     info_end = _end(reader.tensors[-1].field) if reader.tensors else kv_end
     alignment = int(reader.alignment)
     data_size = source.stat().st_size - reader.data_offset
-    new_kvs = [_kv_string(MANIFEST_KEY, json.dumps(manifest, sort_keys=True))]
+    new_kvs = [_kv_string(MANIFEST_KEY, dumps(manifest))]
     new_kvs += [_kv_f32_array(VECTOR_KEY + tensor_name(*p), v.numpy()) for p, v in sorted(vectors.vectors.items())]
     new_kvs += [_kv_f32_array(ORIGINAL_KEY + b.tensor, b.original) for b in biases if b.original is not None]
     new_kvs.append(_kv_string(VERIFICATION_KEY, "null".ljust(_VERIFICATION_BYTES)))
@@ -280,7 +294,7 @@ def _patch_verification(path: Path, at: int, report: dict[str, Any]) -> None:
 # --- checking a steered file (at write time and by bake inspect) -------------------------------
 
 
-def read_manifest(path: str | Path) -> tuple[dict[str, Any], Any]:
+def read_manifest(path: str | Path) -> tuple[GGUFManifest, Any]:
     """The manifest of a steered GGUF (its verification included) and the open reader."""
     path = Path(path)
     if not path.is_file():
@@ -299,9 +313,9 @@ def read_manifest(path: str | Path) -> tuple[dict[str, Any], Any]:
         ) from None
     if not isinstance(manifest, dict):
         raise BakeError(f"{str(path)!r}: {MANIFEST_KEY} is not a bake manifest: use --json to see it")
-    validate(manifest, f"{str(path)!r}: {MANIFEST_KEY}", GGUFManifest)
-    manifest["verification"] = verification
-    return manifest, reader
+    typed = validate(manifest, f"{str(path)!r}: {MANIFEST_KEY}", GGUFManifest)
+    typed.verification = verification
+    return typed, reader
 
 
 def is_steered_gguf(path: Path) -> bool:
@@ -312,60 +326,57 @@ def is_steered_gguf(path: Path) -> bool:
         return False
 
 
-def _check_bias(b: dict[str, Any], reader, tensors: dict) -> str | None:
-    t = tensors.get(b["tensor"])
-    vector = reader.fields.get(VECTOR_KEY + b["vector"])
-    original = reader.fields.get(ORIGINAL_KEY + b["tensor"])
+def _check_bias(b: BiasRecord, reader: GGUFReader, tensors: dict) -> str | None:
+    t = tensors.get(b.tensor)
+    vector = reader.fields.get(VECTOR_KEY + b.vector)
+    original = reader.fields.get(ORIGINAL_KEY + b.tensor)
     if t is None:
-        return f"{b['tensor']} is missing from the tensors"
+        return f"{b.tensor} is missing from the tensors"
     if vector is None:
-        return f"{VECTOR_KEY}{b['vector']} is missing from the metadata"
-    if b["had_bias"] and original is None:
-        return f"the original value of {b['tensor']} ({ORIGINAL_KEY}{b['tensor']}) is missing from the metadata"
+        return f"{VECTOR_KEY}{b.vector} is missing from the metadata"
+    if b.had_bias and original is None:
+        return f"the original value of {b.tensor} ({ORIGINAL_KEY}{b.tensor}) is missing from the metadata"
     if t.tensor_type.name != "F32":
-        return f"{b['tensor']} is {t.tensor_type.name}, baked as F32"
-    before = np.array(original.contents(), dtype=np.float32) if b["had_bias"] else None
-    expected = bias_value(before, np.array(vector.contents(), dtype=np.float32), b["scale"])
+        return f"{b.tensor} is {t.tensor_type.name}, baked as F32"
+    before = np.array(original.contents(), dtype=np.float32) if b.had_bias else None
+    expected = bias_value(before, np.array(vector.contents(), dtype=np.float32), b.scale)
     stored = np.array(t.data, dtype=np.float32).reshape(-1)
     if stored.shape != expected.shape:
-        return f"{b['tensor']} has {stored.size} values, baked with {expected.size}"
+        return f"{b.tensor} has {stored.size} values, baked with {expected.size}"
     if not np.array_equal(stored, expected):
         return (
-            f"{b['tensor']} differs from the baked value by up to {float(np.abs(stored - expected).max()):.3g}: it "
+            f"{b.tensor} differs from the baked value by up to {float(np.abs(stored - expected).max()):.3g}: it "
             "was changed after baking"
         )
     return None
 
 
-def check(path: str | Path, manifest: dict[str, Any], reader) -> list[str]:
+def check(path: str | Path, manifest: GGUFManifest, reader: GGUFReader) -> list[str]:
     """Every way the file differs from what its manifest says was baked (empty: it matches).
 
     Recomputes each bias from the stored vector (and kept original) bit for bit, and the
     digests of every copied metadata entry, tensor description and tensor's data.
     """
-    try:
-        copied, biases = manifest["copied"], manifest["biases"]
-        kv_count, tensor_count = copied["kv_count"], copied["tensor_count"]
-    except (KeyError, TypeError) as e:
-        raise BakeError(f"{str(path)!r}: the manifest lacks {e}: it is incomplete") from None
+    copied, biases = manifest.copied, manifest.biases
+    kv_count, tensor_count = copied.kv_count, copied.tensor_count
     problems = []
     kvs = _kv_fields(reader)
     if len(kvs) < kv_count or any(not f.name.startswith("bake.") for f in kvs[kv_count:]):
         problems.append("metadata entries were added, removed or reordered after baking")
     extra = [t.name for t in reader.tensors[tensor_count:]]
-    baked = [b["tensor"] for b in biases if not b["had_bias"]]
+    baked = [b.tensor for b in biases if not b.had_bias]
     if extra != baked:
         problems.append(f"the tensors after the original ones are {extra}, baked as {baked}")
-    now = _digests(reader, kv_count, tensor_count, {b["tensor"] for b in biases if b["had_bias"]})
+    now = _digests(reader, kv_count, tensor_count, {b.tensor for b in biases if b.had_bias})
     labels = {
         "metadata_sha256": "original metadata entries",
         "tensor_info_sha256": "original tensor descriptions",
         "tensor_data_sha256": "original tensors' data",
     }
     problems += [
-        f"the {label} changed after baking (sha256 {now[key][:12]}…, baked {str(copied.get(key))[:12]}…)"
+        f"the {label} changed after baking (sha256 {now[key][:12]}…, baked {str(getattr(copied, key))[:12]}…)"
         for key, label in labels.items()
-        if now[key] != copied.get(key)
+        if now[key] != getattr(copied, key)
     ]
     tensors = {t.name: t for t in reader.tensors}
     problems += [p for p in (_check_bias(b, reader, tensors) for b in biases) if p]
@@ -381,30 +392,29 @@ def describe(report: dict[str, Any]) -> str:
     return f"verification {verdict}: file {file} its manifest (original bytes, biases); {run}"
 
 
-def inspect(path: str | Path) -> tuple[dict[str, Any], str, list[str]]:
+def inspect(path: str | Path) -> tuple[GGUFManifest, str, list[str]]:
     """``bake inspect FILE.gguf``: the manifest, a readable report, and the problems ``check`` found."""
     manifest, reader = read_manifest(path)
     problems = check(path, manifest, reader)
-    try:
-        base = manifest["base"]
-        lines = [
-            f"base: {base.get('base_model_id') or base['file']} (GGUF architecture {manifest['architecture']}, "
-            f"sha256 {base['sha256'][:12]}…)"
-        ]
-        lines += [
+    base, biases = manifest.base, manifest.biases
+    try:  # the entries and the verification report are the collection's and verify's dicts, not typed here
+        entries = [
             f"  {e['name']}: layer {e['layer']} {e['site']}, {e['method']} x{e['coefficient']:g}, norm {e['norm']:.3f}"
-            for e in manifest["vectors"].get("entries", [])
+            for e in manifest.entries
         ]  # a bare vector file has no entries
-        lines += [
-            f"  {b['vector']} -> {b['tensor']}" + (" (added to the bias it had)" if b["had_bias"] else "")
-            for b in manifest["biases"]
-        ]
-        lines.append(describe(manifest["verification"]) if manifest["verification"] else "verification: not recorded")
+        verified = describe(manifest.verification) if manifest.verification else "verification: not recorded"
     except (KeyError, TypeError, AttributeError) as e:
         raise BakeError(
             f"{str(path)!r}: {MANIFEST_KEY} is not a complete bake manifest ({e.__class__.__name__}: {e}): "
             "use --json to see it"
         ) from None
+    lines = [
+        f"base: {base.base_model_id or base.file} (GGUF architecture {manifest.architecture}, "
+        f"sha256 {base.sha256[:12]}…)",
+        *entries,
+        *(f"  {b.vector} -> {b.tensor}" + (" (added to the bias it had)" if b.had_bias else "") for b in biases),
+        verified,
+    ]
     lines.append(
         "loads in: llama.cpp (and Ollama, which runs it) with no flags; not in transformers, whose GGUF "
         "loader drops the biases (use the Hugging Face checkpoint there)"
@@ -476,35 +486,35 @@ def fold(
     where = repr(str(source))
     arch, biases = plan(reader, vectors, where)
     counts = {"kv_count": len(_kv_fields(reader)), "tensor_count": len(reader.tensors)}
-    manifest = {
-        "format": "bake-gguf-manifest/1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "base": {"spec": model, "file": source.name, "sha256": sha256_file(source), "base_model_id": base_model_id},
-        "architecture": arch,
-        "llama_cpp_source": f"{LLAMA_CPP}: {lookup(arch, where).source}",
-        "recipe": {"text": recipe.text, "base_dir": str(recipe.base_dir)} if recipe else None,
-        "vectors": vectors.meta,
-        "biases": [
-            {
-                "vector": b.vector,
-                "layer": b.layer,
-                "site": b.site,
-                "tensor": b.tensor,
-                "had_bias": b.original is not None,
-                "scale": b.scale,
-                "norm": b.norm,
-            }
+    manifest = GGUFManifest(
+        format="bake-gguf-manifest/1",
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        versions=_versions(),
+        base=GGUFBase(spec=model, file=source.name, sha256=sha256_file(source), base_model_id=base_model_id),
+        architecture=arch,
+        llama_cpp_source=f"{LLAMA_CPP}: {lookup(arch, where).source}",
+        recipe=RecipeRecord(text=recipe.text, base_dir=str(recipe.base_dir)) if recipe else None,
+        vectors=vectors.meta,
+        biases=[
+            BiasRecord(
+                vector=b.vector,
+                layer=b.layer,
+                site=b.site,
+                tensor=b.tensor,
+                had_bias=b.original is not None,
+                scale=b.scale,
+                norm=b.norm,
+            )
             for b in biases
         ],
-        "copied": {
+        copied=GGUFCopied(
             **counts,
-            "alignment": int(reader.alignment),
+            alignment=int(reader.alignment),
             **_digests(
                 reader, counts["kv_count"], counts["tensor_count"], {b.tensor for b in biases if b.original is not None}
             ),
-        },
-    }
+        ),
+    )
     size = source.stat().st_size
     with staged_output(out, force, ours=is_steered_gguf, sources=[source], needed=size, file=True) as staged:
         verification_at = _write(source, reader, staged, biases, manifest, vectors)
@@ -523,5 +533,5 @@ def fold(
                 describe(report) + "".join(f"; {p}" for p in report["file_problems"]) + ": nothing was written"
             )
         _patch_verification(staged, verification_at, report)
-    manifest["verification"] = report
+    manifest.verification = report
     return BakeResult(out, manifest)

@@ -10,6 +10,7 @@ from bake.checkpoint import check_output
 from bake.errors import BakeError
 from bake.formats.base import BakeResult, FoldOptions, Inspection
 from bake.formats.gguf import export, llamacpp
+from bake.manifest import GGUFManifest
 from bake.recipe import Recipe
 from bake.sources.load import load_tokenizer, prompt_ids
 from bake.vectorfile import VectorSet
@@ -64,10 +65,10 @@ class GGUFFormat:
         result.preview = _preview(model, result.path, options)
         return result
 
-    def read(self, path: Path) -> dict[str, Any]:
+    def read(self, path: Path) -> GGUFManifest:
         return export.read_manifest(path)[0]
 
-    def check(self, path: Path) -> tuple[dict[str, Any], list[str]]:
+    def check(self, path: Path) -> tuple[GGUFManifest, list[str]]:
         manifest, reader = export.read_manifest(path)
         return manifest, export.check(path, manifest, reader)
 

@@ -12,7 +12,7 @@ constant-bias module (``bake.formats.hf.remote``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,9 +22,13 @@ from bake.families.hf import Family, family_for, head_dim
 from bake.formats.hf import remote
 from bake.formats.hf.plan import FoldPlan
 from bake.formats.hf.undo import save_undo
+from bake.manifest import FoldRecord
 from bake.sources import trust
 from bake.sources.load import DTYPES, text_config
 from bake.vectorfile import VectorSet, tensor_name
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 def block_prefix(ckpt: Checkpoint, family: Family) -> str:
@@ -40,7 +44,7 @@ def block_prefix(ckpt: Checkpoint, family: Family) -> str:
     )
 
 
-def _relabel(plan: FoldPlan, family: Family, cfg, prefix: str) -> None:
+def _relabel(plan: FoldPlan, family: Family, cfg: PretrainedConfig, prefix: str) -> None:
     """Rewrite config and tensors as the stock family that computes the same function."""
     relabel = family.relabel
     reason = relabel.refuse(cfg)
@@ -151,17 +155,17 @@ def fold_checkpoint(
     out_dtype: torch.dtype | None = None,
     link: bool = False,
     allow_remote_code: bool = False,
-) -> dict[str, Any]:
+) -> FoldRecord:
     """Write ``source`` with ``vectors`` baked in into the empty folder ``out``; never touches ``source``.
 
     ``link`` hard-links unchanged shards instead of copying them; ``allow_remote_code``
     lets sites without a stock bias slot use a constant-bias module (``bake.formats.hf.remote``).
     What the output no longer holds is kept in ``bake/undo`` (``bake.formats.hf.undo``).
-    Returns what was done, for the manifest.
+    Returns what was done, for the manifest (with every shard's sha256, hashed as written).
     """
     ckpt = Checkpoint.open(source)
     plan = plan_fold(ckpt, vectors, out_dtype, allow_remote_code)
-    placed, rewritten = write_checkpoint(
+    placed, rewritten, digests = write_checkpoint(
         ckpt, out, plan.changed, plan.added, plan.config, cast=out_dtype, removed=plan.removed, link=link
     )
     written = [trust.MODELING_FILE] if plan.remote else []
@@ -170,16 +174,17 @@ def fold_checkpoint(
         remote.write_code(out)
     undo = save_undo(plan, placed, rewritten, out, written)
     new_biases = sum(not r["had_bias"] and not r.get("remote_code") for r in plan.records)
-    return {
-        "family": family_for(text_config(source)).name,
-        "relabel": plan.relabel,
-        "remote_code": plan.remote,
-        "biases": plan.records,
-        "zero_biases_added": sum(k.endswith(".bias") for k in plan.added) - new_biases,
-        "tensors_split": sorted(plan.removed),
-        "config_changes": {k: v for k, v in plan.config.items() if ckpt.config.get(k) != v},
-        "config_removed": sorted(k for k in ckpt.config if k not in plan.config),
-        "shards_rewritten": rewritten,
-        "files_copied": copied,
-        "undo": undo,
-    }
+    return FoldRecord(
+        family=family_for(text_config(source)).name,
+        relabel=plan.relabel,
+        remote_code=plan.remote,
+        biases=plan.records,
+        zero_biases_added=sum(k.endswith(".bias") for k in plan.added) - new_biases,
+        tensors_split=sorted(plan.removed),
+        config_changes={k: v for k, v in plan.config.items() if ckpt.config.get(k) != v},
+        config_removed=sorted(k for k in ckpt.config if k not in plan.config),
+        shards_rewritten=rewritten,
+        files_copied=copied,
+        undo=undo,
+        shards=dict(sorted(digests.items())),
+    )

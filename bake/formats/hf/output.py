@@ -24,7 +24,7 @@ from bake.errors import BakeError
 from bake.families.hf import family_for, family_named, portability
 from bake.formats.base import BakeResult, FoldOptions, Inspection
 from bake.formats.hf.fold import fold_checkpoint
-from bake.manifest import MANIFEST
+from bake.manifest import MANIFEST, BakeRecord, BaseRecord, Manifest, RecipeRecord
 from bake.recipe import Recipe, VerifySpec
 from bake.release import card
 from bake.sources import trust
@@ -44,12 +44,12 @@ def _out_dtype(name: str, source: ModelSource) -> torch.dtype | None:
     return None if dtype == source_dtype(source.config) else dtype
 
 
-def _history(source: Path) -> list[dict[str, Any]]:
+def _history(source: Path) -> list[BakeRecord]:
     """The manifests of the bakes under this one, oldest first (a bake on top of a baked model)."""
     if not (source / MANIFEST).is_file():
         return []
     previous = manifests.read(source)
-    return previous.get("history", []) + [{k: v for k, v in previous.items() if k != "history"}]
+    return [*previous.history, BakeRecord.model_validate(previous.model_dump(exclude_unset=True, exclude={"history"}))]
 
 
 class HFFormat:
@@ -89,7 +89,7 @@ class HFFormat:
             )
             blocks = 1 + max(layer for layer, _ in vectors.vectors) if verify.scope == "steered" else None
             tokenizer = load_tokenizer(stage)
-            module = fold_record["remote_code"] is not None
+            module = fold_record.remote_code is not None
             streamed = streams_verification(source.path, blocks, options.collection, module)
             if streamed:
                 report = compare_streaming(source.path, stage, vectors, tokenizer, verify.prompts, verify.atol, blocks)
@@ -107,69 +107,67 @@ class HFFormat:
                 after = generate(baked, tokenizer, preview.prompts, preview.tokens, preview.chat)
                 samples = list(zip(preview.prompts, before, after))
             vectors.save(stage / VECTORS_IN_OUTPUT)
-            manifest = {
-                "format": "bake-manifest/1",
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "versions": versions(),
-                "base": {
-                    "spec": source.spec,
-                    "identity": source.identity,
-                    "base_model_id": options.base_model_id,
-                    "license": source.license,
-                },
-                "recipe": {
-                    "text": recipe.text,
-                    "base_dir": str(recipe.base_dir),
-                    "parsed": recipe.model_dump(mode="json"),
-                }
+            manifest = Manifest(
+                format="bake-manifest/1",
+                created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                versions=versions(),
+                base=BaseRecord(
+                    spec=source.spec,
+                    identity=source.identity,
+                    base_model_id=options.base_model_id,
+                    license=source.license,
+                ),
+                recipe=RecipeRecord(
+                    text=recipe.text, base_dir=str(recipe.base_dir), parsed=recipe.model_dump(mode="json")
+                )
                 if recipe
                 else None,
-                "vectors": vectors.meta,
-                "vector_file": VECTORS_IN_OUTPUT,
-                "fold": fold_record,
-                "portable": fold_record["remote_code"] is None,
-                "verification": report,
-                "preview": [{"prompt": p, "base": b, "steered": s} for p, b, s in samples],
-                "history": _history(source.path),
-            }
+                vectors=vectors.meta,
+                vector_file=VECTORS_IN_OUTPUT,
+                fold=fold_record,
+                portable=fold_record.remote_code is None,
+                verification=report,
+                preview=[{"prompt": p, "base": b, "steered": s} for p, b, s in samples],
+                history=_history(source.path),
+            )
             (stage / MANIFEST).write_text(manifests.dumps(manifest))
             (stage / "README.md").write_text(card.render(manifest))
         return BakeResult(out, manifest, samples)
 
-    def read(self, path: Path) -> dict[str, Any]:
+    def read(self, path: Path) -> Manifest:
         return manifests.read(path)
 
-    def check(self, path: Path) -> tuple[dict[str, Any], list[str]]:
+    def check(self, path: Path) -> tuple[Manifest, list[str]]:
         manifest = manifests.read(path)
         try:
             return manifest, manifests.check(path, manifest)
-        except BakeError as e:  # an incomplete manifest: shown anyway, with why it cannot be checked
+        except BakeError as e:  # a manifest naming files that are gone: shown anyway, with why it cannot be checked
             return manifest, [str(e)]
 
     def inspect(self, path: Path) -> Inspection:
         manifest = manifests.read(path)
-        try:
-            base = manifest["base"]
-            lines = [f"base: {base.get('base_model_id') or base['spec']} ({manifest['fold']['family']} family)"]
+        base, fold = manifest.base, manifest.fold
+        lines = [f"base: {base.base_model_id or base.spec} ({fold.family} family)"]
+        try:  # the entries and the verification report are the collection's and verify's dicts, not typed here
             lines += [
-                f"  on top of earlier bake {i + 1}: "
-                f"{', '.join(e['name'] for e in h['vectors'].get('entries', [])) or 'a vector file'}"
-                for i, h in enumerate(manifest.get("history", []))
+                f"  on top of earlier bake {i + 1}: {', '.join(e['name'] for e in h.entries) or 'a vector file'}"
+                for i, h in enumerate(manifest.history)
             ]
-            lines.append(entry_table(manifest["vectors"].get("entries", [])))  # a bare vector file has no entries
-            lines += [f"  {b['vector']} -> {b['tensor']}" for b in manifest["fold"]["biases"]]
-            lines.append(describe(manifest["verification"]))
-            family = family_named(manifest["fold"]["family"])
-            if family is not None:
-                lines.append("loads in " + portability(family))
+            lines.append(entry_table(manifest.entries))  # a bare vector file has no entries
+            lines += [f"  {b.vector} -> {b.tensor}" for b in fold.biases]
+            lines.append(describe(manifest.verification))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             raise BakeError(
                 f"{str(path)!r}: bake.json is not a complete bake manifest ({e.__class__.__name__}: {e}): use --json "
                 "to see it"
             ) from None
+        family = family_named(fold.family)
+        if family is not None:
+            lines.append("loads in " + portability(family))
         problems = manifests.check(path, manifest)
         lines.append("weights: match the manifest" if not problems else "weights: DO NOT match the manifest")
         lines += [f"  - {p}" for p in problems]
+        lines += [f"NOTE: {n}" for n in manifest.unverified()]
         return Inspection(manifest, "\n".join(lines), problems)
 
     def describe(self, verification: dict[str, Any]) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from bake import manifest as manifests
 from bake.checkpoint import (
@@ -34,6 +33,7 @@ from bake.checkpoint import (
 )
 from bake.errors import BakeError
 from bake.formats.hf.plan import FoldPlan
+from bake.manifest import Manifest, ShardUndo, UndoRecord
 
 UNDO = Path("bake") / "undo"
 ORIGINALS = UNDO / "tensors.safetensors"
@@ -43,7 +43,7 @@ _KEPT_VERBATIM = ("config.json", INDEX, "README.md", manifests.MANIFEST)
 
 def save_undo(
     plan: FoldPlan, placed: dict[str, str], rewritten: list[str], out: Path, written: list[str]
-) -> dict[str, Any]:
+) -> UndoRecord:
     """Keep in ``out/bake/undo`` what ``unbake`` needs; return its description for the manifest.
 
     ``placed`` maps each source shard to its output file, ``written`` lists the
@@ -64,15 +64,15 @@ def save_undo(
             shutil.copyfile(source / name, out / UNDO / name)
     if (source / "bake").is_dir():  # the source was baked: keep its own vectors and undo data
         shutil.copytree(source / "bake", out / UNDO / "bake")
-    return {
-        "folder": UNDO.as_posix(),
-        "originals": ORIGINALS.as_posix() if plan.changed else None,
-        "shards": {shard: {"file": name, "rewritten": name in rewritten} for shard, name in placed.items()},
-        "added": sorted(plan.added),
-        "splits": plan.splits,
-        "written": written,
-        "cast": plan.out_dtype is not None,
-    }
+    return UndoRecord(
+        folder=UNDO.as_posix(),
+        originals=ORIGINALS.as_posix() if plan.changed else None,
+        shards={shard: ShardUndo(file=name, rewritten=name in rewritten) for shard, name in placed.items()},
+        added=sorted(plan.added),
+        splits=plan.splits,
+        written=written,
+        cast=plan.out_dtype is not None,
+    )
 
 
 def _rebuild(
@@ -100,7 +100,7 @@ def _rebuild(
                 s.copy_to(out)
 
 
-def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = False) -> dict[str, Any] | None:
+def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = False) -> Manifest | None:
     """Write the checkpoint ``path`` was baked from into ``out``, bit for bit; ``path`` is not modified.
 
     Refused when the weights no longer match the manifest (the result would not be
@@ -111,10 +111,10 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
     path = Path(path)
     check_output(out, force, manifests.is_bake_folder, [path])
     manifest = manifests.read(path)
-    undo = manifest.get("fold", {}).get("undo")
+    undo = manifest.fold.undo
     if undo is None:
         raise BakeError(f"{str(path)!r} keeps no undo data (baked by an older bake): bake the base model again instead")
-    if undo["cast"]:
+    if undo.cast:
         raise BakeError(
             f"{str(path)!r} was cast to another dtype when baked, so its original weights are gone: use the base "
             "model itself"
@@ -125,13 +125,13 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
             f"{str(path)!r} was changed after baking ({problems[0]}): unbaking it would not give the original back"
         )
     ckpt = Checkpoint.open(path)
-    folder = path / undo["folder"]
-    originals = read_header(path / undo["originals"])[0] if undo["originals"] else {}
+    folder = path / undo.folder
+    originals = read_header(path / undo.originals)[0] if undo.originals else {}
     try:
         headers = json.loads((path / HEADERS).read_text())
     except (OSError, ValueError):  # missing, unreadable or not JSON: refused below like a wrong one
         headers = None
-    if not isinstance(headers, dict) or set(headers) != {s for s, p in undo["shards"].items() if p["rewritten"]}:
+    if not isinstance(headers, dict) or set(headers) != {s for s, p in undo.shards.items() if p.rewritten}:
         raise BakeError(
             f"{str(path / HEADERS)!r} does not list the rewritten shards of the manifest: it cannot be unbaked"
         )
@@ -139,12 +139,12 @@ def unbake(path: str | Path, out: str | Path, force: bool = False, link: bool = 
         inside(path, p.relative_to(path).as_posix(), "folder")
     needed = 0 if link else folder_bytes(path)
     with staged_output(Path(out), force, ours=manifests.is_bake_folder, sources=[path], needed=needed) as stage:
-        for shard, placed in undo["shards"].items():
-            if placed["rewritten"]:
-                _rebuild(stage / shard, str(headers[shard]).encode(), ckpt, originals, undo["splits"])
+        for shard, placed in undo.shards.items():
+            if placed.rewritten:
+                _rebuild(stage / shard, str(headers[shard]).encode(), ckpt, originals, undo.splits)
             else:
-                place_copy(path / placed["file"], stage / shard, link)
-        copy_side_files(path, stage, skip=set(_KEPT_VERBATIM) | set(undo["written"]))
+                place_copy(path / placed.file, stage / shard, link)
+        copy_side_files(path, stage, skip=set(_KEPT_VERBATIM) | set(undo.written))
         for name in _KEPT_VERBATIM:
             if (folder / name).is_file():
                 kernel_copy(folder / name, stage / name)
