@@ -384,7 +384,7 @@ class Recipe(_Strict):
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a repeated key instead of silently keeping the last one."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False):
         keys = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +34,9 @@ from bake.recipe import Collection
 from bake.sources.load import load_model, load_tokenizer, prompt_ids, source_dtype, text_config
 from bake.vectorfile import Point, VectorSet, tensor_name
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 # Default max |Δlogit| per compute dtype: hook and bias add the same numbers in a
 # different order, so the gap is rounding noise amplified through later blocks.
 DEFAULT_ATOL = {torch.float32: 1e-3, torch.bfloat16: 0.25, torch.float16: 0.05}
@@ -47,7 +50,7 @@ def steered(model: torch.nn.Module, family: Family, vectors: VectorSet) -> Itera
     """The model with every vector added to the residual stream by a forward hook at its (layer, site)."""
 
     def adder(v: torch.Tensor):
-        def hook(_module, _inputs, output):
+        def hook(_module: torch.nn.Module, _inputs: tuple[Any, ...], output: Any):
             if isinstance(output, tuple):
                 return (output[0] + v.to(output[0].dtype),) + output[1:]
             return output + v.to(output.dtype)
@@ -68,12 +71,14 @@ def steered(model: torch.nn.Module, family: Family, vectors: VectorSet) -> Itera
 
 
 @torch.inference_mode()
-def _logits(model, ids: list[list[int]]) -> list[torch.Tensor]:
+def _logits(model: PreTrainedModel, ids: list[list[int]]) -> list[torch.Tensor]:
     return [model(input_ids=torch.tensor([x])).logits[0].float() for x in ids]
 
 
 @contextlib.contextmanager
-def _norms_recorded(model, family: Family, points: list[Point], totals: dict[Point, list]) -> Iterator[None]:
+def _norms_recorded(
+    model: PreTrainedModel, family: Family, points: list[Point], totals: dict[Point, list]
+) -> Iterator[None]:
     """While open, each forward adds the L2 norms of the residual at each point (one prompt, its first token
     left out as the collection leaves it out) to ``totals[point]`` = [sum, count]."""
 
@@ -98,7 +103,9 @@ def _means(totals: dict[Point, list]) -> dict[Point, float]:
 
 
 @torch.inference_mode()
-def residual_norms(model, family: Family, ids: list[list[int]], points: list[Point]) -> dict[Point, float]:
+def residual_norms(
+    model: PreTrainedModel, family: Family, ids: list[list[int]], points: list[Point]
+) -> dict[Point, float]:
     """Mean L2 norm of the unsteered residual at each point over the probe tokens: the scale a vector's norm is
     judged against."""
     totals = {p: [0.0, 0] for p in points}
@@ -144,7 +151,7 @@ def degenerate(logits: list[torch.Tensor], vectors: VectorSet, residual: dict[Po
 
 
 @torch.inference_mode()
-def _greedy(model, ids: list[list[int]], tokens: int, pad_id: int) -> list[list[int]]:
+def _greedy(model: PreTrainedModel, ids: list[list[int]], tokens: int, pad_id: int) -> list[list[int]]:
     out = []
     for x in ids:
         t = torch.tensor([x])
@@ -157,7 +164,7 @@ def _greedy(model, ids: list[list[int]], tokens: int, pad_id: int) -> list[list[
 
 @torch.inference_mode()
 def _divergences(
-    hooked, ids: list[list[int]], ref: list[list[int]], other: list[list[int]], margin: float
+    hooked: PreTrainedModel, ids: list[list[int]], ref: list[list[int]], other: list[list[int]], margin: float
 ) -> tuple[int, int]:
     """(divergent continuations, of which near-ties): where two greedy runs first differ, is the
     reference's preference for its own token within ``margin`` logits, i.e. a rounding-level tie?"""
@@ -173,7 +180,13 @@ def _divergences(
 
 
 def compare(
-    base, baked, tokenizer, vectors: VectorSet, prompts: list[str], tokens: int = 16, atol: float | None = None
+    base: PreTrainedModel,
+    baked: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    vectors: VectorSet,
+    prompts: list[str],
+    tokens: int = 16,
+    atol: float | None = None,
 ) -> dict[str, Any]:
     """Compare ``baked`` with ``base`` steered by hooks; returns the figures and ``passed``.
 
@@ -259,7 +272,7 @@ def compare_streaming(
     base: Path,
     baked: Path,
     vectors: VectorSet,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     atol: float | None = None,
     layers: int | None = None,

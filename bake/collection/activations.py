@@ -7,7 +7,9 @@ block: later blocks and the LM head never run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -79,18 +81,18 @@ def hook_module(model: torch.nn.Module, family: Family, layer: int, site: Site) 
     return module_at(block(model, family, layer), family.slot(site, model.config).hook)
 
 
-def first_tensor(output):
+def first_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
 def watch_residual(
-    model: torch.nn.Module, family: Family, layer: int, site: Site, fn
+    model: torch.nn.Module, family: Family, layer: int, site: Site, fn: Callable[[torch.Tensor], None]
 ) -> torch.utils.hooks.RemovableHandle:
     """Call ``fn(residual)`` with the residual stream at (layer, site) on every forward pass."""
     slot = family.slot(site, model.config)
     if slot.read:
 
-        def pre_hook(_module, args, kwargs):
+        def pre_hook(_module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]):
             fn(args[0] if args else next(iter(kwargs.values())))
 
         return module_at(block(model, family, layer), slot.read).register_forward_pre_hook(pre_hook, with_kwargs=True)
@@ -104,7 +106,7 @@ def record_points(
     ``current["moments"][point]`` (a pass that does not measure a point has no entry for it). Activations
     flattened to [batch * width, hidden] (OPT's decoder layer does so before its final LayerNorm) are unflattened."""
 
-    def recorder(point):
+    def recorder(point: tuple[int, Site]):
         def record(acts: torch.Tensor) -> None:
             if point in current["moments"]:
                 mask = current["mask"]
@@ -179,7 +181,7 @@ def collect(
     current: dict = {"moments": moments}
     device = model.get_input_embeddings().weight.device
 
-    def stopper(_module, _inputs, _output):
+    def stopper(_module: torch.nn.Module, _inputs: tuple[Any, ...], _output: Any):
         raise _Stop
 
     handles = record_points(model, family, points, current)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +27,9 @@ from bake.sources import trust
 from bake.sources.load import load_tokenizer, text_config
 from bake.sources.resolve import ModelSource, cache_dir, resolve_model
 from bake.vectorfile import VectorSet, tensor_name
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -45,7 +49,12 @@ def versions() -> dict[str, str]:
 
 
 def _role_sets(
-    recipe: Recipe, entry: Steering, index: int, full_model, tokenizer, source: ModelSource
+    recipe: Recipe,
+    entry: Steering,
+    index: int,
+    full_model: Callable[[], PreTrainedModel],
+    tokenizer: PreTrainedTokenizerBase,
+    source: ModelSource,
 ) -> dict[str, _TextSet]:
     """Tokenized examples for every role the entry's method measures (``full_model()`` loads the
     whole model, needed only to sample a background that is not cached)."""

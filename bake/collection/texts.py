@@ -14,8 +14,10 @@ import hashlib
 import io
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +25,9 @@ from tqdm.auto import tqdm
 from bake.checkpoint import staged_output
 from bake.errors import BakeError, OutputExists
 from bake.recipe import ModelSample, Recipe, TextSource
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,9 @@ def digest(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def tokenize(tokenizer, texts: list[str], max_tokens: int, chat: bool = False, chat_prompt: str = "") -> list[Example]:
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int, chat: bool = False, chat_prompt: str = ""
+) -> list[Example]:
     """Texts → examples. With ``chat``, each text is an assistant reply to ``chat_prompt`` and only
     the reply's tokens are counted: the vector is measured where the model speaks."""
     if chat and not tokenizer.chat_template:
@@ -135,12 +142,12 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int, chat: bool = False, c
     return examples
 
 
-def sequences_to_examples(sequences: list[list[int]], tokenizer) -> list[Example]:
+def sequences_to_examples(sequences: list[list[int]], tokenizer: PreTrainedTokenizerBase) -> list[Example]:
     special = set(tokenizer.all_special_ids)
     return [Example(seq, [i > 0 and t not in special for i, t in enumerate(seq)]) for seq in sequences]
 
 
-def start_token(tokenizer) -> int:
+def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
     """The token sampling starts from: BOS, or the end-of-text token that doubles as one (GPT-2)."""
     for tid in (tokenizer.bos_token_id, tokenizer.eos_token_id):
         if tid is not None:
@@ -152,7 +159,12 @@ def start_token(tokenizer) -> int:
 
 @torch.inference_mode()
 def sample_background(
-    model_factory, tokenizer, model_key: str, spec: ModelSample, seed: int, cache: Path
+    model_factory: Callable[[], PreTrainedModel],
+    tokenizer: PreTrainedTokenizerBase,
+    model_key: str,
+    spec: ModelSample,
+    seed: int,
+    cache: Path,
 ) -> tuple[list[list[int]], str]:
     """Sample ``spec.sequences`` sequences of ``spec.tokens`` tokens from the model, starting at BOS.
 

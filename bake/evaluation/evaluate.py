@@ -24,10 +24,10 @@ import importlib
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,6 +40,9 @@ from bake.recipe import EvaluateSpec, Recipe, Steering, TextSource
 from bake.sources.load import prompt_ids
 from bake.sources.resolve import cache_dir
 from bake.vectorfile import VectorSet
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # Padded tokens per evaluation batch: full-vocabulary log-probs are kept for every position of a batch.
 EVAL_BATCH_TOKENS = 1024
@@ -196,7 +199,12 @@ class EvalData:
 
 
 def _examples(
-    tokenizer, texts: list[str], what: str, max_tokens: int, chat: bool = False, chat_prompt: str = ""
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    what: str,
+    max_tokens: int,
+    chat: bool = False,
+    chat_prompt: str = "",
 ) -> list[Example]:
     examples = tokenize(tokenizer, texts, max_tokens, chat, chat_prompt)
     if not any(e.n_counted > 1 for e in examples):
@@ -204,7 +212,13 @@ def _examples(
     return examples
 
 
-def _background_texts(recipe: Recipe, entry: Steering, tokenizer, model_key: str, model_factory) -> list[str]:
+def _background_texts(
+    recipe: Recipe,
+    entry: Steering,
+    tokenizer: PreTrainedTokenizerBase,
+    model_key: str,
+    model_factory: Callable[[], PreTrainedModel],
+) -> list[str]:
     """The entry's background as text (a sampled background is decoded): the reference for a derived word list."""
     bg = recipe.background_for(entry)
     if bg.corpus is not None:
@@ -222,7 +236,7 @@ def target_source(entry: Steering) -> TextSource | list[str] | None:
 
 def build_data(
     spec: EvaluateSpec,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     recipe: Recipe | None = None,
     entry: Steering | None = None,
     model_key: str = "",
@@ -298,7 +312,9 @@ def build_data(
 
 
 @torch.inference_mode()
-def _predictions(model, examples: list[Example], pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _predictions(
+    model: PreTrainedModel, examples: list[Example], pad_id: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch: log-probs [n, vocab] at every position that predicts a counted token, and those tokens [n]."""
     device = model.get_input_embeddings().weight.device
     for group in batches(examples, EVAL_BATCH_TOKENS):
@@ -316,7 +332,7 @@ def _predictions(model, examples: list[Example], pad_id: int) -> Iterator[tuple[
         yield torch.log_softmax(logits[mask].float(), dim=-1), ids[:, 1:][:, keep].to(device)[mask]
 
 
-def _nll(model, examples: list[Example], pad_id: int) -> tuple[float, int]:
+def _nll(model: PreTrainedModel, examples: list[Example], pad_id: int) -> tuple[float, int]:
     """Total negative log-likelihood of the counted tokens, and how many there are."""
     total, n = 0.0, 0
     for logp, targets in _predictions(model, examples, pad_id):
@@ -326,7 +342,9 @@ def _nll(model, examples: list[Example], pad_id: int) -> tuple[float, int]:
 
 
 @torch.inference_mode()
-def replies(model, tokenizer, prompts: list[str], tokens: int, chat: bool) -> list[str]:
+def replies(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], tokens: int, chat: bool
+) -> list[str]:
     """Greedy replies, all prompts in one left-padded batch (3x faster than one by one on CPU; the same batch
     every time, so deterministic)."""
     ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
@@ -350,7 +368,14 @@ class Evaluator:
     up front for ``activation_shift``. ``effects=False`` measures costs only (no generation).
     """
 
-    def __init__(self, base, tokenizer, data: EvalData, points: list[tuple[int, Site]] = (), effects: bool = True):
+    def __init__(
+        self,
+        base: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        data: EvalData,
+        points: Sequence[tuple[int, Site]] = (),
+        effects: bool = True,
+    ) -> None:
         self.tokenizer, self.data, self.effects = tokenizer, data, effects
         self.pad = tokenizer.pad_token_id
         self._neutral = list(_predictions(base, data.neutral, self.pad))
@@ -377,7 +402,7 @@ class Evaluator:
             self.base.update(self._generation_figures(base))
             self.base.update({k: 0.0 for k in ("logprob_gain",) if k in data.scorers})
 
-    def _perplexity(self, model, neutral: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    def _perplexity(self, model: PreTrainedModel, neutral: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """On the background texts; when they are the neutral ones, from the predictions already made on them."""
         if self.data.background is self.data.neutral:
             nll, n = (
@@ -388,13 +413,13 @@ class Evaluator:
             nll, n = _nll(model, self.data.background, self.pad)
         return math.exp(nll / n)
 
-    def costs(self, model) -> dict[str, float]:
+    def costs(self, model: PreTrainedModel) -> dict[str, float]:
         """KL(base ‖ model) per position on the neutral texts, and perplexity on the background texts."""
         neutral = list(_predictions(model, self.data.neutral, self.pad))
         kl = sum(float((b.exp() * (b - logp)).sum()) for (b, _), (logp, _) in zip(self._neutral, neutral))
         return {"kl": kl / sum(len(t) for _, t in neutral), "perplexity": self._perplexity(model, neutral)}
 
-    def _generation_figures(self, model) -> dict[str, Any]:
+    def _generation_figures(self, model: PreTrainedModel) -> dict[str, Any]:
         texts = replies(model, self.tokenizer, self.data.prompts, self.data.tokens, self.data.chat)
         out: dict[str, Any] = {name: fn(texts) for name, fn in self._scorers.items()}
         out["repetition"] = repetition(texts)
@@ -410,7 +435,7 @@ class Evaluator:
         ]
         return sum(values) / len(values) if values else None
 
-    def measure(self, model, vectors: VectorSet | None = None) -> dict[str, Any]:
+    def measure(self, model: PreTrainedModel, vectors: VectorSet | None = None) -> dict[str, Any]:
         """Every figure for ``model`` (the base steered by ``vectors`` through hooks, or a baked checkpoint)."""
         figures: dict[str, Any] = self.costs(model)
         if not self.effects:

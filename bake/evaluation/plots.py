@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bake.errors import BakeError
 from bake.recipe import LABELS
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 
 def require() -> None:
@@ -26,17 +30,17 @@ def _figure(ncols: int):
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
 
-def _budget(ax, max_kl: float | None, vertical: bool = True) -> None:
+def _budget(ax: Axes, max_kl: float | None, vertical: bool = True) -> None:
     if max_kl is not None:
         (ax.axvline if vertical else ax.axhline)(max_kl, ls="--", color="grey", lw=1, label=f"KL budget {max_kl:g}")
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, format="png")
     return path
 
 
-def _over_budget(ax, points: list[tuple[float, float, float]], max_kl: float | None, label: bool) -> None:
+def _over_budget(ax: Axes, points: list[tuple[float, float, float]], max_kl: float | None, label: bool) -> None:
     """Ring the (x, y, kl) points whose KL is over the budget (coefficient: auto and compare never pick them)."""
     over = [p for p in points if max_kl is not None and p[2] > max_kl]
     if over:

@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from bake.collection.measure import MeasuredVectors, measure_vectors
 from bake.errors import BakeError
 from bake.evaluation import plots
 from bake.evaluation.evaluate import COSTS, EvalData, Evaluator, build_data, target_source
-from bake.families.hf import family_for
+from bake.families.hf import Site, family_for
 from bake.recipe import Recipe, Steering, TextSource
 from bake.sources.load import load_model, load_tokenizer, text_config
 from bake.sources.resolve import resolve_model
@@ -32,7 +32,7 @@ from bake.vectorfile import VectorSet
 from bake.verify import steered
 
 
-def _progress(items, desc: str):
+def _progress(items: Iterable[Any], desc: str) -> tqdm:
     """A progress bar on stderr over a grid."""
     return tqdm(items, desc=desc, leave=False)
 
@@ -50,7 +50,9 @@ def _entry(recipe: Recipe, name: str | None) -> Steering:
 class _Lab:
     """The full base model, its tokenizer and an evaluator: what every experiment here steers and measures."""
 
-    def __init__(self, recipe: Recipe, entry: Steering, points=(), effects: bool = True):
+    def __init__(
+        self, recipe: Recipe, entry: Steering, points: Sequence[tuple[int, Site]] = (), effects: bool = True
+    ) -> None:
         source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
         self.model = load_model(source.path, dtype=torch.float32)
         self.family = family_for(self.model.config)

@@ -11,13 +11,16 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bake.checkpoint import require_safetensors
 from bake.errors import BakeError
 from bake.sources import trust
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -136,7 +139,7 @@ def source_dtype(config: dict[str, Any]) -> torch.dtype:
     return DTYPES.get(name, torch.float32)
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool) -> list[int]:
     """Token ids of a prompt, as a user turn of the chat template when ``chat`` and the model has one."""
     if chat and tokenizer.chat_template:
         return list(
@@ -148,7 +151,13 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool = False) -> list[str]:
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    chat: bool = False,
+) -> list[str]:
     """Greedy continuations, one prompt at a time (no padding, so nothing depends on batch layout)."""
     outputs = []
     for prompt in prompts:

@@ -18,6 +18,7 @@ buffers as unexpected keys), and vLLM, TGI and llama.cpp do not apply the steeri
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from bake.families.hf import Family, Site
 from bake.formats.hf.plan import FoldPlan
 from bake.sources.trust import AUTO_CLASS, CLASS_PREFIX, CONFIG_KEY, MODELING_FILE, TEMPLATE, code_sha256
 from bake.vectorfile import tensor_name
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 BUFFER = "bake_steering"
 FORMAT = "bake-steering/1"
@@ -63,7 +67,9 @@ def _buffer_dtype(plan: FoldPlan, prefix: str, layer: int) -> torch.dtype:
     )
 
 
-def add_module(plan: FoldPlan, family: Family, cfg, prefix: str, points: list[tuple[int, Site, torch.Tensor]]) -> None:
+def add_module(
+    plan: FoldPlan, family: Family, cfg: PretrainedConfig, prefix: str, points: list[tuple[int, Site, torch.Tensor]]
+) -> None:
     """Plan the constant-bias module for ``points``: one buffer tensor each, plus the config entries."""
     base = base_architecture(plan.config.get("model_type") or cfg.model_type)
     cls = CLASS_PREFIX + base
