@@ -274,7 +274,7 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 
 class HashingWriter:
     """An open binary file that hashes every byte written through it: a shard's sha256 as it is written, with
-    no second read (``FileDigest`` for the manifest)."""
+    no second read (``bake.manifest.FileHash`` records it)."""
 
     def __init__(self, file: BinaryIO) -> None:
         self.file, self.sha256, self.size = file, hashlib.sha256(), 0

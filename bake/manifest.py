@@ -120,6 +120,8 @@ class RecipeRecord(_Open):
 
 
 class _Entries(BaseModel):
+    """What both manifests (checkpoint folder, GGUF) offer every reader."""
+
     @property
     def entries(self) -> list[dict[str, Any]]:
         """The recipe's steering entries as measured (``bake.collection.measure``); none for a bare vector file."""

@@ -78,7 +78,7 @@ def measure(path: Path, work: Path) -> tuple[dict[str, Any], VectorSet]:
     evaluation = evaluate_checkpoint(out)
     entries = [
         {k: e[k] for k in ("name", "layer", "method", "coefficient", "relative_norm", "unscaled_norm")}
-        for e in result.manifest["vectors"]["entries"]
+        for e in result.manifest.entries
     ]
     return {
         "file": path.name,

@@ -174,7 +174,7 @@ def test_link_option_hard_links_untouched_shards(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     record = fold_checkpoint(src, _vectors(32, [(1, "resid_post")]), out, link=True)
-    assert record["shards_rewritten"] == [EXTRA_SHARD]
+    assert record.shards_rewritten == [EXTRA_SHARD]
     for shard in src.glob("model-*.safetensors"):
         assert (out / shard.name).stat().st_ino == shard.stat().st_ino
     assert (out / EXTRA_SHARD).stat().st_nlink == 1
