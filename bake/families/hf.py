@@ -217,7 +217,7 @@ _MOE_MID_VLLM = (
     "its own class builds o_proj without a bias; written as `TransformersForCausalLM`, which vLLM runs with its "
     "Transformers MoE backend (source, not run here)"
 )
-_MOE_LLAMA_CPP = "not checked yet"
+_MOE_LLAMA_CPP = "not run: `convert_hf_to_gguf.py` stops on the `TransformersForCausalLM` name, as for Qwen3"
 _MID_ONLY = "Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias."
 _POST_NORM = "A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it."
 _MODULE_ONLY = "no: the module is transformers code (by design)"
