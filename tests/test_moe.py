@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from test_architectures import PROBES, hooked_logits
 
 import bake
+from bake.manifest import check
 from bake.recipe import VerifySpec
 from bake.sources.load import load_model
 from bake.vectorfile import VectorSet
@@ -121,7 +122,8 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 def test_gpt_oss_mxfp4_folds_by_rewriting_only_biases(tmp_path):
     """A gpt-oss checkpoint in its published layout bakes both sites without dequantizing an expert: every
     ``*_blocks``/``*_scales`` tensor is copied bit for bit, only o_proj and expert down biases change (each
-    expert's row by the same vector), and the baked model, dequantized by stock transformers, steers like hooks."""
+    expert's row by the same vector), unbake restores the source bit for bit, and the baked model, dequantized by
+    stock transformers, steers like hooks."""
     bf16 = save_tiny(tmp_path / "bf16", tiny_config("gpt_oss"), dtype=torch.bfloat16)
     src = _as_mxfp4(bf16, tmp_path / "src")
     before = tree_digest(src)
@@ -146,6 +148,9 @@ def test_gpt_oss_mxfp4_folds_by_rewriting_only_biases(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "mxfp4"
     assert config["architectures"] == ["GptOssForCausalLM"]
+    assert check(tmp_path / "out", result.manifest) == []  # the manifest check reads per-expert rows too
+    bake.unbake(tmp_path / "out", tmp_path / "restored")
+    assert tree_digest(tmp_path / "restored") == before
     baked, original = load_model(tmp_path / "out"), load_model(src)  # both dequantized to bf16 on CPU
     # bf16, and the router's softmax weights sum to 1 only to bf16 precision (tests/test_architectures.py)
     _assert_steered_like_hooks(baked, original, "gpt_oss", vectors, 0.25)
