@@ -93,7 +93,8 @@ class Family:
     vllm_architecture: str | None = None
     """Written as config.json's ``architectures`` when vLLM's own class for the family drops a bias bake
     sets: "TransformersForCausalLM" makes vLLM run its Transformers backend (which keeps every bias), while
-    transformers itself still builds the stock class from ``model_type``."""
+    transformers itself still builds the stock class from ``model_type``. MoE families need
+    "TransformersMoEForCausalLM": under the plain name vLLM 0.32 fails on the per-expert tensor names."""
     vllm: str = "not checked yet"
     llama_cpp: str = "not checked yet"
     """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering: "tested (vLLM <version>)" means
@@ -213,11 +214,12 @@ _MOE_EXPERTS = (
 )
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 _MLA_ZERO = ("self_attn.kv_a_proj_with_mqa", "self_attn.o_proj")
+_MOE_BACKEND = "TransformersMoEForCausalLM"
 _MOE_MID_VLLM = (
-    "its own class builds o_proj without a bias; written as `TransformersForCausalLM`, which vLLM runs with its "
-    "Transformers MoE backend (source, not run here)"
+    "its own class builds o_proj without a bias; written as `TransformersMoEForCausalLM` (vLLM's Transformers MoE "
+    "backend keeps it), as for Qwen3-MoE (source, not run here)"
 )
-_MOE_LLAMA_CPP = "not run: `convert_hf_to_gguf.py` stops on the `TransformersForCausalLM` name, as for Qwen3"
+_MOE_LLAMA_CPP = "conversion stops: `TransformersMoEForCausalLM` is no architecture it registers (source)"
 _MID_ONLY = "Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias."
 _POST_NORM = "A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it."
 _MODULE_ONLY = "no: the module is transformers code (by design)"
@@ -559,8 +561,9 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag()},
         notes="Only the mid-block site: attention_bias gives o_proj a bias. " + _MOE_EXPERTS,
-        vllm_architecture="TransformersForCausalLM",
-        vllm=_MOE_MID_VLLM,
+        vllm_architecture=_MOE_BACKEND,
+        vllm="its own class builds o_proj without a bias; written as `TransformersMoEForCausalLM`: run once by hand "
+        "in vLLM 0.32.0 (CPU, tiny model), greedy tokens = transformers' steered (not in the suite)",
         llama_cpp=_MOE_LLAMA_CPP,
     ),
     Family(
@@ -569,7 +572,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag()},
         notes="Only the mid-block site: attention_bias gives o_proj a bias. " + _MOE_EXPERTS,
-        vllm_architecture="TransformersForCausalLM",
+        vllm_architecture=_MOE_BACKEND,
         vllm=_MOE_MID_VLLM,
         llama_cpp=_MOE_LLAMA_CPP,
     ),
@@ -590,9 +593,9 @@ FAMILIES: tuple[Family, ...] = (
         },
         notes="MoE blocks carry the vector in the shared experts' down_proj bias (added unweighted), dense blocks "
         "in the MLP's; attention_bias gives o_proj a bias.",
-        vllm_architecture="TransformersForCausalLM",
-        vllm="its own class builds o_proj and the MLPs without biases; written as `TransformersForCausalLM`, "
-        "which vLLM runs with its Transformers MoE backend (source, not run here)",
+        vllm_architecture=_MOE_BACKEND,
+        vllm="its own class builds o_proj and the MLPs without biases; written as `TransformersMoEForCausalLM` "
+        "(source; vLLM CPU's MLA refused the tiny model's head size, so not run here)",
         llama_cpp=_MOE_LLAMA_CPP,
     ),
     Family(
@@ -602,7 +605,7 @@ FAMILIES: tuple[Family, ...] = (
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag(_MLA_ZERO, ("self_attn.q_a_proj",))},
         notes="Only the mid-block site: attention_bias gives o_proj a bias. The MLPs and shared experts are built "
         "without biases (no mlp_bias flag), and the routed experts' sigmoid weights need not sum to 1.",
-        vllm_architecture="TransformersForCausalLM",
+        vllm_architecture=_MOE_BACKEND,
         vllm=_MOE_MID_VLLM,
         llama_cpp=_MOE_LLAMA_CPP,
     ),
@@ -613,7 +616,7 @@ FAMILIES: tuple[Family, ...] = (
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag()},
         notes="Only the mid-block site: attention_bias gives o_proj a bias. The shared expert and dense MLPs are "
         "built without biases, and the routed experts' sigmoid weights need not sum to 1.",
-        vllm_architecture="TransformersForCausalLM",
+        vllm_architecture=_MOE_BACKEND,
         vllm=_MOE_MID_VLLM,
         llama_cpp=_MOE_LLAMA_CPP,
     ),
@@ -629,8 +632,8 @@ FAMILIES: tuple[Family, ...] = (
         },
         notes="Every expert's down_proj_bias (one row per expert, bf16 beside the MXFP4 weights) gets the vector; "
         "o_proj already has a bias. Only bias tensors change: MXFP4 expert blocks are copied byte for byte.",
-        vllm="loads both: `down_proj_bias` as each expert's `w2_bias` and top-k renormalised, o_proj with its bias "
-        "(source, not run here)",
+        vllm="loads both (`down_proj_bias` as each expert's `w2_bias`, top-k renormalised): run once by hand in vLLM "
+        "0.32.0 (CPU, tiny unquantized model), greedy tokens = transformers' steered (not in the suite)",
         llama_cpp="converts both, to `ffn_down_exps.bias` and `attn_output.bias` (source, not run here)",
     ),
 )
