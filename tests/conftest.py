@@ -73,6 +73,50 @@ TINY: dict[str, dict] = {
     "gemma2": dict(_GQA, head_dim=8),
     "gemma3_text": dict(_GQA, head_dim=8),
     "olmo2": dict(_GQA),
+    # MoE families (tests/test_moe.py): 4 experts, 2 per token; DeepSeek's blocks 0-1 dense, 2-3 MoE.
+    "mixtral": dict(_GQA, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    "qwen2_moe": dict(
+        _GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32
+    ),
+    "qwen3_moe": dict(_GQA, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    "olmoe": dict(_GQA, num_experts=4, num_experts_per_tok=2),
+    "deepseek_v2": dict(
+        _SIZES,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=2,
+    ),
+    "deepseek_v3": dict(
+        _SIZES,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        first_k_dense_replace=2,
+        n_group=1,
+        topk_group=1,
+    ),
+    "llama4_text": dict(
+        _GQA,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        intermediate_size_mlp=64,
+        interleave_moe_layer_step=2,
+    ),
+    "gpt_oss": dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=8),
 }
 
 

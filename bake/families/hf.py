@@ -46,6 +46,18 @@ class Slot:
     (Granite's residual_multiplier): the bias is then vector / scale."""
     when: Mapping[str, Any] = field(default_factory=dict)
     """Config values under which this slot is exact; otherwise the site is unavailable."""
+    suffix: str = ".bias"
+    """The bias tensor is ``<bias><suffix>`` (gpt-oss names its experts' ``mlp.experts.down_proj_bias``). A bias
+    with one row per expert gets the vector on every row: exact only where the routing weights sum to 1."""
+    or_bias: tuple[str, ...] = ()
+    """Modules tried in turn in a block that has no ``bias`` module (DeepSeek-V2's dense blocks before its MoE
+    ones): the first one the block has carries the vector."""
+    zero_biases_if_present: tuple[str, ...] = ()
+    """Like ``zero_biases``, for modules only some blocks or configurations have."""
+
+    def tensor(self, module: str) -> str:
+        """The bias tensor of ``module`` (this slot's ``bias`` or one of ``or_bias``), relative to a block."""
+        return module + self.suffix
 
 
 @dataclass(frozen=True)
@@ -81,7 +93,8 @@ class Family:
     vllm_architecture: str | None = None
     """Written as config.json's ``architectures`` when vLLM's own class for the family drops a bias bake
     sets: "TransformersForCausalLM" makes vLLM run its Transformers backend (which keeps every bias), while
-    transformers itself still builds the stock class from ``model_type``."""
+    transformers itself still builds the stock class from ``model_type``. MoE families need
+    "TransformersMoEForCausalLM": under the plain name vLLM 0.32 fails on the per-expert tensor names."""
     vllm: str = "not checked yet"
     llama_cpp: str = "not checked yet"
     """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering: "tested (vLLM <version>)" means
@@ -131,18 +144,24 @@ _LLAMA_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _QKVO = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 
 
+def _o_proj_flag(
+    zero: tuple[str, ...] = _QKVO, zero_if_present: tuple[str, ...] = (), scale: str | None = None
+) -> Slot:
+    """The mid-block site through ``attention_bias``, for families that read it for o_proj (zeros for the rest)."""
+    return Slot(
+        bias="self_attn.o_proj",
+        hook="self_attn",
+        read="post_attention_layernorm",
+        flags={"attention_bias": True},
+        zero_biases=zero,
+        zero_biases_if_present=zero_if_present,
+        scale=scale,
+    )
+
+
 def _llama_like(flag_mlp: bool = True, scale: str | None = None) -> dict[Site, Slot]:
     """Sequential pre-norm blocks named like Llama's (post_attention_layernorm reads the mid residual)."""
-    sites: dict[Site, Slot] = {
-        "resid_mid": Slot(
-            bias="self_attn.o_proj",
-            hook="self_attn",
-            read="post_attention_layernorm",
-            flags={"attention_bias": True},
-            zero_biases=_QKVO,
-            scale=scale,
-        ),
-    }
+    sites: dict[Site, Slot] = {"resid_mid": _o_proj_flag(scale=scale)}
     if flag_mlp:
         sites["resid_post"] = Slot(bias="mlp.down_proj", flags={"mlp_bias": True}, zero_biases=_LLAMA_MLP, scale=scale)
     else:
@@ -185,6 +204,22 @@ def _phi3_reason(config: Config) -> str | None:
     return _sliding_window_reason(config)
 
 
+# Pre-norm MoE blocks with no bias module where a site joins the residual: readable and hookable (the
+# constant-bias module carries the vector), never a stock bias.
+_NO_SLOT_POST = Slot(bias=None)
+_NO_SLOT_MID = Slot(bias=None, hook="self_attn", read="post_attention_layernorm")
+_MOE_EXPERTS = (
+    "The MoE block's experts are fused 3-D parameters with no bias (transformers 5), "
+    "and no dense or shared expert with a bias adds to its output unweighted."
+)
+_PROJ = ("gate_proj", "up_proj", "down_proj")
+_MLA_ZERO = ("self_attn.kv_a_proj_with_mqa", "self_attn.o_proj")
+_MOE_BACKEND = "TransformersMoEForCausalLM"
+_MOE_MID_VLLM = (
+    "its own class builds o_proj without a bias; written as `TransformersMoEForCausalLM` (vLLM's Transformers MoE "
+    "backend keeps it), as for Qwen3-MoE (source, not run here)"
+)
+_MOE_LLAMA_CPP = "conversion stops: `TransformersMoEForCausalLM` is no architecture it registers (source)"
 _MID_ONLY = "Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias."
 _POST_NORM = "A post-norm sits between every sublayer and the residual, so no stock bias adds a constant to it."
 _MODULE_ONLY = "no: the module is transformers code (by design)"
@@ -499,6 +534,108 @@ FAMILIES: tuple[Family, ...] = (
         vllm=_MODULE_ONLY,
         llama_cpp=_MODULE_ONLY,
     ),
+    Family(
+        name="Mixtral",
+        model_types=("mixtral",),
+        blocks="model.layers",
+        sites={"resid_post": _NO_SLOT_POST, "resid_mid": _NO_SLOT_MID},
+        notes="o_proj is built without a bias and has no flag. " + _MOE_EXPERTS,
+        vllm=_MODULE_ONLY,
+        llama_cpp=_MODULE_ONLY,
+    ),
+    Family(
+        name="Qwen2-MoE",
+        model_types=("qwen2_moe",),
+        blocks="model.layers",
+        sites={"resid_post": _NO_SLOT_POST, "resid_mid": _NO_SLOT_MID},
+        notes="o_proj is built without a bias and has no flag (qkv_bias covers q/k/v only). "
+        + _MOE_EXPERTS
+        + " Its shared expert has no bias and is scaled by a per-token sigmoid gate, so a bias there would not be "
+        "a constant.",
+        vllm=_MODULE_ONLY,
+        llama_cpp=_MODULE_ONLY,
+    ),
+    Family(
+        name="Qwen3-MoE",
+        model_types=("qwen3_moe",),
+        blocks="model.layers",
+        sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag()},
+        notes="Only the mid-block site: attention_bias gives o_proj a bias. " + _MOE_EXPERTS,
+        vllm_architecture=_MOE_BACKEND,
+        vllm="its own class builds o_proj without a bias; written as `TransformersMoEForCausalLM`: run once by hand "
+        "in vLLM 0.32.0 (CPU, tiny model), greedy tokens = transformers' steered (not in the suite)",
+        llama_cpp=_MOE_LLAMA_CPP,
+    ),
+    Family(
+        name="OLMoE",
+        model_types=("olmoe",),
+        blocks="model.layers",
+        sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag()},
+        notes="Only the mid-block site: attention_bias gives o_proj a bias. " + _MOE_EXPERTS,
+        vllm_architecture=_MOE_BACKEND,
+        vllm=_MOE_MID_VLLM,
+        llama_cpp=_MOE_LLAMA_CPP,
+    ),
+    Family(
+        name="DeepSeek-V2",
+        model_types=("deepseek_v2",),
+        blocks="model.layers",
+        sites={
+            # The shared experts' output is added to the routed experts' unweighted, and the first
+            # first_k_dense_replace blocks are dense: mlp_bias gives both a down_proj bias.
+            "resid_post": Slot(
+                bias="mlp.shared_experts.down_proj",
+                or_bias=("mlp.down_proj",),
+                flags={"mlp_bias": True},
+                zero_biases_if_present=tuple(f"mlp.{part}{proj}" for part in ("", "shared_experts.") for proj in _PROJ),
+            ),
+            "resid_mid": _o_proj_flag(_MLA_ZERO, ("self_attn.q_a_proj",)),
+        },
+        notes="MoE blocks carry the vector in the shared experts' down_proj bias (added unweighted), dense blocks "
+        "in the MLP's; attention_bias gives o_proj a bias.",
+        vllm_architecture=_MOE_BACKEND,
+        vllm="its own class builds o_proj and the MLPs without biases; written as `TransformersMoEForCausalLM` "
+        "(source; vLLM CPU's MLA refused the tiny model's head size, so not run here)",
+        llama_cpp=_MOE_LLAMA_CPP,
+    ),
+    Family(
+        name="DeepSeek-V3",
+        model_types=("deepseek_v3",),
+        blocks="model.layers",
+        sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag(_MLA_ZERO, ("self_attn.q_a_proj",))},
+        notes="Only the mid-block site: attention_bias gives o_proj a bias. The MLPs and shared experts are built "
+        "without biases (no mlp_bias flag), and the routed experts' sigmoid weights need not sum to 1.",
+        vllm_architecture=_MOE_BACKEND,
+        vllm=_MOE_MID_VLLM,
+        llama_cpp=_MOE_LLAMA_CPP,
+    ),
+    Family(
+        name="Llama 4 (text)",
+        model_types=("llama4_text",),
+        blocks="model.layers",
+        sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag()},
+        notes="Only the mid-block site: attention_bias gives o_proj a bias. The shared expert and dense MLPs are "
+        "built without biases, and the routed experts' sigmoid weights need not sum to 1.",
+        vllm_architecture=_MOE_BACKEND,
+        vllm=_MOE_MID_VLLM,
+        llama_cpp=_MOE_LLAMA_CPP,
+    ),
+    Family(
+        name="gpt-oss",
+        model_types=("gpt_oss",),
+        blocks="model.layers",
+        sites={
+            # The router's weights are a softmax over the chosen experts' logits (sum 1), so the same vector on
+            # every expert's down-projection bias adds exactly that vector to the MoE block's output.
+            "resid_post": Slot(bias="mlp.experts.down_proj", suffix="_bias"),
+            "resid_mid": _o_proj_flag(),
+        },
+        notes="Every expert's down_proj_bias (one row per expert, bf16 beside the MXFP4 weights) gets the vector; "
+        "o_proj already has a bias. Only bias tensors change: MXFP4 expert blocks are copied byte for byte.",
+        vllm="loads both (`down_proj_bias` as each expert's `w2_bias`, top-k renormalised): run once by hand in vLLM "
+        "0.32.0 (CPU, tiny unquantized model), greedy tokens = transformers' steered (not in the suite)",
+        llama_cpp="converts both, to `ffn_down_exps.bias` and `attn_output.bias` (source, not run here)",
+    ),
 )
 
 
@@ -508,7 +645,7 @@ def _slot_text(family: Family, site: Site) -> str:
         return "none"
     if slot.bias is None:
         return "none (module with `--allow-remote-code`)"
-    text = f"`{slot.bias}.bias`"
+    text = " or ".join(f"`{slot.tensor(m)}`" for m in (slot.bias, *slot.or_bias))
     if slot.flags:
         text += " + " + ", ".join(f"`{k}: {str(v).lower()}`" for k, v in slot.flags.items())
     if slot.scale:

@@ -50,8 +50,20 @@ def _auto_config(path: Path) -> Any:
 
 
 def text_config(path: Path) -> Any:
-    """The transformers config of the language model part (normalises GPT-2's n_embd etc.)."""
-    return _auto_config(path).get_text_config()
+    """The transformers config of the language model (normalises GPT-2's n_embd etc.).
+
+    A multimodal wrapper (Gemma3ForConditionalGeneration, Mistral3, LLaVA: a vision tower beside a language
+    model) is refused here, before any work: bake loads, hooks and folds *ForCausalLM checkpoints only."""
+    config = _auto_config(path)
+    text = config.get_text_config()
+    if text is not config:
+        architecture = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        raise BakeError(
+            f"{str(path)!r} is a multimodal wrapper (model_type {config.model_type!r}, {architecture}) around a "
+            f"{text.model_type!r} language model: bake does not yet steer the language model inside a wrapper; bake "
+            "a text-only checkpoint of that language model instead"
+        )
+    return text
 
 
 def truncated_config(path: Path, layers: int | None = None) -> Any:

@@ -18,7 +18,7 @@ import torch
 
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
-from bake.families.hf import Family, family_for, head_dim
+from bake.families.hf import Family, Slot, family_for, head_dim
 from bake.formats.hf import remote
 from bake.formats.hf.plan import FoldPlan
 from bake.formats.hf.undo import save_undo
@@ -80,6 +80,15 @@ def _relabel(plan: FoldPlan, family: Family, cfg: PretrainedConfig, prefix: str)
     }
 
 
+def _bias_tensor(plan: FoldPlan, slot: Slot, block: str) -> tuple[str, str]:
+    """(bias, weight) tensor names of the first of the slot's modules this block has (DeepSeek-V2: dense or MoE)."""
+    for module in (slot.bias, *slot.or_bias):
+        name, weight = f"{block}.{slot.tensor(module)}", f"{block}.{module}.weight"
+        if plan.has(name) or plan.has(weight):
+            return name, weight
+    raise BakeError(f"{str(plan.ckpt.path)!r} has no tensor {block}.{slot.bias}.weight: is the checkpoint complete?")
+
+
 def plan_fold(
     ckpt: Checkpoint, vectors: VectorSet, out_dtype: torch.dtype | None = None, allow_remote_code: bool = False
 ) -> FoldPlan:
@@ -104,11 +113,11 @@ def plan_fold(
         if slot.bias is None:
             without_slot.append((layer, site, v))
             continue
-        name = f"{prefix}.{layer}.{slot.bias}.bias"
-        shape, dtype = plan.weight(f"{prefix}.{layer}.{slot.bias}.weight")
+        name, weight = _bias_tensor(plan, slot, f"{prefix}.{layer}")
         info = ckpt.find(name)
+        dtype = (plan.out_dtype or info.torch_dtype) if info is not None else plan.weight(weight)[1]
         before = info.read().to(torch.float32) if info is not None else torch.zeros_like(v)
-        if before.shape != v.shape:
+        if before.shape[-1:] != v.shape:  # one row per expert (gpt-oss) or one bias
             raise BakeError(f"{name} has shape {tuple(before.shape)} but the vector has {tuple(v.shape)}: wrong model?")
         delta = v / getattr(cfg, slot.scale) if slot.scale else v
         exact = before + delta
@@ -136,6 +145,9 @@ def plan_fold(
         for layer in range(cfg.num_hidden_layers):
             for module in slot.zero_biases:
                 plan.add_zero_bias(f"{prefix}.{layer}.{module}")
+            for module in slot.zero_biases_if_present:
+                if plan.has(f"{prefix}.{layer}.{module}.weight"):
+                    plan.add_zero_bias(f"{prefix}.{layer}.{module}")
     if family.vllm_architecture:
         plan.config["architectures"] = [family.vllm_architecture]  # a constant-bias module below names its own
     if without_slot:
