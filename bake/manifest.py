@@ -84,6 +84,27 @@ class RecipeRecord(_Open):
     base_dir: str
 
 
+class SampleEngine(_Strict):
+    """Which engine sampled a model-sample background (``vectors.entries[].data.background.engine``)."""
+
+    name: Literal["transformers", "llama.cpp"]
+    version: str
+
+
+def sample_engine(manifest: dict[str, Any], where: str) -> str | None:
+    """The engine that sampled the bake's background (None: no sampled background; a bake from before the
+    choice was transformers'), so a rebuild samples with the same one."""
+    engines = set()
+    for entry in manifest["vectors"].get("entries", []):
+        for info in entry.get("data", {}).values():
+            if info.get("kind") == "model-sample":
+                record = info.get("engine", {"name": "transformers", "version": "?"})
+                engines.add(validate(record, f"{where}: vectors.entries.data.engine", SampleEngine).name)
+    if len(engines) > 1:
+        raise BakeError(f"{where}: the backgrounds were sampled by {sorted(engines)}: a bake uses one engine")
+    return next(iter(engines), None)
+
+
 class Manifest(BaseModel):
     """``bake.json`` of a Hugging Face checkpoint folder: the contract inspect, unbake, rebuild, push and the card
     read."""

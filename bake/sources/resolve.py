@@ -40,6 +40,8 @@ class ModelSource:
     path: Path
     identity: dict[str, Any] = field(default_factory=dict)
     gguf_license: str | None = None
+    gguf: Path | None = None
+    """The GGUF file the folder was dequantized from (llama.cpp samples straight from it)."""
 
     @property
     def license(self) -> str | None:
@@ -129,7 +131,7 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
     identity = {"kind": "gguf", "file": gguf.name, "sha256": digest}
     target = cache_dir() / "gguf" / digest[:24]
     if (target / "config.json").is_file():
-        return ModelSource(spec, target, identity, _gguf_license(gguf))
+        return ModelSource(spec, target, identity, _gguf_license(gguf), gguf)
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise BakeError(f"reading GGUF files needs the {needed!r} package: pip install 'bake[gguf]'")
@@ -150,7 +152,7 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
             tokenizer.save_pretrained(staging)
     except OutputExists:  # another run cached the same file meanwhile
         pass
-    return ModelSource(spec, target, identity, _gguf_license(gguf))
+    return ModelSource(spec, target, identity, _gguf_license(gguf), gguf)
 
 
 def _gguf_license(gguf: Path) -> str | None:
