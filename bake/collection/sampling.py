@@ -43,7 +43,7 @@ def sample(gguf: Path, start: int, stops: set[int], sequences: int, tokens: int,
     llama_cpp.llama_backend_init()
     model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), llama_cpp.llama_model_default_params())
     if not model:
-        raise BakeError(f"llama.cpp cannot load {str(gguf)!r}: give a background corpus (or sample without llama-cpp-python)")
+        raise BakeError(f"llama.cpp cannot load {str(gguf)!r}: give a background corpus")
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = BATCH * tokens
     params.n_batch = params.n_ubatch = BATCH
