@@ -119,3 +119,24 @@ def test_rebuild_resamples_with_llama_cpp(tmp_path, smollm2_gguf, one_thread):
     assert result.exit_code == 0, result.output
     a, b = tree_digest(tmp_path / "first"), tree_digest(tmp_path / "b")
     assert a.pop("bake.json") and b.pop("bake.json") and a == b
+
+
+def test_gguf_licence_is_kept_beside_the_dequantized_folder(tmp_path):
+    """A warm run reads the licence from the cache, not by parsing the GGUF's metadata again."""
+    import gguf
+
+    from bake.sources.resolve import _gguf_license
+
+    path = tmp_path / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("general.license", "mit")
+    writer.add_tensor("x", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    target = tmp_path / "cache" / "gguf" / "abc"
+    assert _gguf_license(path, target) == "mit"
+    path.unlink()  # nothing left to parse: the second answer comes from the kept record
+    assert _gguf_license(path, target) == "mit"
+    assert json.loads((target.parent / "abc.license.json").read_text()) == {"license": "mit"}
