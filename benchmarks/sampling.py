@@ -37,7 +37,9 @@ def _case(args: dict) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"sampling case failed: {args}\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**result, "wall_s": time.perf_counter() - start, "load1": os.getloadavg()[0]}
+    result = {**result, "wall_s": time.perf_counter() - start, "load1": os.getloadavg()[0]}
+    print(f"  {json.dumps({**args, **result})}", file=sys.stderr, flush=True)  # a partial run still shows its cases
+    return result
 
 
 def _recipe(folder: Path, sequences: int, tokens: int) -> Path:
