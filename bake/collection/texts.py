@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bake.checkpoint import staged_output
+from bake.collection import sampling
 from bake.errors import BakeError, OutputExists
 from bake.recipe import ModelSample, Recipe, TextSource
 
@@ -157,7 +158,23 @@ def start_token(tokenizer: PreTrainedTokenizerBase) -> int:
     )
 
 
-@torch.inference_mode()
+ENGINES = ("transformers", "llama.cpp")
+"""What samples a background: transformers' ``generate`` on the loaded model, or llama.cpp on the GGUF."""
+
+
+def sample_engine(gguf: Path | None, recorded: str | None = None) -> str:
+    """The engine to sample with: ``recorded`` (a rebuild reproduces the bake's samples with the engine that made
+    them, or is refused), else llama.cpp when the model is a GGUF and llama-cpp-python is installed."""
+    if recorded == "llama.cpp" and not (gguf and sampling.available()):
+        why = "the base is not a GGUF file here" if gguf is None else "llama-cpp-python is not installed"
+        raise BakeError(
+            f"the background was sampled with llama.cpp, but {why}: {sampling.INSTALL} to reproduce the same samples"
+        )
+    if recorded is not None:
+        return recorded
+    return "llama.cpp" if gguf is not None and sampling.available() else "transformers"
+
+
 def sample_background(
     model_factory: Callable[[], PreTrainedModel],
     tokenizer: PreTrainedTokenizerBase,
@@ -165,23 +182,43 @@ def sample_background(
     spec: ModelSample,
     seed: int,
     cache: Path,
+    engine: str = "transformers",
+    gguf: Path | None = None,
 ) -> tuple[list[list[int]], str]:
     """Sample ``spec.sequences`` sequences of ``spec.tokens`` tokens from the model, starting at BOS.
 
-    ``model_factory()`` gives the model; it is called only when the cache misses.
-
-    The model's own distribution is the best stand-in for its training data.
-    Results are cached on disk keyed by model and settings, so every run with the
-    same settings uses identical background. Returns the token ids and the cache key.
+    ``model_factory()`` gives the model (``engine`` transformers), ``gguf`` its file (llama.cpp); either is used
+    only when the cache misses. The model's own distribution is the best stand-in for its training data.
+    Results are cached on disk keyed by model, engine and settings, so every run with the same settings uses
+    identical background. Returns the token ids and the cache key.
     """
     start = start_token(tokenizer)
-    key_src = json.dumps({"model": model_key, **spec.model_dump(), "seed": seed, "start": start}, sort_keys=True)
+    settings = {"model": model_key, **spec.model_dump(), "seed": seed, "start": start}
+    if engine != "transformers":  # the key of a transformers sample stays what it was before there was a choice
+        settings["engine"] = engine
+    key_src = json.dumps(settings, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     path = cache / "background" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())["sequences"], key
     stops = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
-    model = model_factory()
+    if engine == "llama.cpp":
+        assert gguf is not None, "sample_engine chooses llama.cpp only for a GGUF"
+        sequences = sampling.sample(gguf, start, stops, spec.sequences, spec.tokens, spec.temperature, seed)
+    else:
+        sequences = _generate(model_factory(), start, stops, spec, seed, tokenizer.pad_token_id)
+    with contextlib.suppress(OutputExists), staged_output(path, True, ours=lambda p: True, file=True) as tmp:
+        tmp.write_text(json.dumps({"settings": json.loads(key_src), "sequences": sequences}))  # a cache entry is ours
+    print(
+        f"sampled background with {engine}: {len(sequences)} sequences of up to {spec.tokens} tokens, cached in {path}",
+        file=sys.stderr,
+    )
+    return sequences, key
+
+
+@torch.inference_mode()
+def _generate(model, start: int, stops: set[int], spec: ModelSample, seed: int, pad: int | None) -> list[list[int]]:
+    """transformers' sampling, 32 sequences per ``generate`` call, seeded once for the whole background."""
     sequences: list[list[int]] = []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -196,16 +233,10 @@ def sample_background(
                 top_k=0,
                 top_p=1.0,
                 max_new_tokens=spec.tokens - 1,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad,
             )
             for row in out.tolist():
                 # A sequence ends at its first end-of-text token; what follows is padding.
                 end = next((i for i, t in enumerate(row[1:], 1) if t in stops), len(row))
                 sequences.append(row[:end])
-    with contextlib.suppress(OutputExists), staged_output(path, True, ours=lambda p: True, file=True) as tmp:
-        tmp.write_text(json.dumps({"settings": json.loads(key_src), "sequences": sequences}))  # a cache entry is ours
-    print(
-        f"sampled background: {len(sequences)} sequences of up to {spec.tokens} tokens, cached in {path}",
-        file=sys.stderr,
-    )
-    return sequences, key
+    return sequences

@@ -7,6 +7,7 @@ cache), so folding, verification and manifests all work on one kind of input.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -40,6 +41,8 @@ class ModelSource:
     path: Path
     identity: dict[str, Any] = field(default_factory=dict)
     gguf_license: str | None = None
+    gguf: Path | None = None
+    """The GGUF file the folder was dequantized from (llama.cpp samples straight from it)."""
 
     @property
     def license(self) -> str | None:
@@ -129,13 +132,13 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
     identity = {"kind": "gguf", "file": gguf.name, "sha256": digest}
     target = cache_dir() / "gguf" / digest[:24]
     if (target / "config.json").is_file():
-        return ModelSource(spec, target, identity, _gguf_license(gguf))
+        return ModelSource(spec, target, identity, _gguf_license(gguf, target), gguf)
     for needed in ("gguf", "accelerate"):
         if importlib.util.find_spec(needed) is None:
             raise BakeError(f"reading GGUF files needs the {needed!r} package: pip install 'bake[gguf]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer  # startup
 
-    read_gguf(gguf)  # a truncated or broken file is refused in one line here, not by a traceback from transformers
+    reader = read_gguf(gguf)  # a broken file is refused in one line here, not by a traceback from transformers
     try:  # a cache entry is always bake's own: a broken one is replaced
         with staged_output(target, force=True, ours=lambda p: True) as staging:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -150,10 +153,19 @@ def _from_gguf(spec: str, gguf: Path) -> ModelSource:
             tokenizer.save_pretrained(staging)
     except OutputExists:  # another run cached the same file meanwhile
         pass
-    return ModelSource(spec, target, identity, _gguf_license(gguf))
+    return ModelSource(spec, target, identity, _gguf_license(gguf, target, reader), gguf)
 
 
-def _gguf_license(gguf: Path) -> str | None:
+def _gguf_license(gguf: Path, target: Path, reader: Any = None) -> str | None:
+    """The GGUF's ``general.license``, kept beside its dequantized folder: parsing the file's metadata (its whole
+    vocabulary) took longer than the rest of a warm run's start."""
+    kept = target.with_name(target.name + ".license.json")
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(kept.read_text())["license"]
     if importlib.util.find_spec("gguf") is None:  # a cached dequantized copy works without it
         return None
-    return gguf_value(read_gguf(gguf), "general.license")
+    value = gguf_value(reader or read_gguf(gguf), "general.license")
+    value = value if isinstance(value, str) else None
+    with contextlib.suppress(OutputExists), staged_output(kept, True, ours=lambda p: True, file=True) as tmp:
+        tmp.write_text(json.dumps({"license": value}))  # a cache entry is bake's own
+    return value
