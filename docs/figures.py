@@ -19,7 +19,9 @@ and ``renderings()`` says what each NAME renders, from which file:
     python benchmarks/run.py --only fold && python docs/figures.py --render
 
 tests/test_readme.py checks that every block on every page is its rendering and that every rendering has its block
-(``problems()``); the tests that measure check that their fresh figures agree with the committed JSON.
+(``problems()``). The quickstart and GGUF figures are re-measured by the tests that record them
+(test_quickstart_reproduces_the_readme_figures, test_llama_cpp_figures_match_docs_gguf_json), which check the fresh
+figures against the committed JSON; benchmark figures are as fresh as each section's date in results.json says.
 """
 
 from __future__ import annotations
