@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs"))
-import figures  # noqa: E402  (docs/figures.py: the README's measured table)
+import figures  # noqa: E402  (docs/figures.py: every measured-figures block of the docs)
 
 FENCE = re.compile(
     r"(?:<!-- readme-test: skip \((?P<skip>.+?)\) -->\n)?^(?P<indent> *)```(?P<lang>bash|python)\n"
