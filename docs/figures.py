@@ -1,23 +1,56 @@
-"""The quickstart figures the README quotes: docs/figures.json from a real run's bake.json, and the table from it.
+"""Every measured figure the docs quote, rendered from a committed JSON file written by the code that measured it.
 
-    bake run recipes/quickstart.yaml -o out/cheerful && python docs/figures.py out/cheerful   # record and render
-    python docs/figures.py --render     # README.md's table from the committed figures.json only (no model)
+A page holds a figures block as
 
-tests/test_readme.py checks that the README's table is this rendering of figures.json, and that the quickstart it
-runs reproduces figures.json.
+    <!-- figures:NAME -->
+    ...the rendering of NAME, never edited by hand...
+    <!-- end figures:NAME -->
+
+and ``renderings()`` says what each NAME renders, from which file:
+
+- ``quickstart`` (README.md): docs/figures.json, from a real quickstart bake's bake.json;
+- ``gguf`` (docs/gguf.md): docs/gguf.json, from the real SmolLM2 GGUF comparison in tests/test_gguf_export.py;
+- ``benchmarks.SECTION`` (benchmarks/README.md) and ``benchmarks.summary`` (docs/big-models.md):
+  benchmarks/results.json, from benchmarks/run.py.
+
+    python docs/figures.py --render            # rewrite every block from the committed JSON only (no model)
+    bake run recipes/quickstart.yaml -o out/cheerful && python docs/figures.py out/cheerful   # record, render
+    python docs/figures.py --gguf              # re-measure docs/gguf.json (llama.cpp; minutes), render
+    python benchmarks/run.py --only fold && python docs/figures.py --render
+
+tests/test_readme.py checks that every block on every page is its rendering and that every rendering has its block
+(``problems()``). The quickstart and GGUF figures are re-measured by the tests that record them
+(test_quickstart_reproduces_the_readme_figures, test_llama_cpp_figures_match_docs_gguf_json), which check the fresh
+figures against the committed JSON; benchmark figures are as fresh as each section's date in results.json says.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures.json"
+GGUF = ROOT / "docs" / "gguf.json"
 README = ROOT / "README.md"
-BEGIN, END = "<!-- figures.json -->", "<!-- end figures.json -->"
+MARKER = re.compile(r"<!-- (?P<end>end )?figures:(?P<name>[\w.-]+) -->")
+
+
+def pages() -> list[Path]:
+    """The pages that may hold figures blocks."""
+    return [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+
+
+# ---------------------------------------------------------------- quickstart (README.md)
 
 
 def record(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -39,7 +72,6 @@ def render(figures: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {figures['versions'][k]}" for k in ("torch", "transformers"))
     return "\n".join(
         [
-            BEGIN,
             f"On the quickstart ({figures['base']}, {ver['dtype']}, CPU), from the run's `bake.json` via",
             f"`docs/figures.json` ({versions}):",
             "",
@@ -56,26 +88,195 @@ def render(figures: dict[str, Any]) -> str:
             "",
             "Effects and costs measured by `bake eval`: [recipes/README.md](recipes/README.md) and",
             "[docs/evaluation.md](docs/evaluation.md).",
-            END,
         ]
     )
 
 
-def splice(text: str, block: str) -> str:
-    """``text`` with its figures block replaced by ``block``."""
-    head, rest = text.split(BEGIN, 1)
-    return head + block + rest.split(END, 1)[1]
+# ---------------------------------------------------------------- GGUF in llama.cpp (docs/gguf.md)
+
+
+def render_gguf(g: dict[str, Any]) -> str:
+    """docs/gguf.md's llama.cpp table, from gguf.json alone (written by tests/test_gguf_export.py)."""
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    wrong = g["wrong"]
+    return "\n".join(
+        [
+            f"Measured on {g['model']} (`tests/test_gguf_export.py`, recorded in `docs/gguf.json`: a mean-centred",
+            f"vector after block {g['post_layer']} and one after block {g['mid_layer']}'s attention, "
+            f"{g['positions']} positions of {g['prompts']} probe prompts,",
+            f"llama-cpp-python {g['llama_cpp_python']} on CPU, {g['threads']} thread):",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            "| max / mean \\|Δlogit\\|, steered GGUF in llama.cpp vs hook-steered dequantized model "
+            f"| {g['steered_gap']['max']:#.3g} / {g['steered_gap']['mean']:#.3g} |",
+            "| the same, unsteered GGUF vs plain dequantized model (the quantization baseline) "
+            f"| {g['unsteered_gap']['max']:#.3g} / {g['unsteered_gap']['mean']:#.3g} |",
+            f"| top-1 token agreement, steered / unsteered pair | {pct(g['top1']['steered'])} / "
+            f"{pct(g['top1']['unsteered'])} |",
+            "| mean \\|Δlogit\\| steered vs unsteered GGUF in llama.cpp "
+            f"(hooks: {g['change']['hooks']:#.3g}) | {g['change']['llama_cpp']:#.3g} |",
+            f"| llama.cpp's change vs the hooks' change, relative error | {pct(g['change']['relative_error'])} |",
+            "| after-block bias vs the unsteered GGUF plus the same vector as a llama.cpp control vector: "
+            f"max / mean \\|Δlogit\\|, top-1 | {g['control_vector']['max']:#.2g} / {g['control_vector']['mean']:#.2g}, "
+            f"{pct(g['control_vector']['top1'])} |",
+            "| original tensors and metadata entries byte-identical to the source "
+            f"| all {g['identical']['tensors']} tensors, all {g['identical']['metadata']} entries |",
+            "",
+            "A wrong bake does not pass (steered gap ÷ unsteered gap, max / mean; the check allows 2): the same",
+            f"vectors at {wrong['scaled']['scale']:g}x gave {wrong['scaled']['max']:.1f} / "
+            f"{wrong['scaled']['mean']:.1f}, the two vectors swapped (each at the",
+            f"other's layer and site) {wrong['swapped']['max']:.1f} / {wrong['swapped']['mean']:.1f}.",
+        ]
+    )
+
+
+def record_gguf() -> None:
+    """Re-measure docs/gguf.json: the figures test of tests/test_gguf_export.py, told to write instead of compare."""
+    env = {**os.environ, "BAKE_RECORD_FIGURES": "1", "PYTHONPATH": str(ROOT)}
+    test = "tests/test_gguf_export.py::test_llama_cpp_figures_match_docs_gguf_json"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT, env=env, check=True
+    )
+
+
+# ---------------------------------------------------------------- benchmarks (benchmarks/README.md, big-models.md)
+
+
+@cache
+def benchmarks() -> ModuleType:
+    """benchmarks/run.py (SECTIONS, render_section, RESULTS), imported by path: benchmarks/ is not a package."""
+    spec = importlib.util.spec_from_file_location("bake_benchmarks_run", ROOT / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_benchmark_summary(results: dict[str, Any]) -> str:
+    """docs/big-models.md's summary of the collection, fold and inference sections of benchmarks/results.json."""
+    coll, fold, inf = (results[n] for n in ("collection", "fold", "inference"))
+    smol = [r for r in coll["results"]["rows"] if r["model"].startswith("SmolLM2")]
+    rss = [r["rss_ratio"] for r in smol]
+    diff = max(r["mean_diff"] for r in coll["results"]["rows"])
+    f, q = fold["results"], fold["results"]["ratios"]
+    link = next(c for c in f["cases"] if "link=True" in c["case"])
+    modes = {m["mode"]: m for m in inf["results"]["modes"]}
+    when = sorted({e["date"] for e in (coll, fold, inf)})
+    source = any(e.get("source") for e in (coll, fold, inf))
+    return "\n".join(
+        [
+            f"  The figures of [`benchmarks/README.md`](../benchmarks/README.md#results) ({', '.join(when)}"
+            + ("; transcribed into results.json from an earlier README, not re-measured since" if source else "")
+            + "):",
+            "",
+            f"  - **collection**: the forward pass is {smol[0]['speed_ratio']:.1f}× faster at block "
+            f"{smol[0]['layer']} of SmolLM2 and {smol[1]['speed_ratio']:.1f}× at",
+            f"    block {smol[1]['layer']} than the usual full forward with `output_hidden_states=True`, with "
+            f"{min(rss):.2f}–{max(rss):.2f}×",
+            "    its peak memory, for the same means ("
+            + ("exactly equal" if diff == 0 else f"within {diff:.0e} of the largest")
+            + ");",
+            f"  - **fold**: a {f['size_gb']:.1f} GB bf16 checkpoint takes **{q['medians']:.2f}×** the time of `cp -r` "
+            f"(medians of {f['repeat']};",
+            f"    {q['fsync']:.2f}× including fsync, "
+            + ("within" if max(q["medians"], q["fsync"]) <= 1.2 else "above")
+            + f" the 1.2× target; the fastest single runs: {q['minima']:.2f}×), with",
+            f"    peak memory {q['rss_over_floor_mb']:.0f} MB above the bare Python+torch import, "
+            f"{q['rss_over_largest_shard']:.2f}× the largest shard;",
+            f"    `link=True` takes {link['s_median']:.2f} s. The fold copies with `copy_file_range`, as `cp` does;",
+            f"  - **inference**: the baked model generates at {modes['baked']['ratio']:.3f}× the base model's speed",
+            "    and gives "
+            + ("the hook-steered model's tokens" if modes["baked"]["same_as_hooked"] else "other tokens than hooks")
+            + f"; the hooked base runs at {modes['hooked']['ratio']:.3f}× the base's speed.",
+        ]
+    )
+
+
+# ---------------------------------------------------------------- the blocks
+
+
+def renderings() -> dict[str, str]:
+    """Every figures block by name, each rendered from its committed JSON alone."""
+    bench = benchmarks()
+    results = json.loads(bench.RESULTS.read_text())
+    blocks = {
+        "quickstart": render(json.loads(FIGURES.read_text())),
+        "gguf": render_gguf(json.loads(GGUF.read_text())),
+        **{f"benchmarks.{name}": bench.render_section(name, entry) for name, entry in results.items()},
+    }
+    if {"collection", "fold", "inference"} <= results.keys():
+        blocks["benchmarks.summary"] = render_benchmark_summary(results)
+    return blocks
+
+
+def marked(text: str) -> list[tuple[str, int, int]]:
+    """The figures blocks of a page: (name, start, end) of each body; ValueError on an unpaired or nested marker."""
+    found, open_ = [], None
+    for m in MARKER.finditer(text):
+        if not m["end"]:
+            if open_ is not None:
+                raise ValueError(f"figures:{m['name']} starts inside figures:{open_['name']}")
+            open_ = m
+        elif open_ is None or open_["name"] != m["name"]:
+            raise ValueError(f"end figures:{m['name']} has no matching start")
+        else:
+            found.append((m["name"], open_.end() + 1, text.rfind("\n", 0, m.start()) + 1))  # whole lines
+            open_ = None
+    if open_ is not None:
+        raise ValueError(f"figures:{open_['name']} has no end marker")
+    return found
+
+
+def splice(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with every figures block replaced by its rendering; a block nothing renders is left for
+    ``problems()`` to name."""
+    for name, start, end in reversed(marked(text)):
+        if name in blocks:
+            text = text[:start] + blocks[name].rstrip("\n") + "\n" + text[end:]
+    return text
+
+
+def problems(on: list[Path] | None = None) -> list[str]:
+    """What is wrong with the figures blocks ``on`` these pages (default: all): stale, rendered from nothing,
+    shown twice, unpaired markers, or a rendering shown on none of them."""
+    blocks, seen, found = renderings(), {}, []
+    for page in pages() if on is None else on:
+        text, rel = page.read_text(), page.relative_to(ROOT) if page.is_relative_to(ROOT) else page
+        try:
+            spans = marked(text)
+        except ValueError as e:
+            found.append(f"{rel}: {e}")
+            continue
+        for name, start, end in spans:
+            if name in seen:
+                found.append(f"{rel}: figures:{name} is already shown in {seen[name]}")
+            seen[name] = rel
+            if name not in blocks:
+                found.append(f"{rel}: figures:{name} is rendered from nothing (not in docs/figures.py renderings())")
+            elif text[start:end] != blocks[name].rstrip("\n") + "\n":
+                found.append(f"{rel}: figures:{name} is stale: run python docs/figures.py --render")
+    found += [f"figures:{name} is shown on no page: add its block" for name in blocks if name not in seen]
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("baked", nargs="?", type=Path, help="a quickstart bake (folder with bake.json) to record")
-    parser.add_argument("--render", action="store_true", help="only rewrite README.md from figures.json")
+    parser.add_argument("--render", action="store_true", help="only rewrite the blocks from the committed JSON")
+    parser.add_argument("--gguf", action="store_true", help="re-measure docs/gguf.json first (needs llama-cpp-python)")
     args = parser.parse_args()
     if args.baked is not None and not args.render:
-        figures = record(json.loads((args.baked / "bake.json").read_text()))
-        FIGURES.write_text(json.dumps(figures, indent=2) + "\n")
-    README.write_text(splice(README.read_text(), render(json.loads(FIGURES.read_text()))))
+        FIGURES.write_text(json.dumps(record(json.loads((args.baked / "bake.json").read_text())), indent=2) + "\n")
+    if args.gguf and not args.render:
+        record_gguf()
+    blocks = renderings()
+    for page in pages():
+        text = page.read_text()
+        if (new := splice(text, blocks)) != text:
+            page.write_text(new)
+            print(f"rewrote {page.relative_to(ROOT)}")
+    for problem in problems():
+        print(problem, file=sys.stderr)
 
 
 if __name__ == "__main__":

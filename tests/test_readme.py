@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs"))
-import figures  # noqa: E402  (docs/figures.py: the README's measured table)
+import figures  # noqa: E402  (docs/figures.py: every measured-figures block of the docs)
 
 FENCE = re.compile(
     r"(?:<!-- readme-test: skip \((?P<skip>.+?)\) -->\n)?^(?P<indent> *)```(?P<lang>bash|python)\n"
@@ -174,11 +174,60 @@ def test_quickstart_reproduces_the_readme_figures(runner):
     assert fresh["vector"] == pytest.approx(recorded["vector"], rel=1e-4)
 
 
-def test_readme_table_is_rendered_from_figures_json():
-    readme = (ROOT / "README.md").read_text()
-    assert figures.render(json.loads(figures.FIGURES.read_text())) in readme, (
-        "README.md's Measured table is stale: run python docs/figures.py --render"
+def test_every_figures_block_is_its_rendering():
+    """Every <!-- figures:NAME --> block of README.md, docs/*.md and benchmarks/README.md is NAME's rendering of its
+    committed JSON, and every rendering has its block (docs/figures.py)."""
+    assert figures.problems() == [], "run python docs/figures.py --render"
+
+
+def test_figures_problems_name_stale_unknown_unpaired_and_missing_blocks(tmp_path):
+    blocks = figures.renderings()
+    pages = figures.pages()
+    stale = tmp_path / "stale.md"
+    stale.write_text("x\n<!-- figures:quickstart -->\nold\n<!-- end figures:quickstart -->\ny\n")
+    unknown = tmp_path / "unknown.md"
+    unknown.write_text("<!-- figures:nothing -->\n<!-- end figures:nothing -->\n")
+    unpaired = tmp_path / "unpaired.md"
+    unpaired.write_text("<!-- figures:gguf -->\nno end\n")
+    found = figures.problems([*pages, stale, unknown, unpaired])
+    assert any("stale.md: figures:quickstart is already shown in README.md" in p for p in found), found
+    assert any("stale.md: figures:quickstart is stale" in p for p in found), found
+    assert any("unknown.md: figures:nothing is rendered from nothing" in p for p in found), found
+    assert any("unpaired.md: figures:gguf has no end marker" in p for p in found), found
+    assert figures.problems([p for p in pages if p.name != "gguf.md"]) == [
+        "figures:gguf is shown on no page: add its block"
+    ]
+    # splice puts the rendering between the markers, keeps their indentation and the text around them
+    text = "a\n  <!-- figures:gguf -->\n  stale\n  <!-- end figures:gguf -->\nb\n"
+    assert (
+        figures.splice(text, blocks)
+        == f"a\n  <!-- figures:gguf -->\n{blocks['gguf']}\n  <!-- end figures:gguf -->\nb\n"
     )
+
+
+def test_a_benchmark_run_updates_only_its_sections(tmp_path, monkeypatch):
+    """benchmarks/run.py --only NAME rewrites NAME in results.json, with its machine, command, date and load, and
+    keeps every other section as it was; its rendering is render_NAME of the measured dict."""
+    bench = figures.benchmarks()
+    committed = json.loads(bench.RESULTS.read_text())
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(committed))
+    toy = bench.Section("Toy", lambda args: {"n": 3 if args.quick else 1}, lambda r: f"n is {r['n']}")
+    monkeypatch.setitem(bench.SECTIONS, "toy", toy)
+    monkeypatch.setattr(bench.common, "machine", lambda cache: {"CPU": "test"})  # no torch process
+    argv = ["run.py", "--only", "toy", "--quick", "--results", str(results), "--cache", str(tmp_path / "cache")]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    written = json.loads(results.read_text())
+    assert {k: v for k, v in written.items() if k != "toy"} == committed
+    entry = written["toy"]
+    assert entry["results"] == {"n": 3} and entry["quick"] is True and entry["machine"] == {"CPU": "test"}
+    assert entry["command"] == "python benchmarks/run.py " + " ".join(argv[1:]) and "source" not in entry
+    assert set(entry["load"]) == {"start", "end"} and entry["minutes"] >= 0
+    text = bench.render_section("toy", entry)
+    assert text.startswith("### Toy\n") and text.endswith("n is 3") and "**Quick run**" in text
+    assert "Transcribed" not in text
+    assert all("**Transcribed** from" in bench.render_section(n, e) for n, e in committed.items() if e.get("source"))
 
 
 def test_readme_fits_on_a_few_screens_and_links_only_to_files_that_exist():
