@@ -6,6 +6,7 @@ a fixed vocabulary, and models are random weights from config classes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -156,13 +157,33 @@ def _isolated_cache(tmp_path_factory):
         yield
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block, then restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning slows them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+# A test that asks for one of these works on a real model and keeps torch's threads; every other test is tiny.
+REAL_MODEL_FIXTURES = {"smollm2_gguf", "smollm2", "gemma3_gguf", "readme_runner", "quickstart"}
+
+
+@pytest.fixture(autouse=True)
+def _tiny_tests_on_one_thread(request):
+    """``one_thread`` for every test on tiny models, whether or not its module asks for it."""
+    with torch_threads(1 if not REAL_MODEL_FIXTURES & set(request.fixturenames) else torch.get_num_threads()):
+        yield
 
 
 @pytest.fixture(scope="session")
