@@ -342,6 +342,7 @@ def wrong_bake(reference, baked, folder: Path, vectors: VectorSet) -> dict[str, 
 GGUF_FIGURES_RTOL = 0.02
 
 
+@pytest.mark.slow  # two more GGUFs written and run in llama.cpp beyond the module's shared fixtures
 def test_llama_cpp_figures_match_docs_gguf_json(baked, readers, reference, control_vector, tmp_path):
     """docs/gguf.md's llama.cpp table is docs/gguf.json, which this test writes (BAKE_RECORD_FIGURES=1, via
     `python docs/figures.py --gguf`) or checks: the figures measured now must agree with it."""
