@@ -170,7 +170,7 @@ def _with_collection(recipe: Recipe, streaming: bool) -> Recipe:
     "--allow-remote-code",
     is_flag=True,
     help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
-    "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.",
+    "then loads only with trust_remote_code=True (transformers, vLLM); TGI and llama.cpp ignore the steering.",
 )
 @click.option(
     "--format",
@@ -334,7 +334,7 @@ def import_cv(files: tuple[str, ...], output: str, scale: tuple[float, ...], for
     "--allow-remote-code",
     is_flag=True,
     help="Sites with no stock bias slot (Gemma 2/3, OLMo 2): bake a constant-bias module instead. The output "
-    "then loads only with trust_remote_code=True in transformers; vLLM, TGI and llama.cpp ignore the steering.",
+    "then loads only with trust_remote_code=True (transformers, vLLM); TGI and llama.cpp ignore the steering.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 def fold(

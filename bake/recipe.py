@@ -334,7 +334,7 @@ class Recipe(_Strict):
     allow_remote_code: bool = Field(
         default=False,
         description="bake sites with no stock bias slot (Gemma 2/3, OLMo 2) into a constant-bias module: the output "
-        "then loads only with trust_remote_code=True in transformers, and vLLM, TGI and llama.cpp ignore the steering",
+        "then loads only with trust_remote_code=True (transformers, vLLM), and TGI and llama.cpp ignore the steering",
     )
 
     _text: str = PrivateAttr(default="")

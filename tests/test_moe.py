@@ -69,10 +69,10 @@ def test_moe_without_a_slot_bakes_into_the_module(tmp_path, model_type, points):
     )
     assert result.verification["passed"], result.verification
     assert tree_digest(src) == before
-    records = {b["site"]: b for b in result.manifest["fold"]["biases"]}
-    assert records["resid_post"].get("remote_code") is True  # no MoE family here has a post-block bias
+    records = {b.site: b for b in result.manifest.fold.biases}
+    assert getattr(records["resid_post"], "remote_code", False) is True  # no MoE family here has a post-block bias
     stock_mid = model_type not in ("mixtral", "qwen2_moe")  # their o_proj has no bias flag
-    assert (records["resid_mid"]["tensor"] == "model.layers.1.self_attn.o_proj.bias") == stock_mid
+    assert (records["resid_mid"].tensor == "model.layers.1.self_attn.o_proj.bias") == stock_mid
     baked = load_model(tmp_path / "out")  # checks the module is bake's own, then trust_remote_code=True
     assert type(baked).__name__.startswith("BakeSteered")
     original = load_model(src)

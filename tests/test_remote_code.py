@@ -114,9 +114,11 @@ def test_module_reloads_from_disk_equal_to_hand_steered_base(tiny, tmp_path, mod
     assert type(baked).__name__ == f"BakeSteered{base_class}" and type(baked).__mro__[1].__name__ == base_class
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     hook = HAND_HOOKS[site]
-    for (layer, _), v in vectors.vectors.items():  # the buffers hold the vectors exactly, loaded as weights
+    for (layer, _), v in vectors.vectors.items():  # the biases hold the vectors exactly, loaded as weights
         module = baked.model.layers[layer].get_submodule(hook) if hook else baked.model.layers[layer]
-        assert torch.equal(module.bake_steering, v)
+        assert torch.equal(module.bake_steering.bias, v)
+    baked(input_ids=_ids(PROBES[0])).logits.sum().backward()  # training never moves the steering: a constant
+    assert all(m.bake_steering.bias.grad is None for m in baked.modules() if hasattr(m, "bake_steering"))
     baked.eval()
     for prompt in PROBES:
         ids = _ids(prompt)
@@ -131,19 +133,24 @@ def test_module_reloads_from_disk_equal_to_hand_steered_base(tiny, tmp_path, mod
     weight_map = json.loads((out / INDEX).read_text())["weight_map"]
     buffers = {n for n, shard in weight_map.items() if shard == EXTRA_SHARD}
     prefix = "post_attention_layernorm." if site == "resid_mid" else ""
-    assert buffers == {f"model.layers.{layer}.{prefix}bake_steering" for layer in (1, 3)}
+    assert buffers == {f"model.layers.{layer}.{prefix}bake_steering.bias" for layer in (1, 3)}
     with safe_open(out / EXTRA_SHARD, "pt") as f:
         assert set(f.keys()) == buffers
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [f"BakeSteered{base_class}"]
-    assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_bake.BakeSteered{base_class}"}
+    base_model = base_class.replace("ForCausalLM", "Model")  # the decoder vLLM's Transformers backend builds
+    assert config["auto_map"] == {
+        "AutoModelForCausalLM": f"modeling_bake.BakeSteered{base_class}",
+        "AutoModel": f"modeling_bake.BakeSteered{base_model}",
+    }
     assert config["bake_steering"]["base_architecture"] == base_class
+    assert config["bake_steering"]["base_model"] == base_model
     assert (out / "modeling_bake.py").read_bytes() == trust.TEMPLATE.read_bytes()
 
 
 def test_without_trust_remote_code_transformers_loads_the_stock_class_unsteered(tiny, tmp_path):
     """Observed in transformers 5.24: the config's model_type has stock code, so without trust_remote_code
-    (None or False) it builds the stock class, reports the buffers as unexpected keys and is NOT steered.
+    (None or False) it builds the stock class, reports the biases as unexpected keys and is NOT steered.
     The card and the manifest say so."""
     from transformers import AutoModelForCausalLM
 
@@ -154,7 +161,7 @@ def test_without_trust_remote_code_transformers_loads_the_stock_class_unsteered(
     for kwargs in ({}, {"trust_remote_code": False}):
         model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, **kwargs)
         assert type(model).__name__ == "Gemma2ForCausalLM"
-        assert info["unexpected_keys"] == {"model.layers.2.bake_steering"}
+        assert info["unexpected_keys"] == {"model.layers.2.bake_steering.bias"}
         with torch.no_grad():
             assert torch.equal(model.eval()(input_ids=ids).logits, _plain_logits(src, ids).to(model.dtype))
     module = result.manifest.fold.remote_code
@@ -166,7 +173,7 @@ def test_without_trust_remote_code_transformers_loads_the_stock_class_unsteered(
         "trust_remote_code=True",
         "unsteered",
         "unexpected keys",
-        "vLLM, TGI and llama.cpp will not apply",
+        "TGI and llama.cpp will not apply",
     ):
         assert words in card, words
     assert "custom_code" in card.split("---")[1]
@@ -211,7 +218,7 @@ def test_recipe_field_and_run_flag(tiny, tmp_path):
         assert result.exit_code == 0, result.output
         manifest = json.loads((tmp_path / out / "bake.json").read_text())
         assert manifest["portable"] is False and manifest["verification"]["passed"]
-        assert manifest["fold"]["biases"][0]["tensor"] == "model.layers.1.post_attention_layernorm.bake_steering"
+        assert manifest["fold"]["biases"][0]["tensor"] == "model.layers.1.post_attention_layernorm.bake_steering.bias"
 
 
 def test_remote_code_only_where_no_stock_slot_exists(tmp_path, tiny_models):
@@ -231,11 +238,11 @@ def test_remote_code_only_where_no_stock_slot_exists(tmp_path, tiny_models):
     result = bake.fold(str(src), vectors, tmp_path / "qwen3-out", allow_remote_code=True)
     assert result.verification["passed"] and result.verification["max_abs_logit_diff"] <= 1e-5
     tensors = {b.tensor: getattr(b, "remote_code", False) for b in result.manifest.fold.biases}
-    assert tensors == {"model.layers.1.self_attn.o_proj.bias": False, "model.layers.2.bake_steering": True}
+    assert tensors == {"model.layers.1.self_attn.o_proj.bias": False, "model.layers.2.bake_steering.bias": True}
 
 
 def test_save_pretrained_keeps_the_module_and_bf16_stays_bf16(tiny, tmp_path):
-    """A model loaded with trust_remote_code and saved again still carries the steering (file, auto_map, buffers)."""
+    """A model loaded with trust_remote_code and saved again still carries the steering (file, auto_map, biases)."""
     from transformers import AutoModelForCausalLM
 
     src = save_tiny(tmp_path / "src", tiny_config("gemma2"), dtype=torch.bfloat16)
@@ -245,7 +252,7 @@ def test_save_pretrained_keeps_the_module_and_bf16_stays_bf16(tiny, tmp_path):
     with safe_open(tmp_path / "out" / EXTRA_SHARD, "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
-    assert model.model.layers[1].bake_steering.dtype == torch.bfloat16
+    assert model.model.layers[1].bake_steering.bias.dtype == torch.bfloat16
     model.save_pretrained(tmp_path / "resaved")
     assert (tmp_path / "resaved" / "modeling_bake.py").read_bytes() == trust.TEMPLATE.read_bytes()
     ids = _ids(PROBES[1])

@@ -5,6 +5,9 @@ vLLM pins its own transformers, so it runs in a second environment (tests/setup_
 through tests/vllm_runner.py: one process loads every baked model in turn. Without that environment every test
 here is skipped with the reason. The table's vLLM column (bake/families/hf.py) must say what ran: "tested
 (vLLM <version>)" for each family run here, and "Transformers backend" exactly where vLLM chose that class.
+
+Families with a site no stock bias can carry are also baked with allow_remote_code (the constant-bias module,
+bake/remote_code/modeling_bake.py) at every site they have, and run with trust_remote_code=True in both stacks.
 """
 
 from __future__ import annotations
@@ -71,12 +74,16 @@ def _unit(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(size, generator=generator), dim=0)
 
 
-def _groups() -> dict[str, tuple[str, dict, list[str]]]:
-    """The exact cases of test_architectures, one checkpoint per configuration carrying all its sites."""
-    groups: dict[str, tuple[str, dict, list[str]]] = {}
+def _groups() -> dict[str, tuple[str, dict, list[str], bool]]:
+    """The exact cases of test_architectures, one checkpoint per configuration carrying all its sites; then one
+    checkpoint per family with a site only the constant-bias module carries (the last field: remote code)."""
+    groups: dict[str, tuple[str, dict, list[str], bool]] = {}
     for model_type, overrides, site, _ in EXACT:
         key = "-".join([model_type, *(f"{k}={v}" for k, v in overrides.items())])
-        groups.setdefault(key, (model_type, overrides, []))[2].append(site)
+        groups.setdefault(key, (model_type, overrides, [], False))[2].append(site)
+    for family in FAMILIES:
+        if any(slot.bias is None for slot in family.sites.values()):
+            groups[f"{family.model_types[0]}-allow_remote_code"] = (family.model_types[0], {}, list(family.sites), True)
     return groups
 
 
@@ -90,7 +97,7 @@ def runs(vllm_python, tmp_path_factory, one_thread) -> dict[str, dict]:
     tok = make_tokenizer()
     prompts = [tok(p).input_ids for p in PROBES]
     cases: dict[str, dict] = {}
-    for key, (model_type, overrides, sites) in GROUPS.items():
+    for key, (model_type, overrides, sites, remote) in GROUPS.items():
         config = wide_config(model_type, **overrides)
         src = save_tiny(root / key / "src", config)
         base = AutoModelForCausalLM.from_pretrained(src).eval()
@@ -104,14 +111,22 @@ def runs(vllm_python, tmp_path_factory, one_thread) -> dict[str, dict]:
             vectors = VectorSet(
                 {(layer, site): 2 * norm * _unit(config.hidden_size, g) for site in sites for layer in (1, 3)}
             )
-            bake.fold(str(src), vectors, out, force=True, verify=VerifySpec(prompts=PROBES[:1], tokens=2))
-            baked = AutoModelForCausalLM.from_pretrained(out).eval()  # stock transformers, as the user loads it
+            verify = VerifySpec(prompts=PROBES[:1], tokens=2)
+            bake.fold(str(src), vectors, out, force=True, verify=verify, allow_remote_code=remote)
+            # stock transformers, as the user loads it
+            baked = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
             steered = [greedy(baked, p) for p in prompts]
             if steered != plain:
                 break
-        cases[key] = {"family": family_for(config).name, "path": str(out), "steered": steered, "base": plain}
+        cases[key] = {
+            "family": family_for(config).name,
+            "path": str(out),
+            "steered": steered,
+            "base": plain,
+            "remote": remote,
+        }
     job = root / "job.json"
-    models = [{"path": c["path"]} for c in cases.values()]
+    models = [{"path": c["path"], "trust_remote_code": c["remote"]} for c in cases.values()]
     job.write_text(json.dumps({"tokens": TOKENS, "prompts": prompts, "models": models}))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the runner imports vLLM's world only
     proc = subprocess.run(
@@ -143,8 +158,9 @@ def test_vllm_greedy_equals_transformers_steered(runs, key):
 
 def test_table_says_what_vllm_ran(runs):
     """The vLLM column claims "tested" exactly for the families run here, naming the Transformers backend
-    exactly where vLLM chose it."""
+    exactly where vLLM chose it, and trust_remote_code exactly where the constant-bias module ran."""
     ran: dict[str, set[str]] = {}
+    remote = {run["family"] for run in runs.values() if run["remote"]}
     for run in runs.values():
         ran.setdefault(run["family"], set()).add(run["vllm"].get("architecture", "error"))
     for family in FAMILIES:
@@ -155,3 +171,4 @@ def test_table_says_what_vllm_ran(runs):
         backend = ran[family.name] == {"TransformersForCausalLM"}
         assert len(ran[family.name]) == 1, (family.name, ran[family.name])
         assert backend == ("Transformers backend" in family.vllm), (family.name, ran[family.name], family.vllm)
+        assert (family.name in remote) == ("trust_remote_code" in family.vllm), (family.name, family.vllm)

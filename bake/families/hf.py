@@ -98,8 +98,9 @@ class Family:
     vllm: str = "not checked yet"
     llama_cpp: str = "not checked yet"
     """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering: "tested (vLLM <version>)" means
-    tests/test_vllm.py runs it (greedy tokens equal transformers'); "(source)" means read from vLLM 0.33.0 and
-    llama.cpp 0c1e570 sources, not run here (llama.cpp "tested": tests/test_hf_to_gguf.py)."""
+    tests/test_vllm.py runs it (greedy tokens equal transformers'), "tested (llama.cpp <commit>)" that
+    tests/test_hf_to_gguf.py converts and runs it (logits and greedy tokens equal transformers'); "(source)"
+    means read from vLLM 0.33.0 and llama.cpp 0c1e570 sources, not run here."""
 
     def slot(self, site: Site, config: Config | None = None) -> Slot:
         """The slot for ``site``; refuses with the alternatives when there is none."""
@@ -225,8 +226,9 @@ _POST_NORM = "A post-norm sits between every sublayer and the residual, so no st
 _MODULE_ONLY = "no: the module is transformers code (by design)"
 _VIA_BACKEND_LABEL = (
     "tested (vLLM 0.32.0), via its Transformers backend: written as `TransformersForCausalLM` "
-    "(its own class drops the o_proj bias)"
+    "(its own class drops the o_proj bias); after the block, the module with `trust_remote_code=True`"
 )
+_MODULE_VLLM = "tested (vLLM 0.32.0), the module with `trust_remote_code=True`, via its Transformers backend"
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _TO_LLAMA = (
     "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
@@ -243,7 +245,7 @@ FAMILIES: tuple[Family, ...] = (
         },
         notes="Every linear already has a bias; the vector is added to the existing one.",
         vllm="tested (vLLM 0.32.0)",
-        llama_cpp="loads it (source)",
+        llama_cpp="tested (llama.cpp 0c1e570)",
     ),
     Family(
         name="GPT-NeoX / Pythia",
@@ -263,7 +265,8 @@ FAMILIES: tuple[Family, ...] = (
         notes="Parallel or sequential residual: after-block is exact in both; "
         "the mid site exists only when sequential.",
         vllm="tested (vLLM 0.32.0), via its Transformers backend",
-        llama_cpp="loads it (source)",
+        llama_cpp="convert_hf_to_gguf.py (0c1e570) fails on any GPT-NeoX checkpoint, baked or not, under "
+        "transformers 5 (`KeyError: 'rotary_pct'`) (tested); its loader has the bias slots (source)",
     ),
     Family(
         name="GPT-J",
@@ -333,7 +336,7 @@ FAMILIES: tuple[Family, ...] = (
         sites={"resid_post": Slot(bias="mlp.fc2")},
         notes="Parallel attention and MLP: there is no mid-block residual.",
         vllm="tested (vLLM 0.32.0), via its Transformers backend",
-        llama_cpp="loads it (source)",
+        llama_cpp="tested (llama.cpp 0c1e570)",
     ),
     Family(
         name="Falcon",
@@ -379,7 +382,7 @@ FAMILIES: tuple[Family, ...] = (
         },
         notes="With slow_but_exact and pretraining_tp > 1 BLOOM ignores these biases, so that mode is refused.",
         vllm="tested (vLLM 0.32.0)",
-        llama_cpp="loads it (source)",
+        llama_cpp="tested (llama.cpp 0c1e570)",
     ),
     Family(
         name="StarCoder2",
@@ -398,7 +401,7 @@ FAMILIES: tuple[Family, ...] = (
             ),
         },
         vllm="tested (vLLM 0.32.0), via its Transformers backend",
-        llama_cpp="loads it (source)",
+        llama_cpp="tested (llama.cpp 0c1e570)",
     ),
     Family(
         name="Llama",
@@ -408,7 +411,7 @@ FAMILIES: tuple[Family, ...] = (
         notes="Llama, SmolLM2/3 and other `llama` checkpoints: `mlp_bias` also creates gate/up biases, "
         "written as zeros.",
         vllm="tested (vLLM 0.32.0)",
-        llama_cpp="loads it (tested: convert_hf_to_gguf.py, then llama.cpp)",
+        llama_cpp="tested (llama.cpp 0c1e570)",
     ),
     Family(
         name="Granite",
@@ -417,7 +420,7 @@ FAMILIES: tuple[Family, ...] = (
         sites=_llama_like(scale="residual_multiplier"),
         notes="Sublayer outputs are multiplied by residual_multiplier before the add: the bias is vector / multiplier.",
         vllm="tested (vLLM 0.32.0), same residual_multiplier scaling",
-        llama_cpp="loads it, same scaling (source)",
+        llama_cpp="tested (llama.cpp 0c1e570), same scaling",
     ),
     Family(
         name="Mistral",
@@ -433,7 +436,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         notes="Written as LlamaForCausalLM (same tensor names and computation).",
         vllm="tested (vLLM 0.32.0), as Llama",
-        llama_cpp="loads it as Llama (source)",
+        llama_cpp="tested (llama.cpp 0c1e570), as Llama",
     ),
     Family(
         name="Qwen2 / Qwen2.5",
@@ -451,7 +454,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         notes="Written as LlamaForCausalLM with attention_bias (keeps the q/k/v biases; o_proj gets zeros).",
         vllm="tested (vLLM 0.32.0), as Llama",
-        llama_cpp="loads it as Llama (source)",
+        llama_cpp="tested (llama.cpp 0c1e570), as Llama",
     ),
     Family(
         name="Phi-3",
@@ -485,7 +488,7 @@ FAMILIES: tuple[Family, ...] = (
         ),
         notes="Written as LlamaForCausalLM after splitting qkv_proj and gate_up_proj.",
         vllm="tested (vLLM 0.32.0), as Llama",
-        llama_cpp="loads it as Llama (source)",
+        llama_cpp="tested (llama.cpp 0c1e570), as Llama",
     ),
     Family(
         name="Qwen3",
@@ -513,7 +516,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_post_norm("pre_feedforward_layernorm"),
         notes=_POST_NORM,
-        vllm=_MODULE_ONLY,
+        vllm=_MODULE_VLLM,
         llama_cpp=_MODULE_ONLY,
     ),
     Family(
@@ -522,7 +525,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_post_norm("pre_feedforward_layernorm"),
         notes=_POST_NORM,
-        vllm=_MODULE_ONLY,
+        vllm=_MODULE_VLLM,
         llama_cpp=_MODULE_ONLY,
     ),
     Family(
@@ -531,7 +534,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites=_post_norm("mlp"),
         notes=_POST_NORM,
-        vllm=_MODULE_ONLY,
+        vllm=_MODULE_VLLM,
         llama_cpp=_MODULE_ONLY,
     ),
     Family(

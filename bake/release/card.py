@@ -21,15 +21,16 @@ def _remote_block(remote: RemoteCode) -> str:
 > **Not portable.** This checkpoint loads only with `trust_remote_code=True` in
 > transformers: `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`.
 > Without it, transformers loads the stock `{remote.base_architecture}`, lists the
-> `bake_steering` tensors as unexpected keys and runs the model **unsteered**.
+> `bake_steering` tensors as unexpected keys and runs the model **unsteered**. vLLM applies
+> the steering only with `trust_remote_code=True` (`LLM(path, trust_remote_code=True)`).
 > {engines} will not apply the steering: do not serve this checkpoint with them.
 
 {remote.why} The vectors are therefore carried by a small constant-bias module:
 `{remote.file}` (sha256 `{remote.sha256[:16]}…`, written by bake) defines
-`{remote.class_name}`, the stock `{remote.base_architecture}` plus one buffer
-`bake_steering` per steering point, added by a forward hook to the output of the module
+`{remote.class_name}`, the stock `{remote.base_architecture}` plus one constant parameter
+`bake_steering.bias` per steering point, added by a forward hook to the output of the module
 that joins the residual stream there (`config.json` → `bake_steering` says where). Every
-original weight is unchanged; the buffers are extra tensors in `model-bake-steering.safetensors`.
+original weight is unchanged; the biases are extra tensors in `model-bake-steering.safetensors`.
 """
 
 

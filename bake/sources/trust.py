@@ -14,7 +14,16 @@ TEMPLATE = Path(__file__).parents[1] / "remote_code" / "modeling_bake.py"
 MODELING_FILE = "modeling_bake.py"
 CONFIG_KEY = "bake_steering"
 CLASS_PREFIX = "BakeSteered"
-AUTO_CLASS = "AutoModelForCausalLM"
+
+
+def auto_map(base_architecture: str, base_model: str) -> dict[str, str]:
+    """config.json's ``auto_map`` for the constant-bias module: the causal LM transformers loads, and the base
+    model vLLM's Transformers backend builds."""
+    stem = Path(MODELING_FILE).stem
+    return {
+        "AutoModelForCausalLM": f"{stem}.{CLASS_PREFIX}{base_architecture}",
+        "AutoModel": f"{stem}.{CLASS_PREFIX}{base_model}",
+    }
 
 
 def code_sha256() -> str:
@@ -45,11 +54,11 @@ def check_code(path: Path) -> None:
     """
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    auto_map = config.get("auto_map")
+    written = config.get("auto_map")
     spec = config.get(CONFIG_KEY) or {}
-    expected = {AUTO_CLASS: f"{Path(MODELING_FILE).stem}.{CLASS_PREFIX}{spec.get('base_architecture')}"}
+    expected = auto_map(str(spec.get("base_architecture")), str(spec.get("base_model")))
     code = path / MODELING_FILE
-    if auto_map != expected or not code.is_file() or code.read_bytes() != TEMPLATE.read_bytes():
+    if written != expected or not code.is_file() or code.read_bytes() != TEMPLATE.read_bytes():
         raise BakeError(
             f"{str(path)!r} carries a bake constant-bias module, but its {MODELING_FILE} or auto_map is not the one "
             "this version of bake writes: review the code, then load it yourself with trust_remote_code=True (or "
