@@ -124,7 +124,7 @@ def rebuild(
             f"model {recipe.model!r} is not the base this was baked from ({source.identity} here, "
             f"{manifest.base.identity} recorded): use the same base model"
         )
-    vectors = compute_vectors(recipe, manifests.sample_engine(manifest, str(folder / MANIFEST)))
+    vectors = compute_vectors(recipe, manifests.sample_engine(manifest.entries, str(folder / MANIFEST)))
     for old, new in zip(manifest.entries, vectors.meta["entries"]):
         for role, info in old["data"].items():
             now = new["data"][role]["sha256"]

@@ -227,11 +227,11 @@ def validate(data: Any, where: str, model: type[BaseModel] = Manifest) -> BaseMo
         ) from None
 
 
-def sample_engine(manifest: Manifest, where: str) -> str | None:
-    """The engine that sampled the bake's background (None: no sampled background; a bake from before the
-    choice was transformers'), so a rebuild samples with the same one."""
+def sample_engine(entries: list[dict[str, Any]], where: str) -> str | None:
+    """The engine that sampled the background of a bake's steering ``entries`` (None: no sampled background; a
+    bake from before the choice was transformers'), so a rebuild samples with the same one."""
     engines = set()
-    for entry in manifest.entries:
+    for entry in entries:
         for info in entry.get("data", {}).values():
             if info.get("kind") == "model-sample":
                 record = info.get("engine", {"name": "transformers", "version": "?"})

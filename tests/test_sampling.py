@@ -100,10 +100,10 @@ def test_engine_choice(monkeypatch, tmp_path):
 def test_manifest_engine_record_is_checked():
     entry = {"data": {"background": {"kind": "model-sample", "engine": {"name": "vllm", "version": "1"}}}}
     with pytest.raises(BakeError, match="engine"):
-        manifests.sample_engine({"vectors": {"entries": [entry]}}, "bake.json")
+        manifests.sample_engine([entry], "bake.json")
     del entry["data"]["background"]["engine"]  # a bake from before the choice: transformers sampled it
-    assert manifests.sample_engine({"vectors": {"entries": [entry]}}, "bake.json") == "transformers"
-    assert manifests.sample_engine({"vectors": {"entries": []}}, "bake.json") is None
+    assert manifests.sample_engine([entry], "bake.json") == "transformers"
+    assert manifests.sample_engine([], "bake.json") is None
 
 
 @pytest.mark.slow
