@@ -33,7 +33,9 @@ def version() -> str:
     return importlib.metadata.version("llama-cpp-python")
 
 
-def sample(gguf: Path, start: int, stops: set[int], sequences: int, tokens: int, temperature: float, seed: int):
+def sample(
+    gguf: Path, start: int, stops: set[int], sequences: int, tokens: int, temperature: float, seed: int
+) -> list[list[int]]:
     """``sequences`` token lists of at most ``tokens`` ids from ``start``, each cut before its first stop token."""
     try:
         import llama_cpp  # optional

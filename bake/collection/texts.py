@@ -217,7 +217,9 @@ def sample_background(
 
 
 @torch.inference_mode()
-def _generate(model, start: int, stops: set[int], spec: ModelSample, seed: int, pad: int | None) -> list[list[int]]:
+def _generate(
+    model: PreTrainedModel, start: int, stops: set[int], spec: ModelSample, seed: int, pad: int | None
+) -> list[list[int]]:
     """transformers' sampling, 32 sequences per ``generate`` call, seeded once for the whole background."""
     sequences: list[list[int]] = []
     with torch.random.fork_rng():
