@@ -195,7 +195,7 @@ def sample_background(
     start = start_token(tokenizer)
     settings = {"model": model_key, **spec.model_dump(), "seed": seed, "start": start}
     if engine != "transformers":  # the key of a transformers sample stays what it was before there was a choice
-        settings["engine"] = engine
+        settings["engine"] = {"name": engine, "version": sampling.version()}  # the version made these samples
     key_src = json.dumps(settings, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     path = cache / "background" / f"{key}.json"
