@@ -138,7 +138,8 @@ def test_module_reloads_from_disk_equal_to_hand_steered_base(tiny, tmp_path, mod
         assert set(f.keys()) == buffers
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [f"BakeSteered{base_class}"]
-    base_model = base_class.replace("ForCausalLM", "Model")  # the decoder vLLM's Transformers backend builds
+    # the decoder vLLM's Transformers backend builds (the causal LM's ``.model``)
+    base_model = {"gemma2": "Gemma2Model", "gemma3_text": "Gemma3TextModel", "olmo2": "Olmo2Model"}[model_type]
     assert config["auto_map"] == {
         "AutoModelForCausalLM": f"modeling_bake.BakeSteered{base_class}",
         "AutoModel": f"modeling_bake.BakeSteered{base_model}",
