@@ -167,7 +167,7 @@ def test_without_trust_remote_code_transformers_loads_the_stock_class_unsteered(
             assert torch.equal(model.eval()(input_ids=ids).logits, _plain_logits(src, ids).to(model.dtype))
     module = result.manifest.fold.remote_code
     assert result.manifest.portable is False and module.portable is False
-    assert "NOT steered" in module["without_trust_remote_code"]
+    assert "NOT steered" in module.without_trust_remote_code
     card = (out / "README.md").read_text()
     for words in (
         "Not portable",
