@@ -11,7 +11,7 @@ present at all (a bias the config does not switch on is silently dropped).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,19 +46,35 @@ MIN_LOGIT_STD = 1e-4  # std of the logits over the vocabulary at a probe positio
 
 
 @contextlib.contextmanager
-def steered(model: torch.nn.Module, family: Family, vectors: VectorSet) -> Iterator[torch.nn.Module]:
-    """The model with every vector added to the residual stream by a forward hook at its (layer, site)."""
+def steered(
+    model: torch.nn.Module, family: Family, vectors: VectorSet | Sequence[VectorSet]
+) -> Iterator[torch.nn.Module]:
+    """The model with every vector added to the residual stream by a forward hook at its (layer, site).
+
+    A list of K vector sets steers K settings in one batch: every batch then holds K blocks of rows, settings-major,
+    and the rows of block i get set i's vectors (a zero vector at a point set i does not steer, which adds exactly
+    nothing). So K coefficients or layers decode and score together, each row computing what it would alone.
+    """
+    sets = [vectors] if isinstance(vectors, VectorSet) else list(vectors)
 
     def adder(v: torch.Tensor):
+        def add(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] % len(v):
+                raise ValueError(f"a batch of {x.shape[0]} rows cannot hold {len(v)} steering settings")
+            return x + v.to(x.dtype).repeat_interleave(x.shape[0] // len(v), dim=0).unsqueeze(1)
+
         def hook(_module: torch.nn.Module, _inputs: tuple[Any, ...], output: Any):
             if isinstance(output, tuple):
-                return (output[0] + v.to(output[0].dtype),) + output[1:]
-            return output + v.to(output.dtype)
+                return (add(output[0]),) + output[1:]
+            return add(output)
 
         return hook
 
     handles = []
-    for (layer, site), v in vectors.vectors.items():
+    for layer, site in sorted({p for s in sets for p in s.vectors}):
+        vs = [s.vectors.get((layer, site)) for s in sets]
+        like = next(v for v in vs if v is not None)
+        v = torch.stack([torch.zeros_like(like) if x is None else x for x in vs])
         slot = family.slot(site, model.config)
         if slot.scale and slot.hook:  # a sublayer output is scaled before it joins the residual
             v = v / getattr(model.config, slot.scale)

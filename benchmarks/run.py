@@ -39,6 +39,7 @@ import fold  # noqa: E402
 import inference  # noqa: E402
 import sampling  # noqa: E402
 import streaming  # noqa: E402
+import sweep  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results.json"
 
@@ -55,6 +56,7 @@ SECTIONS: dict[str, Section] = {
     "inference": Section(inference.TITLE, inference.inference, inference.render_inference),
     "streaming": Section(streaming.TITLE, streaming.streaming, streaming.render_streaming),
     "sampling": Section(sampling.TITLE, sampling.sampling, sampling.render_sampling),
+    "sweep": Section(sweep.TITLE, sweep.sweep, sweep.render_sweep),
 }
 
 

@@ -489,3 +489,44 @@ def test_sweep_plots_name_the_measure_mark_the_base_and_the_points_over_budget()
     assert left.get_ylabel() == LABELS["vader"] and right.get_ylabel() == LABELS["kl"]
     assert [list(line.get_xdata()) for line in right.get_lines()[:2]] == [[0.0, 1.0, 2.0]] * 2  # coefficient 0 = base
     assert [c.get_offsets().tolist() for c in right.collections] == [[[2.0, 0.9]]]
+
+
+def test_settings_batched_in_one_pass_give_the_figures_of_each_alone(llama, unit, tmp_path):
+    """K settings as K blocks of rows of one batch (``steered`` with a list) against each setting steered alone.
+
+    Greedy replies must be identical token for token. KL, perplexity and log-prob gain may differ only by float32
+    rounding: a matmul over K times the rows may block its sums differently, so a logit can move in its last bits
+    (relative 1e-7); through the blocks and a sum over positions and the vocabulary that stays far below 1e-5."""
+    path, model, tok = llama
+    family = family_for(model.config)
+    recipe = _recipe(
+        path, tmp_path, evaluate="  scorers: [wordlist, logprob_gain, activation_shift]\n  words: [happy, great, day]\n"
+    )
+    data = build_data(recipe.evaluate, tok, recipe, recipe.steering[0])
+    u = unit.vectors[(1, "resid_post")]
+    settings = [
+        VectorSet({(1, "resid_post"): c * u}) for c in (0.5, 2.0, 8.0, 32.0)
+    ] + [  # another layer, and two points at once: the rows of the others get exactly zero there
+        VectorSet({(0, "resid_post"): 8.0 * u}),
+        VectorSet({(0, "resid_post"): -4.0 * u, (1, "resid_post"): 16.0 * u}),
+    ]
+    ev = Evaluator(model, tok, data, [(0, "resid_post"), (1, "resid_post")])
+    with steered(model, family, settings):
+        batched = ev.measure_each(model, settings)
+    alone = []
+    for vs in settings:
+        with steered(model, family, vs):
+            alone.append(ev.measure(model, vs))
+    assert len(batched) == len(settings)
+    for b, a in zip(batched, alone):
+        assert b["replies"] == a["replies"]
+        assert b.keys() == a.keys()
+        for key in ("kl", "perplexity", "logprob_gain"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
+        assert b["activation_shift"] == a["activation_shift"] and b["wordlist"] == a["wordlist"]
+        assert b["repetition"] == a["repetition"]
+    # the settings really differ (a row given another row's vector would not): replies and KL grow with c
+    assert len({tuple(a["replies"]) for a in alone}) > 2
+    kls = [a["kl"] for a in alone[:4]]
+    assert all(x < y for x, y in zip(kls, kls[1:])), kls
+    assert max(abs(b["kl"] - a["kl"]) for b, a in zip(batched, alone)) <= 1e-5 * max(kls)

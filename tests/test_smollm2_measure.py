@@ -28,8 +28,10 @@ def test_auto_cheerful_vector_raises_sentiment_within_the_kl_budget(smollm2_gguf
     assert all(g["kl"] > budget for g in auto["grid"] if g["coefficient"] > auto["chosen"])
 
     lab = _Lab(recipe, recipe.steering[0], list(vectors.vectors))
-    steered, base = lab.measure(vectors), lab.evaluator.base
-    assert steered["kl"] == pytest.approx(auto["kl"], rel=1e-3) and steered["kl"] <= budget
+    (steered,), base = lab.measure([vectors]), lab.evaluator.base
+    # The grid's KL came from one pass batching all ten coefficients; alone, the chosen one gives the same KL up to
+    # float32 rounding of the batched matmuls (the batched-vs-alone check on the real model).
+    assert steered["kl"] == pytest.approx(auto["kl"], rel=1e-5) and steered["kl"] <= budget
     assert steered["vader"] > base["vader"] + 0.1, (base["replies"], steered["replies"])
     assert steered["wordlist"] > base["wordlist"]
     # Held-out cheerful replies (recipes/data/cheerful.heldout.txt) lie along the vector. (Their log-probability

@@ -311,11 +311,16 @@ def build_data(
     return data
 
 
+Predictions = list[tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.inference_mode()
 def _predictions(
-    model: PreTrainedModel, examples: list[Example], pad_id: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch: log-probs [n, vocab] at every position that predicts a counted token, and those tokens [n]."""
+    model: PreTrainedModel, examples: list[Example], pad_id: int, settings: int = 1
+) -> Iterator[list[Predictions]]:
+    """Per batch and per setting: log-probs [n, vocab] at every position that predicts a counted token, and those
+    tokens [n]. With ``settings`` K, each batch is repeated K times, settings-major (``bake.verify.steered`` with K
+    vector sets steers block i of the rows as setting i): the same padding and positions as one setting alone."""
     device = model.get_input_embeddings().weight.device
     for group in batches(examples, EVAL_BATCH_TOKENS):
         ids, attention, counted = padded(group, pad_id)
@@ -323,40 +328,48 @@ def _predictions(
         # The LM head only at positions some row needs (a chat template's prefix is most of a short reply).
         keep = predicts.any(0).nonzero()[:, 0]
         logits = model(
-            input_ids=ids.to(device),
-            attention_mask=attention.to(device),
+            input_ids=ids.repeat(settings, 1).to(device),
+            attention_mask=attention.repeat(settings, 1).to(device),
             use_cache=False,
             logits_to_keep=keep.to(device),
         ).logits
         mask = predicts[:, keep].to(device)
-        yield torch.log_softmax(logits[mask].float(), dim=-1), ids[:, 1:][:, keep].to(device)[mask]
+        targets = ids[:, 1:][:, keep].to(device)[mask]
+        yield [(torch.log_softmax(x[mask].float(), dim=-1), targets) for x in logits.chunk(settings)]
 
 
-def _nll(model: PreTrainedModel, examples: list[Example], pad_id: int) -> tuple[float, int]:
-    """Total negative log-likelihood of the counted tokens, and how many there are."""
-    total, n = 0.0, 0
-    for logp, targets in _predictions(model, examples, pad_id):
-        total -= float(logp.gather(1, targets[:, None]).sum())
-        n += len(targets)
-    return total, n
+def _nll(model: PreTrainedModel, examples: list[Example], pad_id: int, settings: int = 1) -> list[tuple[float, int]]:
+    """Per setting: total negative log-likelihood of the counted tokens, and how many there are."""
+    totals = [[0.0, 0] for _ in range(settings)]
+    for group in _predictions(model, examples, pad_id, settings):
+        for total, (logp, targets) in zip(totals, group):
+            total[0] -= float(logp.gather(1, targets[:, None]).sum())
+            total[1] += len(targets)
+    return [(nll, n) for nll, n in totals]
 
 
 @torch.inference_mode()
 def replies(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], tokens: int, chat: bool
-) -> list[str]:
-    """Greedy replies, all prompts in one left-padded batch (3x faster than one by one on CPU; the same batch
-    every time, so deterministic)."""
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    tokens: int,
+    chat: bool,
+    settings: int = 1,
+) -> list[list[str]]:
+    """Per setting, greedy replies: all prompts in one left-padded batch (3x faster than one by one on CPU; the
+    same batch every time, so deterministic), repeated ``settings`` times, settings-major, to decode together."""
     ids = [prompt_ids(tokenizer, p, chat) for p in prompts]
     width = max(map(len, ids))
     pad = tokenizer.pad_token_id
-    x = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+    x = torch.tensor([[pad] * (width - len(i)) + i for i in ids]).repeat(settings, 1)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids]).repeat(settings, 1)
     device = model.get_input_embeddings().weight.device
     out = model.generate(
         x.to(device), attention_mask=mask.to(device), max_new_tokens=tokens, do_sample=False, pad_token_id=pad
     )
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    texts = [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    return [texts[i : i + len(prompts)] for i in range(0, len(texts), len(prompts))]
 
 
 class Evaluator:
@@ -378,9 +391,9 @@ class Evaluator:
     ) -> None:
         self.tokenizer, self.data, self.effects = tokenizer, data, effects
         self.pad = tokenizer.pad_token_id
-        self._neutral = list(_predictions(base, data.neutral, self.pad))
+        self._neutral = [group for (group,) in _predictions(base, data.neutral, self.pad)]
         self._target_nll = (
-            _nll(base, data.target, self.pad) if effects and data.target and "logprob_gain" in data.scorers else None
+            _nll(base, data.target, self.pad)[0] if effects and data.target and "logprob_gain" in data.scorers else None
         )
         self.spreads: dict[str, dict[tuple[int, Site], Spread]] = {}
         if points and data.target and "activation_shift" in data.scorers:
@@ -397,33 +410,43 @@ class Evaluator:
                     kind=Spread,
                 )
         self._scorers = {name: TEXT_SCORERS[name](data) for name in data.scorers if effects and name in TEXT_SCORERS}
-        self.base: dict[str, Any] = {"kl": 0.0, "perplexity": self._perplexity(base, self._neutral)}
+        neutral_nll = -sum(float(logp.gather(1, t[:, None]).sum()) for logp, t in self._neutral)
+        self.base: dict[str, Any] = {"kl": 0.0, "perplexity": self._perplexity(base, [neutral_nll], 1)[0]}
         if effects:
-            self.base.update(self._generation_figures(base))
+            self.base.update(self._generation_figures(base, 1)[0])
             self.base.update({k: 0.0 for k in ("logprob_gain",) if k in data.scorers})
 
-    def _perplexity(self, model: PreTrainedModel, neutral: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """On the background texts; when they are the neutral ones, from the predictions already made on them."""
+    def _perplexity(self, model: PreTrainedModel, neutral_nll: list[float], settings: int) -> list[float]:
+        """Per setting, on the background texts; when they are the neutral ones, from the NLL of the predictions
+        already made on them."""
         if self.data.background is self.data.neutral:
-            nll, n = (
-                -sum(float(logp.gather(1, t[:, None]).sum()) for logp, t in neutral),
-                sum(len(t) for _, t in neutral),
-            )
-        else:
-            nll, n = _nll(model, self.data.background, self.pad)
-        return math.exp(nll / n)
+            n = sum(len(t) for _, t in self._neutral)
+            return [math.exp(nll / n) for nll in neutral_nll]
+        return [math.exp(nll / n) for nll, n in _nll(model, self.data.background, self.pad, settings)]
+
+    def costs_each(self, model: PreTrainedModel, settings: int = 1) -> list[dict[str, float]]:
+        """Per setting, KL(base ‖ model) per position on the neutral texts and perplexity on the background texts;
+        ``model`` computes setting i on block i of every batch's rows (``bake.verify.steered`` with a list)."""
+        kl, nll = [0.0] * settings, [0.0] * settings
+        for (base, t), group in zip(self._neutral, _predictions(model, self.data.neutral, self.pad, settings)):
+            p = base.exp()
+            for i, (logp, _) in enumerate(group):
+                kl[i] += float((p * (base - logp)).sum())
+                nll[i] -= float(logp.gather(1, t[:, None]).sum())
+        n = sum(len(t) for _, t in self._neutral)
+        return [{"kl": k / n, "perplexity": ppl} for k, ppl in zip(kl, self._perplexity(model, nll, settings))]
 
     def costs(self, model: PreTrainedModel) -> dict[str, float]:
         """KL(base ‖ model) per position on the neutral texts, and perplexity on the background texts."""
-        neutral = list(_predictions(model, self.data.neutral, self.pad))
-        kl = sum(float((b.exp() * (b - logp)).sum()) for (b, _), (logp, _) in zip(self._neutral, neutral))
-        return {"kl": kl / sum(len(t) for _, t in neutral), "perplexity": self._perplexity(model, neutral)}
+        return self.costs_each(model)[0]
 
-    def _generation_figures(self, model: PreTrainedModel) -> dict[str, Any]:
-        texts = replies(model, self.tokenizer, self.data.prompts, self.data.tokens, self.data.chat)
-        out: dict[str, Any] = {name: fn(texts) for name, fn in self._scorers.items()}
-        out["repetition"] = repetition(texts)
-        out["replies"] = texts
+    def _generation_figures(self, model: PreTrainedModel, settings: int) -> list[dict[str, Any]]:
+        out = []
+        for texts in replies(model, self.tokenizer, self.data.prompts, self.data.tokens, self.data.chat, settings):
+            figures: dict[str, Any] = {name: fn(texts) for name, fn in self._scorers.items()}
+            figures["repetition"] = repetition(texts)
+            figures["replies"] = texts
+            out.append(figures)
         return out
 
     def activation_shift(self, vectors: VectorSet) -> float | None:
@@ -435,18 +458,28 @@ class Evaluator:
         ]
         return sum(values) / len(values) if values else None
 
+    def measure_each(self, model: PreTrainedModel, settings: list[VectorSet | None]) -> list[dict[str, Any]]:
+        """Every figure for each of K settings at once: ``model`` is the base steered by the K vector sets through
+        hooks (``bake.verify.steered(model, family, settings)``: block i of every batch's rows is setting i), or,
+        with K = 1, a baked checkpoint. Each row computes what it would alone, so the figures are those of one
+        setting at a time (up to float32 rounding in batched matmuls: the tokens are compared exactly in tests)."""
+        k = len(settings)
+        each: list[dict[str, Any]] = self.costs_each(model, k)
+        if not self.effects:
+            return each
+        if self._target_nll is not None:
+            for figures, (nll, n) in zip(each, _nll(model, self.data.target, self.pad, k)):
+                figures["logprob_gain"] = (self._target_nll[0] - nll) / n
+        for figures, vectors, generated in zip(each, settings, self._generation_figures(model, k)):
+            if "activation_shift" in self.data.scorers and vectors is not None:
+                figures["activation_shift"] = self.activation_shift(vectors)
+            figures.update(generated)
+        keys = [*COSTS, *self.data.scorers, "replies"]
+        return [{key: f[key] for key in keys if key in f} for f in each]
+
     def measure(self, model: PreTrainedModel, vectors: VectorSet | None = None) -> dict[str, Any]:
         """Every figure for ``model`` (the base steered by ``vectors`` through hooks, or a baked checkpoint)."""
-        figures: dict[str, Any] = self.costs(model)
-        if not self.effects:
-            return figures
-        if self._target_nll is not None:
-            nll, n = _nll(model, self.data.target, self.pad)
-            figures["logprob_gain"] = (self._target_nll[0] - nll) / n
-        if "activation_shift" in self.data.scorers and vectors is not None:
-            figures["activation_shift"] = self.activation_shift(vectors)
-        figures.update(self._generation_figures(model))
-        return {k: figures[k] for k in [*COSTS, *self.data.scorers, "replies"] if k in figures}
+        return self.measure_each(model, [vectors])[0]
 
 
 # Scorers of generated replies: each builds its function of the reply texts from the evaluation data.

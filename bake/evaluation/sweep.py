@@ -11,7 +11,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,13 +62,23 @@ class _Lab:
             torch.manual_seed(recipe.seed)
             self.evaluator = Evaluator(self.model, tokenizer, self.data, list(points), effects)
 
-    def measure(self, vectors: VectorSet) -> dict[str, Any]:
-        with steered(self.model, self.family, vectors):
-            return self.evaluator.measure(self.model, vectors)
+    def measure(self, settings: list[VectorSet], desc: str = "", costs_only: bool = False) -> list[dict[str, Any]]:
+        """Every figure (or KL and perplexity only) of each setting, ``SETTINGS_PER_PASS`` settings batched per
+        pass: same-length rows of one forward, so K settings cost about one pass of K times the rows."""
+        figures: list[dict[str, Any]] = []
+        chunks = [settings[i : i + SETTINGS_PER_PASS] for i in range(0, len(settings), SETTINGS_PER_PASS)]
+        for chunk in _progress(chunks, desc) if desc else chunks:
+            with steered(self.model, self.family, chunk):
+                if costs_only:
+                    figures += self.evaluator.costs_each(self.model, len(chunk))
+                else:
+                    figures += self.evaluator.measure_each(self.model, chunk)
+        return figures
 
-    def kl(self, vectors: VectorSet) -> dict[str, float]:
-        with steered(self.model, self.family, vectors):
-            return self.evaluator.costs(self.model)
+
+# Settings measured together in one batched pass: the default grid of evaluate.coefficients in one. Memory grows
+# with it (full-vocabulary log-probs of every setting's rows of a batch: about 0.1 GB per setting on SmolLM2).
+SETTINGS_PER_PASS = 10
 
 
 def choose_auto(recipe: Recipe, measured: MeasuredVectors) -> VectorSet:
@@ -81,11 +91,8 @@ def choose_auto(recipe: Recipe, measured: MeasuredVectors) -> VectorSet:
     lab = _Lab(recipe, recipe.steering[autos[0]], effects=False)
     records: dict[int, dict[str, Any]] = {}
     for i in autos:
-        grid = []
-        for c in _progress(spec.coefficients, f"auto coefficient for {recipe.steering[i].name}"):
-            trial = coefficients.copy()
-            trial[i] = c
-            grid.append({"coefficient": c, **lab.kl(measured.scaled(trial))})
+        trials = [measured.scaled([c if j == i else x for j, x in enumerate(coefficients)]) for c in spec.coefficients]
+        grid = [{"coefficient": c, **kl} for c, kl in zip(spec.coefficients, lab.measure(trials, costs_only=True))]
         fits = [g for g in grid if g["kl"] <= spec.max_kl]
         if not fits:
             best = min(grid, key=lambda g: g["kl"])
@@ -201,20 +208,18 @@ def sweep(
     ]
     measured = measure_vectors(recipe.model_copy(update={"steering": grid}))
     lab = _Lab(recipe, entry, measured.points)
-    rows = []
     cells = [(i, c) for i in range(len(layers)) for c in coefficients]
-    for i, c in _progress(cells, "sweep"):
-        vectors = VectorSet({measured.points[i]: c * measured.units[i]})
-        norm = abs(c) * measured.entries[i]["unscaled_norm"]
-        rows.append(
-            {
-                "layer": layers[i],
-                "coefficient": c,
-                "norm": norm,
-                "relative_norm": norm / measured.entries[i]["mean_residual_norm"],
-                **lab.measure(vectors),
-            }
-        )
+    figures = lab.measure([VectorSet({measured.points[i]: c * measured.units[i]}) for i, c in cells], "sweep")
+    rows = [
+        {
+            "layer": layers[i],
+            "coefficient": c,
+            "norm": abs(c) * measured.entries[i]["unscaled_norm"],
+            "relative_norm": abs(c) * measured.entries[i]["unscaled_norm"] / measured.entries[i]["mean_residual_norm"],
+            **f,
+        }
+        for (i, c), f in zip(cells, figures)
+    ]
     keys = ["layer", "coefficient", "norm", "relative_norm"] + list(COSTS) + lab.data.scorers
     base = lab.evaluator.base
     record = {
@@ -245,22 +250,24 @@ def _notes(data: EvalData) -> list[str]:
     return notes
 
 
-def calibrate(
-    kl_at: Callable[[float], float], budget: float, start: float, ratio: float = 1.05, steps: int = 24
-) -> tuple[float, list[tuple[float, float]]]:
+Search = Generator[float, float, tuple[float, list[tuple[float, float]]]]
+
+
+def _search(budget: float, start: float, ratio: float = 1.05, steps: int = 24) -> Search:
     """The largest coefficient whose KL is within ``budget``, assuming KL grows with the coefficient: double or
-    halve from ``start`` until the budget is bracketed, then bisect geometrically to within ``ratio``.
-    Returns it and every (coefficient, KL) tried."""
+    halve from ``start`` until the budget is bracketed, then bisect geometrically to within ``ratio``. Yields each
+    coefficient to try and is sent its KL; returns the coefficient and every (coefficient, KL) tried."""
     trace: list[tuple[float, float]] = []
 
-    def within(c: float) -> bool:
-        trace.append((c, kl_at(c)))
-        return trace[-1][1] <= budget
+    def within(c: float):
+        kl = yield c
+        trace.append((c, kl))
+        return kl <= budget
 
     lo = hi = None
     c = start
     for _ in range(steps):
-        if within(c):
+        if (yield from within(c)):
             lo = c
             if hi is not None:
                 break
@@ -274,11 +281,40 @@ def calibrate(
         raise BakeError(f"KL exceeds the budget {budget:g} even at coefficient {c:.3g}: raise max_kl")
     while hi is not None and hi / lo > ratio:
         mid = math.sqrt(lo * hi)
-        if within(mid):
+        if (yield from within(mid)):
             lo = mid
         else:
             hi = mid
     return lo, trace
+
+
+def calibrate_all(
+    kl_of: Callable[[list[tuple[int, float]]], list[float]], searches: list[Search]
+) -> list[tuple[float, list[tuple[float, float]]]]:
+    """Run the searches in lockstep: each round, every unfinished search's next coefficient is measured in one call
+    ``kl_of([(search index, coefficient), ...])``, so the searches' KLs are batched; the same trials as one by one."""
+    results: dict[int, tuple[float, list[tuple[float, float]]]] = {}
+    pending = {}
+    for i, search in enumerate(searches):
+        pending[i] = next(search)
+    while pending:
+        asked = list(pending.items())
+        for (i, _), kl in zip(asked, kl_of(asked)):
+            try:
+                pending[i] = searches[i].send(kl)
+            except StopIteration as done:
+                results[i] = done.value
+                del pending[i]
+    return [results[i] for i in range(len(searches))]
+
+
+def calibrate(
+    kl_at: Callable[[float], float], budget: float, start: float, ratio: float = 1.05, steps: int = 24
+) -> tuple[float, list[tuple[float, float]]]:
+    """The largest coefficient whose KL is within ``budget`` (``_search``), measuring one coefficient at a time.
+    Returns it and every (coefficient, KL) tried."""
+    (result,) = calibrate_all(lambda asked: [kl_at(c) for _, c in asked], [_search(budget, start, ratio, steps)])
+    return result
 
 
 def _compare_entries(
@@ -351,22 +387,30 @@ def compare(
     measured = measure_vectors(recipe.model_copy(update={"steering": entries}))
     point = measured.points[0]
     lab = _Lab(recipe, entry, [point])
+    units = measured.units
+    found = calibrate_all(  # every method's search in lockstep: one batched KL pass per round
+        lambda asked: [
+            f["kl"] for f in lab.measure([VectorSet({point: c * units[i]}) for i, c in asked], costs_only=True)
+        ],
+        # each search starts at a vector a quarter of the residual's size
+        [_search(budget, 0.25 * m["mean_residual_norm"] / m["unscaled_norm"]) for m in measured.entries],
+    )
+    searches = {m["method"]: trace for m, (_, trace) in zip(measured.entries, found)}
+    points = [(i, f * c) for i, (c, _) in enumerate(found) for f in CURVE]
+    figures = iter(lab.measure([VectorSet({point: c * units[i]}) for i, c in points], "curves"))
     curves: dict[str, list[dict[str, Any]]] = {}
-    searches = {}
-    for m, u in zip(measured.entries, measured.units):
-        start = 0.25 * m["mean_residual_norm"] / m["unscaled_norm"]  # a vector a quarter of the residual's size
-        c, searches[m["method"]] = calibrate(lambda x, u=u: lab.kl(VectorSet({point: x * u}))["kl"], budget, start)
-        curves[m["method"]] = [
+    for (i, c), f in zip(points, CURVE * len(found)):
+        m = measured.entries[i]
+        curves.setdefault(m["method"], []).append(
             {
                 "method": m["method"],
                 "fraction": f,
-                "coefficient": f * c,
-                "norm": f * c * m["unscaled_norm"],
-                "relative_norm": f * c * m["unscaled_norm"] / m["mean_residual_norm"],
-                **lab.measure(VectorSet({point: f * c * u})),
+                "coefficient": c,
+                "norm": c * m["unscaled_norm"],
+                "relative_norm": c * m["unscaled_norm"] / m["mean_residual_norm"],
+                **next(figures),
             }
-            for f in _progress(CURVE, m["method"])
-        ]
+        )
     rows = [curve[-1] for curve in curves.values()]
     keys = ["method", "coefficient", "norm", "relative_norm"] + list(COSTS) + lab.data.scorers
     base = lab.evaluator.base
