@@ -229,6 +229,9 @@ _VIA_BACKEND_LABEL = (
     "(its own class drops the o_proj bias); after the block, the module with `trust_remote_code=True`"
 )
 _MODULE_VLLM = "tested (vLLM 0.32.0), the module with `trust_remote_code=True`, via its Transformers backend"
+_MODULE_MOE_VLLM = (
+    "the module with `trust_remote_code=True` would need vLLM's Transformers MoE backend to keep it: not run here"
+)
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _TO_LLAMA = (
     "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
@@ -543,7 +546,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _NO_SLOT_MID},
         notes="o_proj is built without a bias and has no flag. " + _MOE_EXPERTS,
-        vllm=_MODULE_ONLY,
+        vllm=_MODULE_MOE_VLLM,
         llama_cpp=_MODULE_ONLY,
     ),
     Family(
@@ -555,7 +558,7 @@ FAMILIES: tuple[Family, ...] = (
         + _MOE_EXPERTS
         + " Its shared expert has no bias and is scaled by a per-token sigmoid gate, so a bias there would not be "
         "a constant.",
-        vllm=_MODULE_ONLY,
+        vllm=_MODULE_MOE_VLLM,
         llama_cpp=_MODULE_ONLY,
     ),
     Family(
