@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from bake.checkpoint import Checkpoint, inner_path, inside, plain_name
 from bake.errors import BakeError
+from bake.recipe import Positions
 from bake.vectorfile import VectorSet, parse_name
 
 MANIFEST = "bake.json"
@@ -84,6 +85,18 @@ class RecipeRecord(_Open):
     base_dir: str
 
 
+class VectorEntry(_Open):
+    """One steering vector's provenance; ``positions`` is None in manifests written before the option existed
+    (they measured every token, or the reply's tokens with chat: true)."""
+
+    name: str
+    positions: Positions | None = None
+
+
+class VectorsRecord(_Open):
+    entries: list[VectorEntry] = []
+
+
 class Manifest(BaseModel):
     """``bake.json`` of a Hugging Face checkpoint folder: the contract inspect, unbake, rebuild, push and the card
     read."""
@@ -94,7 +107,7 @@ class Manifest(BaseModel):
     versions: dict[str, str]
     base: BaseRecord
     recipe: RecipeRecord | None
-    vectors: dict[str, Any]
+    vectors: VectorsRecord
     vector_file: SafePath
     fold: FoldRecord
     portable: bool

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from bake.checkpoint import staged_output
 from bake.errors import BakeError, OutputExists
-from bake.recipe import ModelSample, Recipe, TextSource
+from bake.recipe import ModelSample, Positions, Recipe, TextSource
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,21 @@ def digest(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def tokenize(tokenizer, texts: list[str], max_tokens: int, chat: bool = False, chat_prompt: str = "") -> list[Example]:
-    """Texts → examples. With ``chat``, each text is an assistant reply to ``chat_prompt`` and only
-    the reply's tokens are counted: the vector is measured where the model speaks."""
+def tokenize(
+    tokenizer,
+    texts: list[str],
+    max_tokens: int,
+    chat: bool = False,
+    chat_prompt: str = "",
+    positions: Positions | None = None,
+) -> list[Example]:
+    """Texts → examples. With ``chat``, each text is an assistant reply to ``chat_prompt``. ``positions`` picks
+    the counted tokens: ``all`` (the whole sequence), ``reply`` (the reply's tokens: the vector is measured where the
+    model speaks) or ``last`` (the text's last token, where function vectors are read); default: ``reply`` in chat
+    mode, else ``all``."""
     if chat and not tokenizer.chat_template:
         raise BakeError("chat: true, but the model's tokenizer has no chat template: set chat: false")
+    positions = positions or ("reply" if chat else "all")
     special = set(tokenizer.all_special_ids)
     examples = []
     for text in texts:
@@ -120,7 +130,7 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int, chat: bool = False, c
                 [{"role": "user", "content": chat_prompt}, {"role": "assistant", "content": text}], tokenize=False
             )
             start = rendered.rindex(text)
-            span = (start, start + len(text))
+            span = (start, start + len(text)) if positions != "all" else None
             enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         else:
             span = None
@@ -131,8 +141,14 @@ def tokenize(tokenizer, texts: list[str], max_tokens: int, chat: bool = False, c
             i > 0 and tok not in special and (span is None or (a >= span[0] and b <= span[1] and b > a))
             for i, (tok, (a, b)) in enumerate(zip(ids, offsets))
         ]
-        examples.append(Example(ids, counted))
+        examples.append(last_only(Example(ids, counted)) if positions == "last" else Example(ids, counted))
     return examples
+
+
+def last_only(example: Example) -> Example:
+    """The example with only its last counted position still counted (none if it had none)."""
+    last = max((i for i, c in enumerate(example.counted) if c), default=-1)
+    return Example(example.input_ids, [i == last for i in range(len(example.counted))])
 
 
 def sequences_to_examples(sequences: list[list[int]], tokenizer) -> list[Example]:
