@@ -329,7 +329,7 @@ def _sweep_table(results: dict) -> str:
                 best = max(grid, key=lambda k: _mean(grid[k]))
                 cells.append(f"{_pct(_mean(grid[best]))} (x{best.split('/')[1]})")
             rows.append(f"| {model} | {layer} of {r['depth']} | " + " | ".join(cells) + " |")
-        rows.append(f"| {model} | no steering | {_pct(_mean(r['sweep']['none']))} | | |")
+        rows.append(f"| {model} | no steering | {_pct(_mean(r['sweep']['none']))} |" + " |" * (len(METHODS) - 1))
     return "\n".join(rows)
 
 
@@ -400,10 +400,10 @@ def sections(results: dict) -> dict[str, str]:
 def render(results: dict, page: str) -> str:
     """``page`` with every generated section replaced from ``results`` (a missing marker is an error)."""
     for name, body in sections(results).items():
-        pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(\n<!-- end figures:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- end figures:{name} -->)", re.S)
         if not pattern.search(page):
             raise SystemExit(f"{PAGE}: no <!-- figures:{name} --> ... <!-- end figures:{name} --> markers")
-        page = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), page)
+        page = pattern.sub(lambda m, body=body: m.group(1) + body + "\n" + m.group(2), page)
     return page
 
 
@@ -415,6 +415,7 @@ def measure(models: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {
         "settings": {
             "held_out": HELD_OUT,
+            "held_eval": HELD_EVAL,
             "dev": DEV,
             "icl_prompts": ICL_PROMPTS,
             "icl_bound": ICL_BOUND,
