@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import safe_open
 
 from bake.checkpoint import Checkpoint, file_digest, inner_path, inside, plain_name
 from bake.errors import BakeError
+from bake.recipe import Positions
 from bake.vectorfile import VectorSet, parse_name
 
 MANIFEST = "bake.json"
@@ -126,6 +127,14 @@ class SampleEngine(_Strict):
     version: str
 
 
+class VectorEntry(_Open):
+    """One steering vector's provenance; ``positions`` is None in manifests written before the option existed
+    (they measured every token, or the reply's tokens with chat: true)."""
+
+    name: str
+    positions: Positions | None = None
+
+
 class _Entries(BaseModel):
     """What both manifests (checkpoint folder, GGUF) offer every reader."""
 
@@ -155,6 +164,14 @@ class BakeRecord(_Open, _Entries):
     verification: dict[str, Any]
     """``bake.verify.compare``'s report."""
     preview: list[dict[str, Any]]
+
+    @field_validator("vectors")
+    @classmethod
+    def _entries_valid(cls, vectors: dict[str, Any]) -> dict[str, Any]:
+        """Each entry names its vector and, when recorded, a known ``positions`` (kept as read: a dict)."""
+        for entry in vectors.get("entries", []):
+            VectorEntry.model_validate(entry)
+        return vectors
 
 
 class Manifest(BakeRecord):

@@ -28,6 +28,8 @@ from bake.gguffile import is_gguf
 
 Method = Literal["mean-centred", "mean", "actadd", "contrast"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+Positions = Literal["all", "last", "reply"]
+"""Which positions of a text enter a mean: every token, the last token, or the assistant reply's tokens (chat)."""
 Collection = Literal["auto", "memory", "streaming"]
 """How activations are collected and outputs verified: all blocks 0..L in memory, or one block at a time."""
 
@@ -105,6 +107,11 @@ class Background(_Strict):
 
     sample: ModelSample | None = None
     corpus: TextSource | None = None
+    positions: Literal["all", "last"] = Field(
+        default="all",
+        description="'last': each background text's last token only (function vectors: the mean over all tasks' "
+        "prompts at their last token)",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Background:
@@ -140,6 +147,12 @@ class Steering(_Strict):
     negative_prompt: str | None = None
     chat: bool = False
     chat_prompt: str = "Say something."
+    positions: Positions | None = Field(
+        default=None,
+        description="where the texts are measured: 'all' tokens, the 'last' token of each text, or the 'reply' "
+        "tokens (needs chat: true); default 'reply' with chat: true, else 'all'. The baked bias still adds the "
+        "vector at every position",
+    )
 
     @field_validator("coefficient", mode="before")
     @classmethod
@@ -154,6 +167,14 @@ class Steering(_Strict):
         if value != "auto" and not math.isfinite(value):
             raise ValueError("coefficient must be a finite number")
         return value
+
+    @model_validator(mode="after")
+    def _default_positions(self) -> Steering:
+        if self.positions is None:
+            self.positions = "reply" if self.chat else "all"
+        elif self.positions == "reply" and not self.chat:
+            raise ValueError("positions 'reply' counts an assistant reply's tokens: set chat: true, or use 'all'")
+        return self
 
     @model_validator(mode="after")
     def _fields_fit_method(self) -> Steering:

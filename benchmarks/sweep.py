@@ -29,6 +29,7 @@ KL_RTOL = 1e-5
 
 TITLE = "Sweep: settings per second, one at a time vs batched"
 
+
 def _run(**spec) -> dict:
     """One case in a fresh process (this file as a script); its last stdout line is its JSON result."""
     env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}

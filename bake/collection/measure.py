@@ -23,6 +23,7 @@ from bake.collection.streaming import Job, collect_sets, load_whole
 from bake.collection.texts import (
     Example,
     digest,
+    last_only,
     load_texts,
     sample_background,
     sample_engine,
@@ -48,9 +49,11 @@ class _TextSet:
     examples: list[Example]
     info: dict[str, Any]
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
-        return self.info["sha256"]
+        """The tokens and counted positions themselves: the same texts measured differently (chat, positions) are
+        different sets."""
+        return digest([json.dumps([e.input_ids, e.counted]) for e in self.examples])
 
 
 def versions() -> dict[str, str]:
@@ -90,13 +93,17 @@ def _role_sets(
                 texts = load_texts(bg.corpus, recipe, f"{where}.background")
                 examples = tokenize(tokenizer, texts, recipe.max_tokens)
                 info = {"kind": "corpus", "texts": len(texts), "sha256": digest(texts)}
+            if bg.positions == "last":
+                examples = [last_only(e) for e in examples]
+            info["positions"] = bg.positions
         else:
             if entry.method == "actadd":
                 texts = [getattr(entry, f"{role}_prompt")]
             else:
                 texts = load_texts(getattr(entry, role), recipe, f"{where}.{role}")
-            examples = tokenize(tokenizer, texts, recipe.max_tokens, entry.chat, entry.chat_prompt)
+            examples = tokenize(tokenizer, texts, recipe.max_tokens, entry.chat, entry.chat_prompt, entry.positions)
             info = {"kind": "texts", "texts": len(texts), "sha256": digest(texts), "chat": entry.chat}
+            info["positions"] = entry.positions
         info["tokens"] = sum(e.n_counted for e in examples)
         if info["tokens"] == 0:
             raise BakeError(
@@ -190,6 +197,7 @@ def measure_vectors(recipe: Recipe, engine: str | None = None) -> MeasuredVector
                 "site": entry.site,
                 "tensor": tensor_name(*point),
                 "method": entry.method,
+                "positions": entry.positions,
                 "unscaled_norm": float(u.norm()),
                 "mean_residual_norm": reference.mean_norm,
                 # Tokens as the collection counted them (after any all-reduce across ranks).

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from bake.checkpoint import staged_output
 from bake.collection import sampling
 from bake.errors import BakeError, OutputExists
-from bake.recipe import ModelSample, Recipe, TextSource
+from bake.recipe import ModelSample, Positions, Recipe, TextSource
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -114,12 +114,20 @@ def digest(texts: list[str]) -> str:
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_tokens: int, chat: bool = False, chat_prompt: str = ""
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    max_tokens: int,
+    chat: bool = False,
+    chat_prompt: str = "",
+    positions: Positions | None = None,
 ) -> list[Example]:
-    """Texts → examples. With ``chat``, each text is an assistant reply to ``chat_prompt`` and only
-    the reply's tokens are counted: the vector is measured where the model speaks."""
+    """Texts → examples. With ``chat``, each text is an assistant reply to ``chat_prompt``. ``positions`` picks
+    the counted tokens: ``all`` (the whole sequence), ``reply`` (the reply's tokens: the vector is measured where the
+    model speaks) or ``last`` (the text's last token, where function vectors are read); default: ``reply`` in chat
+    mode, else ``all``."""
     if chat and not tokenizer.chat_template:
         raise BakeError("chat: true, but the model's tokenizer has no chat template: set chat: false")
+    positions = positions or ("reply" if chat else "all")
     special = set(tokenizer.all_special_ids)
     examples = []
     for text in texts:
@@ -128,7 +136,7 @@ def tokenize(
                 [{"role": "user", "content": chat_prompt}, {"role": "assistant", "content": text}], tokenize=False
             )
             start = rendered.rindex(text)
-            span = (start, start + len(text))
+            span = (start, start + len(text)) if positions != "all" else None
             enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         else:
             span = None
@@ -139,8 +147,14 @@ def tokenize(
             i > 0 and tok not in special and (span is None or (a >= span[0] and b <= span[1] and b > a))
             for i, (tok, (a, b)) in enumerate(zip(ids, offsets))
         ]
-        examples.append(Example(ids, counted))
+        examples.append(last_only(Example(ids, counted)) if positions == "last" else Example(ids, counted))
     return examples
+
+
+def last_only(example: Example) -> Example:
+    """The example with only its last counted position still counted (none if it had none)."""
+    last = max((i for i, c in enumerate(example.counted) if c), default=-1)
+    return Example(example.input_ids, [i == last for i in range(len(example.counted))])
 
 
 def sequences_to_examples(sequences: list[list[int]], tokenizer: PreTrainedTokenizerBase) -> list[Example]:

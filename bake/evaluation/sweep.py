@@ -338,6 +338,7 @@ def _compare_entries(
         "coefficient": 1.0,
         "chat": entry.chat,
         "chat_prompt": entry.chat_prompt,
+        "positions": entry.positions,
     }
     entries = [
         Steering(name="mean-centred", method="mean-centred", target=target, background=entry.background, **common),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -34,15 +35,27 @@ original weight is unchanged; the biases are extra tensors in `model-bake-steeri
 """
 
 
+_POSITIONS = {"all": "every token", "last": "last token", "reply": "reply tokens"}
+
+
+def _positions(entry: dict[str, Any]) -> str:
+    """Which positions were averaged (a manifest older than the option: every token, or the reply with chat)."""
+    positions = entry.get("positions")
+    if positions is None:
+        chat = any(info.get("chat") for info in entry.get("data", {}).values())
+        positions = "reply" if chat else "all"
+    return _POSITIONS[positions]
+
+
 def _vector_rows(manifest: Manifest) -> list[str]:
     rows = [
-        "| name | layer | site | method | coefficient | norm | norm / mean residual norm |",
-        "|---|---|---|---|---|---|---|",
+        "| name | layer | site | method | measured at | coefficient | norm | norm / mean residual norm |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in manifest.entries:
         rows.append(
-            f"| {e['name']} | {e['layer']} | {e['site']} | {e['method']} | {e['coefficient']:g} | {e['norm']:.3g} | "
-            f"{e['relative_norm']:.3g} |"
+            f"| {e['name']} | {e['layer']} | {e['site']} | {e['method']} | {_positions(e)} | {e['coefficient']:g} | "
+            f"{e['norm']:.3g} | {e['relative_norm']:.3g} |"
         )
     return rows
 
@@ -213,9 +226,11 @@ stream, stored as a bias. It needs no hooks, no extra code and no
 
 {chr(10).join(_vector_rows(manifest)) if entries else "Vectors from a vector file (no recipe); see `bake.json`."}
 
-The bias acts at **every position**, the prompt and the first token included,
-so each vector was measured at every counted token of its texts (the first
-position, padding and special tokens excluded), i.e. where it will act.
+The bias acts at **every position**, the prompt and the first token included.
+"Measured at" says which tokens of its texts each vector was averaged over (the
+first position, padding and special tokens always excluded): every token (where
+it will act), the reply's tokens (chat), or each text's last token (where a
+function vector is read; it still acts everywhere).
 "Norm / mean residual norm" compares the vector with the typical size of the
 residual stream it is added to.
 
