@@ -100,6 +100,11 @@ class ModelSample(_Strict):
     sequences: Integer = Field(default=128, ge=1)
     tokens: Integer = Field(default=64, ge=2)
     temperature: Number = Field(default=1.0, gt=0)
+    engine: Literal["transformers", "llama.cpp", "auto"] = Field(
+        default="transformers",
+        description="what samples it: transformers' generate, llama.cpp straight from a GGUF base (needs "
+        "llama-cpp-python; faster on CPU, other samples, so other figures), or 'auto' (llama.cpp when it can)",
+    )
 
 
 class Background(_Strict):

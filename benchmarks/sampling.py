@@ -4,9 +4,8 @@ sampling alone over a grid of sequences x tokens, to show how its cost grows.
 
     python benchmarks/sampling.py [--quick]        # this section alone (run.py --only sampling also reaches it)
 
-Every case is a fresh process (this file, run with ``--case JSON``). The torch path is today's code with
-llama-cpp-python hidden from bake (``bake.collection.sampling.available`` returns False in that process), so the
-two cases differ in the sampling engine alone. This module imports neither torch nor bake.
+Every case is a fresh process (this file, run with ``--case JSON``). The two quickstart recipes differ in
+``background.sample.engine`` alone. This module imports neither torch nor bake.
 """
 
 from __future__ import annotations
@@ -43,25 +42,24 @@ def _case(args: dict) -> dict:
     return result
 
 
-def _recipe(folder: Path, sequences: int, tokens: int) -> Path:
-    """The quickstart recipe with its background size set (its data paths made absolute, so it can live here)."""
+def _recipe(folder: Path, sequences: int, tokens: int, engine: str) -> Path:
+    """The quickstart recipe with its background size and sampling engine set (its data paths made absolute, so it
+    can live here)."""
     text = QUICKSTART.read_text()
     text = re.sub(
-        r"sample: \{sequences: \d+, tokens: \d+\}", f"sample: {{sequences: {sequences}, tokens: {tokens}}}", text
+        r"sample: \{sequences: \d+, tokens: \d+\}",
+        f"sample: {{sequences: {sequences}, tokens: {tokens}, engine: {engine}}}",
+        text,
     )
     text = re.sub(r"(target|negative): data/", lambda m: f"{m[1]}: {ROOT / 'recipes' / 'data'}/", text)
-    path = folder / f"quickstart-{sequences}x{tokens}.yaml"
+    path = folder / f"quickstart-{sequences}x{tokens}-{engine}.yaml"
     path.write_text(text)
     return path
 
 
 def _run_case(spec: dict) -> dict:
-    """Inside the fresh process: hide llama.cpp for the torch path, then either a whole ``bake run`` or the sampling
-    of a background alone."""
-    from bake.collection import sampling as engine
-
-    if spec["engine"] == "transformers":
-        engine.available = lambda: False
+    """Inside the fresh process: either a whole ``bake run`` (the recipe names its engine) or the sampling of a
+    background alone."""
     if spec["kind"] == "run":
         from click.testing import CliRunner
 
@@ -101,10 +99,10 @@ def sampling(args) -> dict:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     size = (32, 16) if quick else (128, 64)
-    recipe = _recipe(root, *size)
     runs = {}
     for engine in ENGINES:
         cache = root / f"cache-{engine}"
+        recipe = _recipe(root, *size, engine)
         case = {"kind": "run", "engine": engine, "recipe": str(recipe), "out": str(root / f"out-{engine}")}
         print(f"sampling: {engine} quickstart, cold then warm", file=sys.stderr, flush=True)
         runs[engine] = {"cold": _case({**case, "cache": str(cache)}), "warm": _case({**case, "cache": str(cache)})}

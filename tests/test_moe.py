@@ -15,7 +15,7 @@ import torch
 from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_architectures import PROBES, hooked_logits
+from test_architectures import PROBES, assert_steered_like_hooks
 
 import bake
 from bake.manifest import check
@@ -29,23 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _vectors(points: list[tuple[int, str]]) -> VectorSet:
     g = torch.Generator().manual_seed(5)
     return VectorSet({p: 3 * torch.randn(32, generator=g) for p in points})
-
-
-def _assert_steered_like_hooks(baked, original, model_type: str, vectors: VectorSet, atol: float) -> None:
-    """Logits equal the hook-steered original's (and differ from the unsteered), greedy tokens identical."""
-    tok = make_tokenizer()
-    for prompt in PROBES:
-        ids = torch.tensor([tok(prompt).input_ids])
-        with torch.no_grad():
-            got = baked(input_ids=ids).logits.float()
-            plain = original(input_ids=ids).logits.float()
-        assert (got - hooked_logits(original, model_type, vectors, ids)).abs().max() <= atol
-        assert (got - plain).abs().max() > 5 * atol, "the steering is missing from the reloaded model"
-        greedy = baked.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)[0]
-        ref = ids
-        for _ in range(5):
-            ref = torch.cat([ref, hooked_logits(original, model_type, vectors, ref)[:, -1:].argmax(-1)], dim=1)
-        assert greedy.tolist() == ref[0].tolist()
 
 
 # (model_type, points): each family's sites without a stock slot, beside a stock one where the family has it.
@@ -76,7 +59,7 @@ def test_moe_without_a_slot_bakes_into_the_module(tmp_path, model_type, points):
     baked = load_model(tmp_path / "out")  # checks the module is bake's own, then trust_remote_code=True
     assert type(baked).__name__.startswith("BakeSteered")
     original = load_model(src)
-    _assert_steered_like_hooks(baked, original, model_type, vectors, 1e-4)
+    assert_steered_like_hooks(baked, original, model_type, vectors, 1e-4, torch.float32)
 
 
 def _as_mxfp4(src: Path, out: Path) -> Path:
@@ -153,7 +136,7 @@ def test_gpt_oss_mxfp4_folds_by_rewriting_only_biases(tmp_path):
     assert tree_digest(tmp_path / "restored") == before
     baked, original = load_model(tmp_path / "out"), load_model(src)  # both dequantized to bf16 on CPU
     # bf16, and the router's softmax weights sum to 1 only to bf16 precision (tests/test_architectures.py)
-    _assert_steered_like_hooks(baked, original, "gpt_oss", vectors, 0.25)
+    assert_steered_like_hooks(baked, original, "gpt_oss", vectors, 0.25, torch.bfloat16)
 
 
 def _wrapper_config(model_type: str):

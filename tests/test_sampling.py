@@ -87,14 +87,20 @@ def test_transformers_engine_is_recorded_and_a_recorded_llama_cpp_engine_is_need
 
 
 def test_engine_choice(monkeypatch, tmp_path):
+    """transformers unless the recipe asks: the default keeps every sampled background (and figure) as it was."""
     gguf = tmp_path / "m.gguf"
     monkeypatch.setattr(sampling, "available", lambda: True)
-    assert sample_engine(gguf) == "llama.cpp" and sample_engine(None) == "transformers"
-    assert sample_engine(gguf, "transformers") == "transformers"  # a rebuild keeps the recorded engine
+    assert sample_engine(gguf) == "transformers" and sample_engine(gguf, requested="llama.cpp") == "llama.cpp"
+    assert (
+        sample_engine(gguf, requested="auto") == "llama.cpp" and sample_engine(None, requested="auto") == "transformers"
+    )
+    assert sample_engine(gguf, "transformers", "llama.cpp") == "transformers"  # a rebuild keeps the recorded engine
     monkeypatch.setattr(sampling, "available", lambda: False)
-    assert sample_engine(gguf) == "transformers"
+    assert sample_engine(gguf, requested="auto") == "transformers"
     with pytest.raises(BakeError, match="sampled with llama.cpp, but llama-cpp-python is not installed"):
         sample_engine(gguf, "llama.cpp")
+    with pytest.raises(BakeError, match="^background.sample.engine: llama.cpp, but llama-cpp-python is not installed"):
+        sample_engine(gguf, requested="llama.cpp")
 
 
 def test_manifest_engine_record_is_checked():
@@ -110,7 +116,7 @@ def test_manifest_engine_record_is_checked():
 @needs_llama_cpp
 def test_rebuild_resamples_with_llama_cpp(tmp_path, smollm2_gguf, one_thread):
     """The real GGUF end to end: llama.cpp samples, the manifest says so, the rebuild resamples bit for bit."""
-    recipe = _recipe(tmp_path, str(smollm2_gguf), "{sample: {sequences: 4, tokens: 8}}")
+    recipe = _recipe(tmp_path, str(smollm2_gguf), "{sample: {sequences: 4, tokens: 8, engine: llama.cpp}}")
     result = CliRunner().invoke(main, ["run", str(recipe), "-o", str(tmp_path / "first")])
     assert result.exit_code == 0, result.output
     assert [e["name"] for e in _engines(tmp_path / "first")] == ["llama.cpp"]

@@ -81,12 +81,17 @@ def _role_sets(
         if role == "background":
             bg = recipe.background_for(entry)
             if bg.sample is not None:
-                engine = sample_engine(source.gguf, engine)
+                engine = sample_engine(source.gguf, engine, bg.sample.engine)
                 sequences, key = sample_background(
                     full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir(), engine, source.gguf
                 )
                 examples = sequences_to_examples(sequences, tokenizer)
-                info = {"kind": "model-sample", **bg.sample.model_dump(), "seed": recipe.seed, "texts": len(sequences)}
+                info = {
+                    "kind": "model-sample",
+                    **bg.sample.model_dump(exclude={"engine"}),
+                    "seed": recipe.seed,
+                    "texts": len(sequences),
+                }
                 info["engine"] = {"name": engine, "version": _engine_version(engine)}
                 info["sha256"] = digest([json.dumps(s) for s in sequences])
             else:

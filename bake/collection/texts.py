@@ -176,17 +176,23 @@ ENGINES = ("transformers", "llama.cpp")
 """What samples a background: transformers' ``generate`` on the loaded model, or llama.cpp on the GGUF."""
 
 
-def sample_engine(gguf: Path | None, recorded: str | None = None) -> str:
+def sample_engine(gguf: Path | None, recorded: str | None = None, requested: str = "transformers") -> str:
     """The engine to sample with: ``recorded`` (a rebuild reproduces the bake's samples with the engine that made
-    them, or is refused), else llama.cpp when the model is a GGUF and llama-cpp-python is installed."""
-    if recorded == "llama.cpp" and not (gguf and sampling.available()):
-        why = "the base is not a GGUF file here" if gguf is None else "llama-cpp-python is not installed"
+    them, or is refused), else the recipe's ``requested`` one (``auto``: llama.cpp when the model is a GGUF and
+    llama-cpp-python is installed)."""
+    usable = gguf is not None and sampling.available()
+    why = "the base is not a GGUF file here" if gguf is None else "llama-cpp-python is not installed"
+    if recorded == "llama.cpp" and not usable:
         raise BakeError(
             f"the background was sampled with llama.cpp, but {why}: {sampling.INSTALL} to reproduce the same samples"
         )
     if recorded is not None:
         return recorded
-    return "llama.cpp" if gguf is not None and sampling.available() else "transformers"
+    if requested == "llama.cpp" and not usable:
+        raise BakeError(f"background.sample.engine: llama.cpp, but {why}: {sampling.INSTALL}, or use transformers")
+    if requested == "auto":
+        return "llama.cpp" if usable else "transformers"
+    return requested
 
 
 def sample_background(
@@ -207,7 +213,7 @@ def sample_background(
     identical background. Returns the token ids and the cache key.
     """
     start = start_token(tokenizer)
-    settings = {"model": model_key, **spec.model_dump(), "seed": seed, "start": start}
+    settings = {"model": model_key, **spec.model_dump(exclude={"engine"}), "seed": seed, "start": start}
     if engine != "transformers":  # the key of a transformers sample stays what it was before there was a choice
         settings["engine"] = {"name": engine, "version": sampling.version()}  # the version made these samples
     key_src = json.dumps(settings, sort_keys=True)

@@ -104,6 +104,13 @@ def _history_block(manifest: Manifest) -> str:
     )
 
 
+def _remote_engines(remote: RemoteCode) -> str:
+    """Which servers run the constant-bias module, as the fold recorded it."""
+    refused = " and ".join(remote.not_applied_by)
+    vllm = "" if "vLLM" in remote.not_applied_by else "vLLM runs it with `trust_remote_code=True`; "
+    return f"{vllm}{refused} do not run the constant-bias module: do not serve this checkpoint with them."
+
+
 def _loading_block(repo: str, family_name: str, remote: RemoteCode | None) -> str:
     """How to run it in transformers, vLLM and llama.cpp, as far as each applies the steering."""
     if remote:
@@ -113,10 +120,10 @@ model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
 ```
 
-vLLM, TGI and llama.cpp do not run the constant-bias module: serve this checkpoint with transformers only.
+{_remote_engines(remote)}
 """
     family = family_named(family_name)
-    llama_cpp = family is not None and family.llama_cpp.startswith("loads it")
+    llama_cpp = family is not None and family.llama_cpp.startswith(("loads it", "tested"))
     gguf = (
         f"""
 **llama.cpp** (convert once; the biases map by name to `blk.N.ffn_down.bias` / `blk.N.attn_output.bias`):
