@@ -1,12 +1,10 @@
 """docs/evaluation.md's measured blocks (sweep, coefficient: auto, compare on the quickstart), from
 docs/evaluation.json, which a real run on SmolLM2 writes; nothing in them is typed by hand.
 
-    python docs/evaluation_figures.py --measure   # sweep + auto + compare on SmolLM2 (batched), write the JSON, render
-    python docs/evaluation_figures.py             # re-render docs/evaluation.md's blocks from the JSON only (no model)
+    python docs/evaluation_figures.py && python docs/figures.py --render   # measure on SmolLM2 (batched), render
 
-Each block sits between ``<!-- figures:NAME -->`` and ``<!-- end figures:NAME -->``; ``BLOCKS`` maps NAME to the
-function rendering its content (``render_*(results) -> str``, the lines between the markers) from the JSON.
-tests/test_evaluation_figures.py checks that every block is its rendering.
+``BLOCKS`` maps each block NAME of docs/evaluation.md to the function rendering it from the JSON alone; docs/figures.py
+renders every figures block of every page, and tests/test_readme.py checks each is its rendering.
 """
 
 from __future__ import annotations
@@ -155,27 +153,11 @@ BLOCKS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def markers(name: str) -> tuple[str, str]:
-    return f"<!-- figures:{name} -->", f"<!-- end figures:{name} -->"
-
-
-def splice(text: str, name: str, content: str) -> str:
-    """``text`` with block ``name``'s content replaced by ``content``."""
-    begin, end = markers(name)
-    head, rest = text.split(begin, 1)
-    return head + begin + "\n" + content + "\n" + end + rest.split(end, 1)[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--measure", action="store_true", help="run the measurements on SmolLM2 first (minutes)")
-    args = parser.parse_args()
-    if args.measure:
-        RESULTS.write_text(json.dumps(measure(), indent=2) + "\n")
-    results, text = json.loads(RESULTS.read_text()), DOC.read_text()
-    for name, render in BLOCKS.items():
-        text = splice(text, name, render(results))
-    DOC.write_text(text)
+    parser.parse_args()
+    RESULTS.write_text(json.dumps(measure(), indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}: now python docs/figures.py --render")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ and ``renderings()`` says what each NAME renders, from which file:
 - ``quickstart`` (README.md): docs/figures.json, from a real quickstart bake's bake.json;
 - ``gguf`` (docs/gguf.md): docs/gguf.json, from the real SmolLM2 GGUF comparison in tests/test_gguf_export.py;
 - ``benchmarks.SECTION`` (benchmarks/README.md) and ``benchmarks.summary`` (docs/big-models.md):
-  benchmarks/results.json, from benchmarks/run.py.
+  benchmarks/results.json, from benchmarks/run.py;
+- ``evaluation-*`` (docs/evaluation.md): docs/evaluation.json, from docs/evaluation_figures.py;
+- ``paper-*`` (docs/paper.md): recipes/paper/results.json, from recipes/paper/run.py.
 
     python docs/figures.py --render            # rewrite every block from the committed JSON only (no model)
     bake run recipes/quickstart.yaml -o out/cheerful && python docs/figures.py out/cheerful   # record, render
@@ -144,12 +146,18 @@ def record_gguf() -> None:
 
 
 @cache
-def benchmarks() -> ModuleType:
-    """benchmarks/run.py (SECTIONS, render_section, RESULTS), imported by path: benchmarks/ is not a package."""
-    spec = importlib.util.spec_from_file_location("bake_benchmarks_run", ROOT / "benchmarks" / "run.py")
+def script(relative: str) -> ModuleType:
+    """A measuring script beside the docs (benchmarks/run.py, docs/evaluation_figures.py, recipes/paper/run.py),
+    imported by path: none of their folders is a package."""
+    spec = importlib.util.spec_from_file_location("bake_figures_" + relative.replace("/", "_")[:-3], ROOT / relative)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def benchmarks() -> ModuleType:
+    """benchmarks/run.py (SECTIONS, render_section, RESULTS)."""
+    return script("benchmarks/run.py")
 
 
 def render_benchmark_summary(results: dict[str, Any]) -> str:
@@ -206,6 +214,12 @@ def renderings() -> dict[str, str]:
     }
     if {"collection", "fold", "inference"} <= results.keys():
         blocks["benchmarks.summary"] = render_benchmark_summary(results)
+    evaluation = script("docs/evaluation_figures.py")
+    if evaluation.RESULTS.is_file():
+        measured = json.loads(evaluation.RESULTS.read_text())
+        blocks.update({name: render(measured) for name, render in evaluation.BLOCKS.items()})
+    paper = script("recipes/paper/run.py")
+    blocks.update(paper.sections(json.loads(paper.RESULTS.read_text())))
     return blocks
 
 

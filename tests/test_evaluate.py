@@ -273,7 +273,7 @@ def test_run_with_auto_records_the_choice_in_manifest_card_and_inspect(llama, tm
     assert entry["coefficient"] == chosen and entry["auto"]["kl"] <= 0.02
     assert all(g["kl"] > 0.02 for g in entry["auto"]["grid"] if g["coefficient"] > chosen)
     assert "coefficient auto: " in result.output
-    assert f"| happy | 1 | resid_post | mean-centred | {chosen:g} |" in (out / "README.md").read_text()
+    assert f"| happy | 1 | resid_post | mean-centred | every token | {chosen:g} |" in (out / "README.md").read_text()
     inspected = CliRunner().invoke(main, ["inspect", str(out)])
     assert inspected.exit_code == 0 and f"coefficient auto: {chosen:g}" in inspected.output
 
