@@ -32,7 +32,7 @@ from bake.verify import verify as verify_paths
 
 def compute_vectors(recipe: Recipe, engine: str | None = None) -> VectorSet:
     """Measure every steering entry of ``recipe`` on its base model and return the vectors (a sampled background
-    by ``engine``, ``bake.collection.texts.ENGINES``, default the fastest installed).
+    by ``engine``, ``bake.collection.texts.ENGINES``, default the recipe's ``background.sample.engine``).
 
     Entries sharing a (layer, site) add up. ``coefficient: auto`` entries get the largest coefficient on
     ``evaluate.coefficients`` whose KL(base ‖ steered) stays within ``evaluate.max_kl``

@@ -152,7 +152,7 @@ class MeasuredVectors:
 def measure_vectors(recipe: Recipe, engine: str | None = None) -> MeasuredVectors:
     """Every steering entry of ``recipe`` measured on its base model, at coefficient 1.
 
-    A sampled background is made by ``engine`` (``bake.collection.texts.ENGINES``; default: the fastest installed).
+    A sampled background is made by ``engine`` (``bake.collection.texts.ENGINES``; default: the recipe's choice).
 
     Only blocks 0..L of the deepest layer
     L are built and loaded (all at once, or one at a time per ``recipe.collection``: bake.collection.streaming);

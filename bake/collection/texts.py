@@ -230,7 +230,7 @@ def sample_background(
     with contextlib.suppress(OutputExists), staged_output(path, True, ours=lambda p: True, file=True) as tmp:
         tmp.write_text(json.dumps({"settings": json.loads(key_src), "sequences": sequences}))  # a cache entry is ours
     print(
-        f"sampled background with {engine}: {len(sequences)} sequences of up to {spec.tokens} tokens, cached in {path}",
+        f"sampled background: {len(sequences)} sequences of up to {spec.tokens} tokens with {engine}, cached in {path}",
         file=sys.stderr,
     )
     return sequences, key
