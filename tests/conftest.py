@@ -49,6 +49,20 @@ _SIZES = dict(
 )
 _GQA = dict(_SIZES, num_key_value_heads=2)
 # Small configs per model_type, each with the size names its config class takes.
+# DeepSeek-V2/V3: MLA attention (low-rank KV), routed + shared experts, two dense blocks first.
+_DEEPSEEK = dict(
+    _SIZES,
+    kv_lora_rank=16,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    moe_intermediate_size=16,
+    first_k_dense_replace=2,
+)
+
 TINY: dict[str, dict] = {
     "gpt2": dict(n_embd=32, n_layer=4, n_head=4, n_positions=128),
     "gpt_neox": dict(_SIZES),
@@ -82,34 +96,8 @@ TINY: dict[str, dict] = {
     ),
     "qwen3_moe": dict(_GQA, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "olmoe": dict(_GQA, num_experts=4, num_experts_per_tok=2),
-    "deepseek_v2": dict(
-        _SIZES,
-        kv_lora_rank=16,
-        q_lora_rank=None,
-        qk_rope_head_dim=4,
-        qk_nope_head_dim=4,
-        v_head_dim=8,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        moe_intermediate_size=16,
-        first_k_dense_replace=2,
-    ),
-    "deepseek_v3": dict(
-        _SIZES,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=4,
-        qk_nope_head_dim=4,
-        v_head_dim=8,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        moe_intermediate_size=16,
-        first_k_dense_replace=2,
-        n_group=1,
-        topk_group=1,
-    ),
+    "deepseek_v2": dict(_DEEPSEEK, q_lora_rank=None),
+    "deepseek_v3": dict(_DEEPSEEK, q_lora_rank=16, n_group=1, topk_group=1),
     "llama4_text": dict(
         _GQA,
         head_dim=8,
