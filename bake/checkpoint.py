@@ -16,9 +16,9 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -546,6 +546,7 @@ def check_output(
         )
     if not os.access(anchor, os.W_OK | os.X_OK) or os.statvfs(anchor).f_flag & os.ST_RDONLY:
         raise BakeError(f"output {str(target)!r}: the folder {str(anchor)!r} is read-only: choose a writable path")
+    _clear_stale(full)
     if os.path.lexists(full):
         if not force:
             raise OutputExists(target)
@@ -560,11 +561,10 @@ def check_output(
             f"output {str(target)!r}: needs about {needed} bytes but {str(anchor)!r} has {free} free: "
             "free some space or choose another disk"
         )
-    _clear_stale(full)
 
 
 def _staging_pattern(name: str) -> re.Pattern:
-    return re.compile(rf"^\.{re.escape(name)}\.(?:tmp|old)-(\d+)-[A-Za-z0-9_]+$")
+    return re.compile(rf"^\.{re.escape(name)}\.(tmp|old)-(\d+)-[A-Za-z0-9_]+$")
 
 
 def _alive(pid: int) -> bool:
@@ -578,22 +578,27 @@ def _alive(pid: int) -> bool:
 
 
 def _clear_stale(target: Path) -> None:
-    """Staging left beside ``target`` by a killed run: removed when its process is gone (the name says whose it
-    is), refused while that process still runs (another bake is writing the same output)."""
+    """What a killed run left beside ``target``, handled before ``target`` itself is looked at: its staging is
+    removed, and an old output it had moved aside to replace (``--force``) is put back when nothing took its
+    place, so a kill at any instant loses no output. Refused while that process still runs (another bake is
+    writing the same output); the name says whose it is."""
     parent = target.parent
     if not parent.is_dir():
         return
     pattern = _staging_pattern(target.name)
-    for p in parent.iterdir():
+    for p in sorted(parent.iterdir()):
         m = pattern.match(p.name)
-        if not m or int(m[1]) == os.getpid():
+        if not m or int(m[2]) == os.getpid():
             continue
-        if _alive(int(m[1])):
+        if _alive(int(m[2])):
             raise BakeError(
-                f"another bake run (pid {m[1]}) is writing {str(target)!r} now ({p.name} beside it): "
+                f"another bake run (pid {m[2]}) is writing {str(target)!r} now ({p.name} beside it): "
                 "wait for it or choose another path"
             )
-        _remove(p)
+        if m[1] == "old" and not os.path.lexists(target):
+            os.rename(p, target)
+        else:
+            _remove(p)
 
 
 def _remove(path: Path) -> None:
@@ -633,6 +638,23 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         os.unlink(src)
 
 
+def _beside(target: Path, kind: str) -> Path:
+    """A fresh name beside ``target`` that ``_staging_pattern`` recognises as this process's ``kind``."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _create_staging(staging: Path, target: Path, file: bool) -> None:
+    """The empty staging file or folder, private (``default_mode`` opens it up on success), never an existing one."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if file:
+            os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        else:
+            staging.mkdir(mode=0o700)
+    except OSError as e:
+        raise BakeError(f"cannot write beside {str(target)!r} ({e.strerror}): choose a writable path") from None
+
+
 def _publish(staging: Path, target: Path, force: bool, ours: Callable[[Path], bool]) -> None:
     """The final step: ``staging`` becomes ``target``; an existing one is replaced only with ``force``, and only
     if it is still bake's (it may have changed while this run worked)."""
@@ -642,18 +664,18 @@ def _publish(staging: Path, target: Path, force: bool, ours: Callable[[Path], bo
                 f"output {str(target)!r} became {_what_is(target)} while bake worked, not an output bake "
                 "wrote: nothing was replaced"
             )
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent)) / "x"
-        os.rename(target, old)
-        try:
+        old = _beside(target, "old")
+        try:  # from the first rename on, a failure or signal at any point puts the old output back
+            rename_noreplace(target, old)
             rename_noreplace(staging, target)
         except FileExistsError:
             raise OutputExists(target, _RACED) from None
         finally:
-            if os.path.lexists(target):
-                _remove(old.parent)
-            else:
-                os.rename(old, target)
-                _remove(old.parent)
+            if os.path.lexists(old):
+                if os.path.lexists(target):
+                    _remove(old)
+                else:
+                    os.rename(old, target)
         return
     try:
         rename_noreplace(staging, target)
@@ -680,18 +702,9 @@ def staged_output(
     """
     check_output(target, force, ours, sources, needed)
     target = Path(os.path.abspath(target))
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{target.name}.tmp-{os.getpid()}-"
-        if file:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=target.parent)
-            os.close(fd)
-            staging = Path(name)
-        else:
-            staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    except OSError as e:
-        raise BakeError(f"cannot write beside {str(target)!r} ({e.strerror}): choose a writable path") from None
-    try:
+    staging = _beside(target, "tmp")
+    try:  # named before it exists, so a signal even right after its creation finds it and removes it
+        _create_staging(staging, target, file)
         yield staging
         default_mode(staging, directory=not file)
         _publish(staging, target, force, ours)

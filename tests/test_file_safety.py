@@ -365,6 +365,67 @@ def test_staging_left_by_sigkill_is_removed_by_the_next_run(slow_model, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "v.safetensors"]
 
 
+class _Signal(BaseException):
+    """Stands for the exception a SIGTERM raises (bake.cli's handler) at one chosen instant."""
+
+
+def _signal_after(monkeypatch, name: str, calls: int = 1) -> None:
+    """The signal arrives right after the ``calls``-th call of ``bake.checkpoint.NAME`` returns (the narrowest
+    window a real signal could hit), deterministically."""
+    real, seen = getattr(checkpoint, name), []
+
+    def hit(*args, **kwargs):
+        result = real(*args, **kwargs)
+        seen.append(1)
+        if len(seen) == calls:
+            raise _Signal
+        return result
+
+    monkeypatch.setattr(checkpoint, name, hit)
+
+
+@pytest.mark.parametrize("file", [False, True], ids=["folder", "file"])
+def test_a_signal_right_after_the_staging_is_created_leaves_nothing(monkeypatch, tmp_path, file):
+    _signal_after(monkeypatch, "_create_staging")
+    with pytest.raises(_Signal), checkpoint.staged_output(tmp_path / "out", file=file):
+        raise AssertionError("the body must not run")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("calls", "kept"), [(1, "old"), (2, "new")], ids=["old moved aside", "new renamed in"])
+def test_a_signal_while_force_replaces_keeps_one_whole_output(monkeypatch, tmp_path, calls, kept):
+    """``--force`` moves the old output aside, then renames the new one in: a signal after either rename leaves
+    exactly one output, whole, and nothing beside it."""
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "w").write_text("old")
+    _signal_after(monkeypatch, "rename_noreplace", calls)
+    with pytest.raises(_Signal), checkpoint.staged_output(target, force=True, ours=lambda p: True) as staging:
+        (staging / "w").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (target / "w").read_text() == kept
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_old_output_a_killed_force_moved_aside_is_put_back(world):
+    """SIGKILL between ``--force``'s two renames leaves the old output aside under the dead run's pid: the next
+    run puts it back before looking at the target, so it is refused as existing, not lost."""
+    out = world["tmp"] / "out"
+    bake.fold(str(world["src"]), _vectors(), out)
+    before = tree_digest(out)
+    aside = world["tmp"] / f".out.old-{_dead_pid()}-abcd1234"
+    out.rename(aside)
+    line = one_error_line(invoke("fold", world["src"], world["vec"], "-o", out))
+    assert "already exists" in line, line
+    assert tree_digest(out) == before
+    no_staging(world["tmp"])
+
+
 def test_staging_of_a_live_run_is_named_and_kept(world):
     """A staging folder whose process still runs is another bake at work: refused, left alone."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
