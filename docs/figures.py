@@ -106,7 +106,7 @@ def render_gguf(g: dict[str, Any]) -> str:
             f"Measured on {g['model']} (`tests/test_gguf_export.py`, recorded in `docs/gguf.json`: a mean-centred",
             f"vector after block {g['post_layer']} and one after block {g['mid_layer']}'s attention, "
             f"{g['positions']} positions of {g['prompts']} probe prompts,",
-            f"llama-cpp-python {g['llama_cpp_python']} on CPU, {g['threads']} thread):",
+            f"llama-cpp-python {g['llama_cpp_python']} on a CPU with {g['cpu']}, {g['threads']} thread):",
             "",
             "| measure | value |",
             "|---|---|",
@@ -137,9 +137,9 @@ def record_gguf() -> None:
     """Re-measure docs/gguf.json: the figures test of tests/test_gguf_export.py, told to write instead of compare."""
     env = {**os.environ, "BAKE_RECORD_FIGURES": "1", "PYTHONPATH": str(ROOT)}
     test = "tests/test_gguf_export.py::test_llama_cpp_figures_match_docs_gguf_json"
-    subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=ROOT, env=env, check=True
-    )
+    # -m slow: the suite's default selection leaves the slow tests out, this one among them
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "slow", test]
+    subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
 # ---------------------------------------------------------------- benchmarks (benchmarks/README.md, big-models.md)

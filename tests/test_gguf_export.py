@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import gguf
@@ -336,9 +337,11 @@ def wrong_bake(reference, baked, folder: Path, vectors: VectorSet) -> dict[str, 
     return {"max": max_gap / base_max, "mean": mean_gap / base_mean}
 
 
-# Fresh figures against docs/gguf.json: llama.cpp and torch on CPU repeat bit for bit for one build, machine and
-# thread count (two runs here agreed exactly); another CPU's SIMD kernels sum in another order, so the gaps may move
-# in their last digits and one position's top-1 may flip.
+# Fresh figures against docs/gguf.json: llama.cpp and torch on CPU repeat bit for bit for one build, CPU feature set
+# and thread count (two runs here agreed exactly), so on the recorded features they must agree closely. llama.cpp
+# picks its quantized kernels by the CPU's features, and on another set the gaps moved by more than rounding (a CI
+# machine measured a mean steered gap of 0.270 against the recorded 0.240): there the doc's claims are checked, which
+# must hold on any CPU, and the figures are not compared, with a warning that says so.
 GGUF_FIGURES_RTOL = 0.02
 
 
@@ -361,6 +364,7 @@ def test_llama_cpp_figures_match_docs_gguf_json(baked, readers, reference, contr
         "positions": sum(len(x) for x in r["ids"]),
         "llama_cpp_python": importlib.metadata.version("llama-cpp-python"),
         "threads": torch.get_num_threads(),
+        "cpu": llamacpp.cpu_features(),
         "steered_gap": pair(r["steered"], r["hooked"]),
         "unsteered_gap": pair(r["base"], r["plain"]),
         "top1": {"steered": top1(r["steered"], r["hooked"]), "unsteered": top1(r["base"], r["plain"])},
@@ -398,6 +402,23 @@ def test_llama_cpp_figures_match_docs_gguf_json(baked, readers, reference, contr
     )
     exact = ("model", "post_layer", "mid_layer", "prompts", "positions", "identical")
     assert {k: fresh[k] for k in exact} == {k: recorded[k] for k in exact}
+    # what the doc claims on any CPU: the steered file within the verification's limit of the quantization baseline,
+    # llama.cpp's change that of the hooks (the relative error well under the half a dropped bias would give), and
+    # the after-block bias what a llama.cpp control vector of the same vector does, well inside that baseline (the two
+    # add in another order, and the activations' quantization turns some rounding into a flipped block: 0.0037 and
+    # 0.033 mean on two feature sets, against a baseline of 0.21)
+    steered_gap, baseline = fresh["steered_gap"], fresh["unsteered_gap"]
+    assert all(steered_gap[k] <= llamacpp.GAP_FACTOR * baseline[k] for k in ("max", "mean")), (steered_gap, baseline)
+    assert fresh["change"]["relative_error"] < 0.25, fresh["change"]
+    assert fresh["control_vector"]["mean"] < baseline["mean"] / 4, (fresh["control_vector"], baseline)
+    if fresh["cpu"] != recorded["cpu"]:
+        warnings.warn(
+            f"docs/gguf.json was measured on CPU features {recorded['cpu']!r}, this machine has {fresh['cpu']!r}: "
+            "llama.cpp runs other kernels here, so only the doc's claims were checked, not its figures "
+            "(python docs/figures.py --gguf re-records them on this CPU)",
+            stacklevel=1,
+        )
+        return
     one_position = 1 / fresh["positions"]
     for key in ("steered_gap", "unsteered_gap", "change", "control_vector", "wrong"):
         want, got = recorded[key], fresh[key]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,14 @@ INSTALL = "pip install 'bake[llama-cpp]' (compiles llama.cpp, a few minutes)"
 
 def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def cpu_features() -> str:
+    """The CPU features this llama.cpp build uses (e.g. "AVX2 FMA ..."): it picks its quantized kernels by them, so
+    the last digits of its logits, and the gaps measured from them, belong to one feature set."""
+    from llama_cpp import llama_print_system_info  # optional
+
+    return " ".join(name for name, on in re.findall(r"(\w+) = (\d+)", llama_print_system_info().decode()) if on != "0")
 
 
 def _load(path: Path, n_ctx: int, logits_all: bool = False):
