@@ -32,7 +32,6 @@ from test_architectures import _id as _case_id
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bake import api
-from bake.checkpoint import EXTRA_SHARD
 from bake.families.hf import FAMILIES, family_for
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
@@ -87,7 +86,9 @@ TESTED = f"tested (llama.cpp {LLAMA_CPP_VERSION})"
 IDS = [[1, 504, 2734, 1437, 314, 253, 1345], [1, 9519, 30, 1070, 28]]
 TOKENS = 6
 ATOL = 5e-3  # fp32 weights both sides; llama.cpp keeps its KV cache in float16 (measured gaps: see the report)
-# Every exact case of test_architectures whose family the table's llama.cpp column says is tested here.
+# Every exact case of test_architectures whose family the table's llama.cpp column says is tested here. gpt-oss is
+# saved by transformers unquantized (gate_up_proj interleaved, [experts, in, out]): the converter transposes and
+# splits it itself (its MXFP4 path repacks *_blocks/*_scales instead; the biases take the same path in both).
 CASES = {_case_id(c): c for c in EXACT if family_for(tiny_config(c[0], **c[1])).llama_cpp.startswith(TESTED)}
 # Families the converter cannot convert here, baked or not: model_type -> the error it stops with. (GPT-NeoX: it
 # reads rotary_pct from transformers' config, which transformers 5 folds into rope_parameters.)
@@ -161,7 +162,7 @@ def converted(converter, bpe_tokenizer, tmp_path_factory, one_thread) -> dict[st
         g = torch.Generator().manual_seed(1)
         vectors = VectorSet({(layer, site): torch.randn(hidden, generator=g) for layer in (1, 2)})
         api.fold(str(base), vectors, root / key / "baked", verify=VerifySpec(prompts=["hello"], tokens=2))
-        runs[key] = {"base": base, "baked": root / key / "baked", "gguf": root / key / "baked.gguf"}
+        runs[key] = {"base": base, "baked": root / key / "baked", "gguf": root / key / "baked.gguf", "vectors": vectors}
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the gguf-py that came with the script
     jobs = [[str(r["baked"]), str(r["gguf"])] for r in runs.values()]
     jobs += [[str(runs[key]["base"]), str(runs[key]["base"]) + ".gguf"] for key in FAILING]
@@ -233,19 +234,45 @@ def test_converter_fails_on_the_family_baked_or_not(converted, key):
     assert converted[key]["baked_error"] == want and converted[key]["base_error"] == want, converted[key]
 
 
-def test_biases_keep_their_values_under_llama_cpp_names(converted):
-    """Llama: bake's biases become llama.cpp's bias tensors, value for value, and the zero biases the flags
-    switch on are converted too (llama.cpp allocates them when present)."""
-    names = {"resid_post": ("ffn_down", "mlp.down_proj"), "resid_mid": ("attn_output", "self_attn.o_proj")}
-    for site, (gguf_name, hf_name) in names.items():
-        run = converted[_case_id(("llama", {}, site, False))]
+# Per family and site: the llama.cpp tensor and the checkpoint's tensor the vector goes into, and the zero biases the
+# flags switch on, which the converter must carry too (llama.cpp allocates them when present). gpt-oss's
+# down_proj_bias has one row per expert, and every row carries the vector.
+GGUF_BIASES = {
+    "llama": {
+        "resid_post": ("ffn_down.bias", "mlp.down_proj.bias", ("blk.0.ffn_gate.bias", "blk.0.ffn_up.bias")),
+        "resid_mid": ("attn_output.bias", "self_attn.o_proj.bias", tuple(f"blk.3.attn_{x}.bias" for x in "qkv")),
+    },
+    "gpt_oss": {
+        "resid_post": ("ffn_down_exps.bias", "mlp.experts.down_proj_bias", ()),
+        "resid_mid": ("attn_output.bias", "self_attn.o_proj.bias", ()),
+    },
+}
+
+
+def _safetensors(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint folder, whichever shard holds it."""
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "np") as f:
+            out.update({name: f.get_tensor(name) for name in f.keys()})
+    return out
+
+
+@pytest.mark.parametrize("model_type", GGUF_BIASES)
+def test_biases_keep_their_values_under_llama_cpp_names(converted, model_type):
+    """bake's biases become llama.cpp's bias tensors value for value: the base's bias plus the vector at the steered
+    blocks (1, 2), the base's unchanged at the others, and the zero biases the flags switch on are converted too."""
+    for site, (gguf_name, hf_name, zero) in GGUF_BIASES[model_type].items():
+        run = converted[_case_id((model_type, {}, site, False))]
         tensors = {t.name: t.data for t in gguf.GGUFReader(run["gguf"]).tensors}  # memory-mapped, read on use
-        with safe_open(run["baked"] / EXTRA_SHARD, "np") as f:
-            for layer in (1, 2):
-                want = f.get_tensor(f"model.layers.{layer}.{hf_name}.bias")
-                assert np.array_equal(tensors[f"blk.{layer}.{gguf_name}.bias"], want) and want.any()
-        zero = ("blk.0.ffn_down.bias", "blk.0.ffn_gate.bias") if site == "resid_post" else ("blk.3.attn_q.bias",)
-        for name in (*zero, f"blk.3.{gguf_name}.bias"):
+        baked, base = _safetensors(run["baked"]), _safetensors(run["base"])
+        for layer in range(4):
+            name = f"model.layers.{layer}.{hf_name}"
+            got = tensors[f"blk.{layer}.{gguf_name}"]
+            assert np.array_equal(got, baked[name]), name
+            vector = run["vectors"].vectors.get((layer, site), torch.zeros(got.shape[-1])).numpy()
+            assert np.allclose(got - base.get(name, 0), vector, rtol=0, atol=1e-6), name
+        for name in zero:
             assert name in tensors and not tensors[name].any(), name
 
 

@@ -640,7 +640,8 @@ FAMILIES: tuple[Family, ...] = (
         "o_proj already has a bias. Only bias tensors change: MXFP4 expert blocks are copied byte for byte.",
         vllm="loads both (`down_proj_bias` as each expert's `w2_bias`, top-k renormalised): run once by hand in vLLM "
         "0.32.0 (CPU, tiny unquantized model), greedy tokens = transformers' steered (not in the suite)",
-        llama_cpp="converts both, to `ffn_down_exps.bias` and `attn_output.bias` (source, not run here)",
+        llama_cpp="tested (llama.cpp 0c1e570), to `ffn_down_exps.bias` and `attn_output.bias`; run on unquantized "
+        "experts (MXFP4 ones are repacked, their biases converted the same way (source))",
     ),
 )
 
