@@ -1,10 +1,12 @@
 """Every family and site that bakes exactly, run in stock vLLM: greedy token ids equal transformers' steered
-model's, and differ from the unsteered base's (so a dropped bias fails).
+model's, and differ from the unsteered base's (so a dropped bias fails); the families vLLM cannot run are run too,
+and must still stop with the error the table's column names.
 
 vLLM pins its own transformers, so it runs in a second environment (tests/setup_vllm.sh, at $BAKE_VLLM_VENV)
 through tests/vllm_runner.py: one process loads every baked model in turn. Without that environment every test
 here is skipped with the reason. The table's vLLM column (bake/families/hf.py) must say what ran: "tested
-(vLLM <version>)" for each family run here, and "Transformers backend" exactly where vLLM chose that class.
+(vLLM <version>)" for each family run here, "Transformers backend" / "Transformers MoE backend" exactly where vLLM
+chose that class, and "vLLM <version> stops: <reason> (tested)" for each family of STOPS.
 
 Families with a site no stock bias can carry are also baked with allow_remote_code (the constant-bias module,
 bake/remote_code/modeling_bake.py) at every site they have, and run with trust_remote_code=True in both stacks.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ from test_architectures import EXACT, PROBES
 from transformers import AutoModelForCausalLM
 
 import bake
-from bake.families.hf import FAMILIES, family_for
+from bake.families.hf import FAMILIES, Family, family_for
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
 
@@ -35,7 +38,21 @@ VENV = Path(os.environ.get("BAKE_VLLM_VENV", Path.home() / ".cache" / "bake" / "
 RUNNER = Path(__file__).parent / "vllm_runner.py"
 TOKENS = 8
 TESTED = f"tested (vLLM {VLLM_VERSION})"
-# vLLM's CPU attention needs head_dim >= 32: the tiny configs widened to hidden 128 over 4 heads.
+STOPPED = f"vLLM {VLLM_VERSION} stops: "
+# The families vLLM cannot run: the error it stops with (part of the runner's message), on every baked checkpoint
+# of the family. They run with the rest, so their column's "stops ... (tested)" is a result, not a reading.
+STOPS = {
+    # transformers writes Mixtral's experts under their published names, vLLM's Transformers MoE backend maps only
+    # the module names of transformers' model (mlp.experts)
+    "Mixtral": "There is no module or parameter named 'model.layers.0.block_sparse_moe' in TransformersMoEForCausalLM",
+    # Llama 4 stores each expert's down_proj as (in, out) = (intermediate, hidden); the backend's w2 is (out, in)
+    "Llama 4 (text)": "The size of tensor a (128) must match the size of tensor b (256) at non-singleton dimension 0 "
+    "(in _load_w2, routed_experts.py)",
+}
+# The class vLLM ran → the words the column uses for it.
+BACKENDS = {"TransformersForCausalLM": "Transformers backend", "TransformersMoEForCausalLM": "Transformers MoE backend"}
+# vLLM's CPU attention needs head_dim >= 32: the tiny configs widened to hidden 128 over 4 heads. Its CPU MLA kernel
+# (DeepSeek) compiles only for a latent of kv_lora_rank + qk_rope_head_dim = 576.
 _WIDE = {
     "n_embd": 128,
     "hidden_size": 128,
@@ -43,6 +60,10 @@ _WIDE = {
     "intermediate_size": 256,
     "ffn_dim": 256,
     "head_dim": 32,
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 32,
+    "v_head_dim": 32,
 }
 
 
@@ -74,22 +95,42 @@ def _unit(size: int, generator: torch.Generator) -> torch.Tensor:
     return torch.nn.functional.normalize(torch.randn(size, generator=generator), dim=0)
 
 
-def _groups() -> dict[str, tuple[str, dict, list[str], bool]]:
+@dataclass(frozen=True)
+class Group:
+    """One baked checkpoint: a configuration with all the sites it is steered at."""
+
+    model_type: str
+    overrides: dict
+    sites: list[str]
+    remote: bool  # baked with the constant-bias module, run with trust_remote_code
+    family: str
+
+
+def _runs_here(family: Family) -> bool:
+    """The column claims a run here: tested, or stopping in vLLM (tested)."""
+    return family.vllm.startswith((TESTED, STOPPED))
+
+
+def _groups() -> dict[str, Group]:
     """The exact cases of test_architectures, one checkpoint per configuration carrying all its sites; then one
-    checkpoint per family with a site only the constant-bias module carries (the last field: remote code)."""
-    groups: dict[str, tuple[str, dict, list[str], bool]] = {}
+    checkpoint per family with a site only the constant-bias module carries."""
+    groups: dict[str, Group] = {}
     for model_type, overrides, site, _ in EXACT:
-        if not family_for(tiny_config(model_type, **overrides)).vllm.startswith(TESTED):
-            continue  # the column says it is read from source or not run here (MoE families: by hand once at most)
+        family = family_for(tiny_config(model_type, **overrides))
+        if not _runs_here(family):
+            continue  # the column says it is read from source or not run here
         key = "-".join([model_type, *(f"{k}={v}" for k, v in overrides.items())])
-        groups.setdefault(key, (model_type, overrides, [], False))[2].append(site)
+        groups.setdefault(key, Group(model_type, overrides, [], False, family.name)).sites.append(site)
     for family in FAMILIES:
-        if family.vllm.startswith(TESTED) and any(slot.bias is None for slot in family.sites.values()):
-            groups[f"{family.model_types[0]}-allow_remote_code"] = (family.model_types[0], {}, list(family.sites), True)
+        if _runs_here(family) and any(slot.bias is None for slot in family.sites.values()):
+            model_type = family.model_types[0]
+            groups[f"{model_type}-allow_remote_code"] = Group(model_type, {}, list(family.sites), True, family.name)
     return groups
 
 
 GROUPS = _groups()
+RUN = [key for key, group in GROUPS.items() if group.family not in STOPS]
+STOP = [key for key, group in GROUPS.items() if group.family in STOPS]
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +140,9 @@ def runs(vllm_python, tmp_path_factory, one_thread) -> dict[str, dict]:
     tok = make_tokenizer()
     prompts = [tok(p).input_ids for p in PROBES]
     cases: dict[str, dict] = {}
-    for key, (model_type, overrides, sites, remote) in GROUPS.items():
-        config = wide_config(model_type, **overrides)
+    for key in RUN + STOP:  # the families vLLM stops on last: a failed load must not disturb the others
+        group = GROUPS[key]
+        config, sites, remote = wide_config(group.model_type, **group.overrides), group.sites, group.remote
         src = save_tiny(root / key / "src", config)
         base = AutoModelForCausalLM.from_pretrained(src).eval()
         plain = [greedy(base, p) for p in prompts]
@@ -146,31 +188,48 @@ def runs(vllm_python, tmp_path_factory, one_thread) -> dict[str, dict]:
     return cases
 
 
-@pytest.mark.parametrize("key", GROUPS)
+@pytest.mark.parametrize("key", RUN)
 def test_vllm_greedy_equals_transformers_steered(runs, key):
-    run = runs[key]
+    run, sites = runs[key], GROUPS[key].sites
     got = run["vllm"]
-    assert "error" not in got, f"vLLM refused the baked {run['family']} checkpoint ({GROUPS[key][2]}): {got['error']}"
+    assert "error" not in got, f"vLLM refused the baked {run['family']} checkpoint ({sites}): {got['error']}"
     assert run["steered"] != run["base"], "the steering does not change greedy tokens: the test could not fail"
     assert got["tokens"] == run["steered"], (
-        f"vLLM ({got['architecture']}) does not apply the steering at {GROUPS[key][2]}: {got['tokens']} vs "
+        f"vLLM ({got['architecture']}) does not apply the steering at {sites}: {got['tokens']} vs "
         f"transformers {run['steered']}" + (" (= the unsteered base's)" if got["tokens"] == run["base"] else "")
     )
 
 
+@pytest.mark.parametrize("key", STOP)
+def test_vllm_still_stops_where_the_table_says(runs, key):
+    """A family STOPS lists still fails in vLLM with that error (when it runs, move it to the tested groups)."""
+    run = runs[key]
+    got = run["vllm"]
+    assert "error" in got, f"vLLM now runs the baked {run['family']} checkpoint ({got['architecture']}): test it"
+    assert STOPS[run["family"]] in got["error"], got["error"]
+
+
 def test_table_says_what_vllm_ran(runs):
-    """The vLLM column claims "tested" exactly for the families run here, naming the Transformers backend
-    exactly where vLLM chose it, and trust_remote_code exactly where the constant-bias module ran."""
+    """The vLLM column claims "tested" exactly for the families run here, naming the Transformers (MoE) backend
+    exactly where vLLM chose it and trust_remote_code exactly where the constant-bias module ran, and "stops"
+    exactly for the families of STOPS."""
     ran: dict[str, set[str]] = {}
     remote = {run["family"] for run in runs.values() if run["remote"]}
     for run in runs.values():
         ran.setdefault(run["family"], set()).add(run["vllm"].get("architecture", "error"))
     for family in FAMILIES:
         if family.name not in ran:
-            assert TESTED not in family.vllm, f"{family.name}: says {family.vllm!r} but no test runs it in vLLM"
+            assert not _runs_here(family) and "(tested)" not in family.vllm, (
+                f"{family.name}: says {family.vllm!r} but no test runs it in vLLM"
+            )
+            continue
+        if family.name in STOPS:
+            assert family.vllm.startswith(STOPPED) and family.vllm.endswith("(tested)"), (family.name, family.vllm)
+            assert ran[family.name] == {"error"}, (family.name, ran[family.name])
             continue
         assert family.vllm.startswith(TESTED), f"{family.name} runs in vLLM here: its column says {family.vllm!r}"
-        backend = ran[family.name] == {"TransformersForCausalLM"}
         assert len(ran[family.name]) == 1, (family.name, ran[family.name])
-        assert backend == ("Transformers backend" in family.vllm), (family.name, ran[family.name], family.vllm)
+        architecture = next(iter(ran[family.name]))
+        for backend, words in BACKENDS.items():
+            assert (architecture == backend) == (words in family.vllm), (family.name, architecture, family.vllm)
         assert (family.name in remote) == ("trust_remote_code" in family.vllm), (family.name, family.vllm)

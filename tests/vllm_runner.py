@@ -3,7 +3,8 @@
 Reads a JSON job (argument 1): {"tokens": N, "prompts": [[ids...], ...], "models": [{"path": ...,
 "trust_remote_code": bool}, ...]}. Loads the models in turn in this one process and prints one JSON line per
 model: {"path": ..., "architecture": <the class vLLM ran>, "tokens": [[ids...] per prompt]} or {"path": ...,
-"error": ...} when vLLM refuses it (the test reports that). Token ids in, token ids out: no tokenizer involved.
+"error": "<type>: <message> (in <function>, <file>)"} when vLLM refuses it (the test reports that). Token ids in,
+token ids out: no tokenizer involved.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def main() -> None:
             result = _run(model, job["prompts"], job["tokens"])
         except Exception as e:  # noqa: BLE001 -- reported per model: one refusal must not hide the others' results
             traceback.print_exc()
-            result = {"path": model["path"], "error": f"{type(e).__name__}: {e}"}
+            frame = traceback.extract_tb(e.__traceback__)[-1]  # where vLLM stopped, for the test's expected failures
+            result = {
+                "path": model["path"],
+                "error": f"{type(e).__name__}: {e} (in {frame.name}, {Path(frame.filename).name})",
+            }
         print("BAKE-RESULT " + json.dumps(result), flush=True)
 
 

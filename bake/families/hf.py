@@ -99,7 +99,8 @@ class Family:
     llama_cpp: str = "not checked yet"
     """Whether vLLM / llama.cpp (via convert_hf_to_gguf.py) load the steering: "tested (vLLM <version>)" means
     tests/test_vllm.py runs it (greedy tokens equal transformers'), "tested (llama.cpp <commit>)" that
-    tests/test_hf_to_gguf.py converts and runs it (logits and greedy tokens equal transformers'); "(source)"
+    tests/test_hf_to_gguf.py converts and runs it (logits and greedy tokens equal transformers'); "vLLM <version>
+    stops: <why> (tested)" that tests/test_vllm.py runs it and vLLM still fails with the error it records; "(source)"
     means read from vLLM 0.33.0 and llama.cpp 0c1e570 sources, not run here."""
 
     def slot(self, site: Site, config: Config | None = None) -> Slot:
@@ -216,9 +217,9 @@ _MOE_EXPERTS = (
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 _MLA_ZERO = ("self_attn.kv_a_proj_with_mqa", "self_attn.o_proj")
 _MOE_BACKEND = "TransformersMoEForCausalLM"
-_MOE_MID_VLLM = (
-    "its own class builds o_proj without a bias; written as `TransformersMoEForCausalLM` (vLLM's Transformers MoE "
-    "backend keeps it), as for Qwen3-MoE (source, not run here)"
+_MOE_BACKEND_LABEL = (
+    "tested (vLLM 0.32.0), via its Transformers MoE backend: written as `TransformersMoEForCausalLM` (its own class "
+    "builds o_proj without a bias); after the block, the module with `trust_remote_code=True`"
 )
 _MOE_LLAMA_CPP = "conversion stops: `TransformersMoEForCausalLM` is no architecture it registers (source)"
 _MID_ONLY = "Only the mid-block site: the MLP has no bias flag; attention_bias gives o_proj a bias."
@@ -229,9 +230,7 @@ _VIA_BACKEND_LABEL = (
     "(its own class drops the o_proj bias); after the block, the module with `trust_remote_code=True`"
 )
 _MODULE_VLLM = "tested (vLLM 0.32.0), the module with `trust_remote_code=True`, via its Transformers backend"
-_MODULE_MOE_VLLM = (
-    "the module with `trust_remote_code=True` would need vLLM's Transformers MoE backend to keep it: not run here"
-)
+_MODULE_MOE_VLLM = "tested (vLLM 0.32.0), the module with `trust_remote_code=True`, via its Transformers MoE backend"
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _TO_LLAMA = (
     "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
@@ -546,7 +545,8 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _NO_SLOT_MID},
         notes="o_proj is built without a bias and has no flag. " + _MOE_EXPERTS,
-        vllm=_MODULE_MOE_VLLM,
+        vllm="vLLM 0.32.0 stops: its Transformers MoE backend finds no module for the experts' `block_sparse_moe.*` "
+        "tensors (the names transformers writes Mixtral with; its model calls them `mlp.experts`) (tested)",
         llama_cpp=_MODULE_ONLY,
     ),
     Family(
@@ -568,8 +568,7 @@ FAMILIES: tuple[Family, ...] = (
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag()},
         notes="Only the mid-block site: attention_bias gives o_proj a bias. " + _MOE_EXPERTS,
         vllm_architecture=_MOE_BACKEND,
-        vllm="its own class builds o_proj without a bias; written as `TransformersMoEForCausalLM`: run once by hand "
-        "in vLLM 0.32.0 (CPU, tiny model), greedy tokens = transformers' steered (not in the suite)",
+        vllm=_MOE_BACKEND_LABEL,
         llama_cpp=_MOE_LLAMA_CPP,
     ),
     Family(
@@ -579,7 +578,7 @@ FAMILIES: tuple[Family, ...] = (
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _o_proj_flag()},
         notes="Only the mid-block site: attention_bias gives o_proj a bias. " + _MOE_EXPERTS,
         vllm_architecture=_MOE_BACKEND,
-        vllm=_MOE_MID_VLLM,
+        vllm=_MOE_BACKEND_LABEL,
         llama_cpp=_MOE_LLAMA_CPP,
     ),
     Family(
@@ -600,8 +599,8 @@ FAMILIES: tuple[Family, ...] = (
         notes="MoE blocks carry the vector in the shared experts' down_proj bias (added unweighted), dense blocks "
         "in the MLP's; attention_bias gives o_proj a bias.",
         vllm_architecture=_MOE_BACKEND,
-        vllm="its own class builds o_proj and the MLPs without biases; written as `TransformersMoEForCausalLM` "
-        "(source; vLLM CPU's MLA refused the tiny model's head size, so not run here)",
+        vllm="tested (vLLM 0.32.0), via its Transformers MoE backend: written as `TransformersMoEForCausalLM` "
+        "(its own class builds o_proj and the MLPs without biases)",
         llama_cpp=_MOE_LLAMA_CPP,
     ),
     Family(
@@ -612,7 +611,7 @@ FAMILIES: tuple[Family, ...] = (
         notes="Only the mid-block site: attention_bias gives o_proj a bias. The MLPs and shared experts are built "
         "without biases (no mlp_bias flag), and the routed experts' sigmoid weights need not sum to 1.",
         vllm_architecture=_MOE_BACKEND,
-        vllm=_MOE_MID_VLLM,
+        vllm=_MOE_BACKEND_LABEL,
         llama_cpp=_MOE_LLAMA_CPP,
     ),
     Family(
@@ -623,7 +622,8 @@ FAMILIES: tuple[Family, ...] = (
         notes="Only the mid-block site: attention_bias gives o_proj a bias. The shared expert and dense MLPs are "
         "built without biases, and the routed experts' sigmoid weights need not sum to 1.",
         vllm_architecture=_MOE_BACKEND,
-        vllm=_MOE_MID_VLLM,
+        vllm="vLLM 0.32.0 stops: its Transformers MoE backend (its own class builds o_proj without a bias, source) "
+        "loads the experts' `down_proj` (stored in × out) as `w2` (out × in) and fails on the shape (tested)",
         llama_cpp=_MOE_LLAMA_CPP,
     ),
     Family(
@@ -638,8 +638,8 @@ FAMILIES: tuple[Family, ...] = (
         },
         notes="Every expert's down_proj_bias (one row per expert, bf16 beside the MXFP4 weights) gets the vector; "
         "o_proj already has a bias. Only bias tensors change: MXFP4 expert blocks are copied byte for byte.",
-        vllm="loads both (`down_proj_bias` as each expert's `w2_bias`, top-k renormalised): run once by hand in vLLM "
-        "0.32.0 (CPU, tiny unquantized model), greedy tokens = transformers' steered (not in the suite)",
+        vllm="tested (vLLM 0.32.0), unquantized: both, `down_proj_bias` loaded as each expert's `w2_bias` (top-k "
+        "renormalised)",
         llama_cpp="tested (llama.cpp 0c1e570), to `ffn_down_exps.bias` and `attn_output.bias`; run on unquantized "
         "experts (MXFP4 ones are repacked, their biases converted the same way (source))",
     ),
