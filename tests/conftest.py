@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,15 +29,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer():
-    """A fast word-level tokenizer that prepends <bos> (like Llama's) and has a chat template."""
+def make_tokenizer(bos: bool = True):
+    """A fast word-level tokenizer that prepends <bos> (like Llama's) and has a chat template; ``bos=False``: one
+    that adds none (like GPT-2's and SmolLM2's: a text's first word is then the first position, the sink)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL + sorted(set(WORDS)) + ["user", "assistant", ".", ",", "?", "!"])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
     )
@@ -222,6 +227,15 @@ def _tiny_tests_on_one_thread(request):
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
     return {t: save_tiny(root / t, tiny_config(t)) for t in ("gpt2", "llama")}
+
+
+@pytest.fixture(scope="session")
+def tiny_no_bos(tiny_models, tmp_path_factory) -> Path:
+    """The tiny llama with a tokenizer that adds no BOS (read-only: copy before changing it)."""
+    path = tmp_path_factory.mktemp("no-bos") / "llama"
+    shutil.copytree(tiny_models["llama"], path)
+    make_tokenizer(bos=False).save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -124,19 +124,6 @@ def gemma2_model(tmp_path_factory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("gemma2") / "gemma2", tiny_config("gemma2"))
 
 
-@pytest.fixture(scope="module")
-def no_bos_model(tiny_models, tmp_path_factory) -> Path:
-    """The tiny GPT-2 with a tokenizer that does not prepend <bos> (like GPT-2's own)."""
-    from tokenizers import processors
-
-    path = tmp_path_factory.mktemp("nobos") / "gpt2-nobos"
-    shutil.copytree(tiny_models["gpt2"], path)
-    tok = make_tokenizer()
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
-    tok.save_pretrained(path)
-    return path
-
-
 # --- bake run -----------------------------------------------------------------------------------------
 
 
@@ -356,8 +343,8 @@ RECIPE_CASES = [
 
 @pytest.mark.parametrize("command", ["run", "vector"])
 @pytest.mark.parametrize("case", RECIPE_CASES)
-def test_bad_recipe_is_refused(tiny_models, bigcode_model, no_bos_model, tmp_path, case, command):
-    models = {**tiny_models, "bigcode": bigcode_model, "nobos": no_bos_model}
+def test_bad_recipe_is_refused(tiny_models, bigcode_model, tiny_no_bos, tmp_path, case, command):
+    models = {**tiny_models, "bigcode": bigcode_model, "nobos": tiny_no_bos}
     recipe, model, words = _recipe_case(case, tmp_path, models)
     before = tree_digest(model)
     out = tmp_path / "outs" / ("baked" if command == "run" else "v.safetensors")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from bake.collection.texts import (
     sample_engine,
     sequences_to_examples,
     tokenize,
+    uncounted,
 )
 from bake.errors import BakeError
 from bake.families.hf import Site, family_for
@@ -64,7 +66,33 @@ def _engine_version(engine: str) -> str:
     return sampling.version() if engine == "llama.cpp" else manifests.package_versions("transformers")["transformers"]
 
 
-def _role_sets(
+def _text_sets(recipe: Recipe, entry: Steering, index: int, tokenizer: PreTrainedTokenizerBase) -> dict[str, _TextSet]:
+    """Tokenized examples for every role the entry measures from its own texts (all but a background).
+
+    An ActAdd prompt gets the start token in front when the tokenizer adds none (Turner et al. prepend BOS): else
+    its first word would be the uncounted attention sink, and a one-word prompt would have nothing to measure.
+    A set with no position to average is refused here, before anything slow; texts of a set that have none
+    are left out of its mean, with a note."""
+    where = f"steering.{index} ({entry.name})"
+    sets: dict[str, _TextSet] = {}
+    for role in ROLES[entry.method]:
+        if role == "background":
+            continue
+        actadd = entry.method == "actadd"
+        what = f"{where}.{role}_prompt" if actadd else f"{where}.{role}"
+        texts = [getattr(entry, f"{role}_prompt")] if actadd else load_texts(getattr(entry, role), recipe, what)
+        examples = tokenize(
+            tokenizer, texts, recipe.max_tokens, entry.chat, entry.chat_prompt, entry.positions, start=actadd
+        )
+        _refuse_empty(what, texts, examples, tokenizer, recipe.max_tokens)
+        info = {"kind": "texts", "texts": len(texts), "sha256": digest(texts), "chat": entry.chat}
+        info["positions"] = entry.positions
+        info["tokens"] = sum(e.n_counted for e in examples)
+        sets[role] = _TextSet(examples, info)
+    return sets
+
+
+def _background_set(
     recipe: Recipe,
     entry: Steering,
     index: int,
@@ -72,51 +100,54 @@ def _role_sets(
     tokenizer: PreTrainedTokenizerBase,
     source: ModelSource,
     engine: str | None,
-) -> dict[str, _TextSet]:
-    """Tokenized examples for every role the entry's method measures (``full_model()`` loads the
-    whole model, needed only to sample a background that is not cached; ``engine``: the recorded sampler)."""
-    where = f"steering.{index} ({entry.name})"
-    sets: dict[str, _TextSet] = {}
-    for role in ROLES[entry.method]:
-        if role == "background":
-            bg = recipe.background_for(entry)
-            if bg.sample is not None:
-                engine = sample_engine(source.gguf, engine, bg.sample.engine)
-                sequences, key = sample_background(
-                    full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir(), engine, source.gguf
-                )
-                examples = sequences_to_examples(sequences, tokenizer)
-                info = {
-                    "kind": "model-sample",
-                    **bg.sample.model_dump(exclude={"engine"}),
-                    "seed": recipe.seed,
-                    "texts": len(sequences),
-                }
-                info["engine"] = {"name": engine, "version": _engine_version(engine)}
-                info["sha256"] = digest([json.dumps(s) for s in sequences])
-            else:
-                texts = load_texts(bg.corpus, recipe, f"{where}.background")
-                examples = tokenize(tokenizer, texts, recipe.max_tokens)
-                info = {"kind": "corpus", "texts": len(texts), "sha256": digest(texts)}
-            if bg.positions == "last":
-                examples = [last_only(e) for e in examples]
-            info["positions"] = bg.positions
-        else:
-            if entry.method == "actadd":
-                texts = [getattr(entry, f"{role}_prompt")]
-            else:
-                texts = load_texts(getattr(entry, role), recipe, f"{where}.{role}")
-            examples = tokenize(tokenizer, texts, recipe.max_tokens, entry.chat, entry.chat_prompt, entry.positions)
-            info = {"kind": "texts", "texts": len(texts), "sha256": digest(texts), "chat": entry.chat}
-            info["positions"] = entry.positions
-        info["tokens"] = sum(e.n_counted for e in examples)
-        if info["tokens"] == 0:
-            raise BakeError(
-                f"{where}.{role}: no tokens to average ({info['texts']} texts, nothing left after dropping the first "
-                "position and special tokens): give longer or more texts"
-            )
-        sets[role] = _TextSet(examples, info)
-    return sets
+) -> _TextSet:
+    """The entry's background examples (``full_model()`` loads the whole model, needed only to sample a background
+    that is not cached; ``engine``: the recorded sampler)."""
+    where = f"steering.{index} ({entry.name}).background"
+    bg = recipe.background_for(entry)
+    if bg.sample is not None:
+        engine = sample_engine(source.gguf, engine, bg.sample.engine)
+        sequences, key = sample_background(
+            full_model, tokenizer, source.key, bg.sample, recipe.seed, cache_dir(), engine, source.gguf
+        )
+        examples = sequences_to_examples(sequences, tokenizer)
+        examples = [last_only(e) for e in examples] if bg.positions == "last" else examples
+        info = {
+            "kind": "model-sample",
+            **bg.sample.model_dump(exclude={"engine"}),
+            "seed": recipe.seed,
+            "texts": len(sequences),
+        }
+        info["engine"] = {"name": engine, "version": _engine_version(engine)}
+        info["sha256"] = digest([json.dumps(s) for s in sequences])
+        if not any(e.n_counted for e in examples):
+            raise BakeError(f"{where}: every sampled sequence ended at once: sample more or longer sequences")
+    else:
+        texts = load_texts(bg.corpus, recipe, where)
+        examples = tokenize(tokenizer, texts, recipe.max_tokens, positions=bg.positions)
+        _refuse_empty(where, texts, examples, tokenizer, recipe.max_tokens)
+        info = {"kind": "corpus", "texts": len(texts), "sha256": digest(texts)}
+    info["positions"] = bg.positions
+    info["tokens"] = sum(e.n_counted for e in examples)
+    return _TextSet(examples, info)
+
+
+def _refuse_empty(
+    what: str, texts: list[str], examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_tokens: int
+) -> None:
+    """Refuse a text set with no position to average; note the texts that have none (left out of its mean)."""
+    if not texts:
+        raise BakeError(f"{what}: no tokens to average: no texts (empty lines and values are skipped): give texts")
+    empty = [(t, e) for t, e in zip(texts, examples) if not e.n_counted]
+    if not empty:
+        return
+    why = uncounted(tokenizer, *empty[0], max_tokens)
+    if len(empty) == len(texts):
+        raise BakeError(f"{what}: no tokens to average: {why}")
+    print(
+        f"{what}: {len(empty)} of {len(texts)} texts have no tokens to average, left out of the mean: {why}",
+        file=sys.stderr,
+    )
 
 
 @dataclass
@@ -175,9 +206,11 @@ def measure_vectors(recipe: Recipe, engine: str | None = None) -> MeasuredVector
             raise BakeError(f"steering.{i}.site: {e}") from None
     tokenizer = load_tokenizer(source.path)
     full_model = functools.cache(lambda: load_whole(source.path, f"model {recipe.model!r}"))
-    role_sets = [
-        _role_sets(recipe, entry, i, full_model, tokenizer, source, engine) for i, entry in enumerate(recipe.steering)
-    ]
+    # Every entry's own texts are checked before any background is sampled (minutes on a large model).
+    role_sets = [_text_sets(recipe, entry, i, tokenizer) for i, entry in enumerate(recipe.steering)]
+    for i, (entry, sets) in enumerate(zip(recipe.steering, role_sets)):
+        if "background" in ROLES[entry.method]:
+            sets["background"] = _background_set(recipe, entry, i, full_model, tokenizer, source, engine)
     full_model.cache_clear()  # free it before building the truncated model
     needed: dict[str, tuple[_TextSet, set[tuple[int, Site]]]] = {}
     for entry, sets in zip(recipe.steering, role_sets):

@@ -3,7 +3,10 @@
 An ``Example`` carries its token ids and a mask of the positions whose
 activations enter a mean. The first position is never counted (BOS or not, it
 is an attention sink whose residual norm dwarfs every other), nor is any
-special token or, in chat mode, anything outside the assistant's reply.
+special token or, in chat mode, anything outside the assistant's reply. A
+tokenizer that adds no BOS (SmolLM2's, GPT-2's) puts a text's first word at
+that sink; ``tokenize(start=True)`` puts the start token there instead, so a
+one-word prompt keeps its word.
 """
 
 from __future__ import annotations
@@ -120,11 +123,13 @@ def tokenize(
     chat: bool = False,
     chat_prompt: str = "",
     positions: Positions | None = None,
+    start: bool = False,
 ) -> list[Example]:
     """Texts → examples. With ``chat``, each text is an assistant reply to ``chat_prompt``. ``positions`` picks
     the counted tokens: ``all`` (the whole sequence), ``reply`` (the reply's tokens: the vector is measured where the
     model speaks) or ``last`` (the text's last token, where function vectors are read); default: ``reply`` in chat
-    mode, else ``all``."""
+    mode, else ``all``. ``start``: a sequence that does not begin with a special token gets the start token in front
+    (as ActAdd's prompts get BOS), so the uncounted sink position is that token, not the text's first word."""
     if chat and not tokenizer.chat_template:
         raise BakeError("chat: true, but the model's tokenizer has no chat template: set chat: false")
     positions = positions or ("reply" if chat else "all")
@@ -141,14 +146,32 @@ def tokenize(
         else:
             span = None
             enc = tokenizer(text, return_offsets_mapping=True)
-        ids = enc["input_ids"][:max_tokens]
-        offsets = enc["offset_mapping"][:max_tokens]
+        ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+        if start and not (ids and ids[0] in special):
+            ids, offsets = [start_token(tokenizer), *ids], [(0, 0), *offsets]
+        ids, offsets = ids[:max_tokens], offsets[:max_tokens]
         counted = [
             i > 0 and tok not in special and (span is None or (a >= span[0] and b <= span[1] and b > a))
             for i, (tok, (a, b)) in enumerate(zip(ids, offsets))
         ]
         examples.append(last_only(Example(ids, counted)) if positions == "last" else Example(ids, counted))
     return examples
+
+
+def uncounted(tokenizer: PreTrainedTokenizerBase, text: str, example: Example, max_tokens: int) -> str:
+    """Why ``text`` (tokenized as ``example``) has no position to average, and the fix: one clause of an error."""
+    pieces = tokenizer.convert_ids_to_tokens(example.input_ids)
+    if len(pieces) >= max_tokens:
+        return f"{text!r} is cut at max_tokens ({max_tokens}) before any token that counts: raise max_tokens"
+    if len(pieces) == 1 and example.input_ids[0] not in tokenizer.all_special_ids:
+        return (
+            f"{text!r} is the one token {pieces}, at the first position, the attention sink, which no mean counts (the "
+            "tokenizer adds no BOS): give texts of two or more tokens"
+        )
+    return (
+        f"{text!r} is the tokens {pieces}, none of which counts (not the first position, the attention sink, nor a "
+        "special token such as an unknown word's): give texts of tokens the model knows"
+    )
 
 
 def last_only(example: Example) -> Example:
