@@ -18,7 +18,7 @@ from bake.checkpoint import check_output, require_safetensors, staged_output
 from bake.collection.measure import measure_vectors
 from bake.errors import BakeError
 from bake.evaluation.evaluate import Evaluator, build_data
-from bake.evaluation.sweep import choose_auto
+from bake.evaluation.sweep import check_methods, choose_auto
 from bake.formats.base import BakeResult, FoldOptions, Inspection
 from bake.manifest import MANIFEST, GGUFManifest, Manifest
 from bake.recipe import EvaluateSpec, Recipe, VerifySpec, parse_recipe
@@ -36,12 +36,14 @@ def compute_vectors(recipe: Recipe, engine: str | None = None) -> VectorSet:
 
     Entries sharing a (layer, site) add up. ``coefficient: auto`` entries get the largest coefficient on
     ``evaluate.coefficients`` whose KL(base ‖ steered) stays within ``evaluate.max_kl``
-    (``bake.evaluation.sweep.choose_auto``).
+    (``bake.evaluation.sweep.choose_auto``). With ``evaluate.compare.on_run`` the first entry's metadata also
+    gets ``compare``: the methods at that budget and the verdict (``bake.evaluation.sweep.check_methods``).
     """
     measured = measure_vectors(recipe, engine)
+    records = {0: {"compare": check_methods(recipe)}} if recipe.evaluate.compare.on_run else {}
     if any(e.coefficient == "auto" for e in recipe.steering):
-        return choose_auto(recipe, measured)
-    return measured.scaled([e.coefficient for e in recipe.steering])
+        return choose_auto(recipe, measured, records)
+    return measured.scaled([e.coefficient for e in recipe.steering], records)
 
 
 def fold(

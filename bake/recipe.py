@@ -280,6 +280,12 @@ class CompareSpec(_Strict):
     negative: TextSource | None = None
     positive_prompt: str | None = None
     negative_prompt: str | None = None
+    on_run: bool = Field(
+        default=False,
+        description="bake run also compares the methods on the first entry's data at evaluate.max_kl and notes one "
+        "that clearly beats the entry's method on the headline scorer (recorded in the manifest; minutes on a real "
+        "model: about what bake compare takes without its curves)",
+    )
 
 
 class EvaluateSpec(_Strict):
@@ -315,6 +321,11 @@ class EvaluateSpec(_Strict):
     )
     coefficients: list[Number] = Field(
         default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0], min_length=1
+    )
+    goal: Literal["raise", "lower"] = Field(
+        default="raise",
+        description="whether the steering should raise or lower the headline scorer (lower: e.g. toxicity, steering "
+        "away from it); what evaluate.compare.on_run counts as beating",
     )
     compare: CompareSpec = Field(default_factory=CompareSpec)
 
@@ -379,6 +390,15 @@ class Recipe(_Strict):
                     "output_format 'gguf' keeps the file's own tensor types and runs no transformers code: "
                     "remove dtype and allow_remote_code"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _compare_on_run(self) -> Recipe:
+        if self.evaluate.compare.on_run and self.steering[0].method == "actadd":
+            raise ValueError(
+                "evaluate.compare.on_run compares the methods on the first steering entry's texts, but it is actadd "
+                "(two prompts): put an entry with target or positive texts first, or remove on_run"
+            )
         return self
 
     @model_validator(mode="after")

@@ -29,7 +29,7 @@ from bake.evaluation.evaluate import (
     vader_scorer,
     word_rate,
 )
-from bake.evaluation.sweep import calibrate, compare
+from bake.evaluation.sweep import CLEAR, calibrate, compare, verdict
 from bake.families.hf import family_for
 from bake.recipe import EvaluateSpec, parse_recipe
 from bake.sources.load import load_model, load_tokenizer
@@ -384,6 +384,68 @@ def test_compare_without_negative_texts_or_prompt_pair_says_what_it_left_out(lla
     assert any(n.startswith("contrast not compared: no negative texts") for n in report.notes)
 
 
+def test_verdict_names_a_method_only_when_it_clearly_beats_the_entrys():
+    rows = lambda **scores: [{"method": m, "vader": v} for m, v in scores.items()]  # noqa: E731
+    base = 0.3
+    # mean-centred gains 0.2; actadd 0.6: a clear win, named with both figures
+    line = verdict(rows(**{"mean-centred": 0.5, "actadd": 0.9}), "mean-centred", "vader", base, "raise")
+    assert line == (
+        "at the same KL budget actadd raises vader to 0.9 against 0.5 for mean-centred, this entry's method "
+        "(base 0.3): see bake compare"
+    )
+    # within CLEAR of ours, or ours the best: no note
+    close = base + 0.2 * CLEAR * 0.99
+    assert verdict(rows(**{"mean-centred": 0.5, "mean": close}), "mean-centred", "vader", base, "raise") is None
+    assert verdict(rows(**{"mean-centred": 0.5, "mean": 0.4}), "mean-centred", "vader", base, "raise") is None
+    # ours moved it the wrong way: any real gain beats it; nobody gained: no note
+    assert "mean raises" in verdict(rows(**{"mean-centred": 0.2, "mean": 0.31}), "mean-centred", "vader", base, "raise")
+    assert verdict(rows(**{"mean-centred": 0.2, "mean": 0.25}), "mean-centred", "vader", base, "raise") is None
+    # goal lower (steering away from toxicity): the largest fall wins
+    line = verdict(rows(**{"mean-centred": 0.25, "contrast": 0.1}), "mean-centred", "vader", base, "lower")
+    assert line.startswith("at the same KL budget contrast lowers vader to 0.1 against 0.25"), line
+    assert verdict(rows(**{"mean-centred": 0.1, "contrast": 0.25}), "mean-centred", "vader", base, "lower") is None
+
+
+def test_run_with_compare_on_run_records_and_notes_what_bake_compare_measures(llama, tmp_path):
+    """``evaluate.compare.on_run``: bake run compares the methods at max_kl, the figures bake compare reports for
+    the same recipe; the table line, the manifest read back from disk and the card carry them and the verdict."""
+    budget = 0.03
+    compare_spec = f"{{negative: {{texts: {json.dumps(GLOOMY)}}}, positive_prompt: love, negative_prompt: hate"
+    evaluate = f"  scorers: [wordlist, logprob_gain]\n  max_kl: {budget}\n  compare: {compare_spec}, on_run: true}}\n"
+    recipe_path = tmp_path / "r.yaml"
+    recipe_path.write_text(_recipe(llama[0], tmp_path, evaluate=evaluate).text)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(recipe_path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    entry = json.loads((out / "bake.json").read_text())["vectors"]["entries"][0]
+    record = entry["compare"]
+    assert entry["coefficient"] == 1.0  # the comparison changes nothing about the bake
+    assert [r["method"] for r in record["rows"]] == ["mean-centred", "mean", "actadd", "contrast"]
+    report = compare(_recipe(llama[0], tmp_path, evaluate=evaluate), tmp_path / "cmp")
+    for ours, theirs in zip(record["rows"], report.rows):
+        assert ours["kl"] <= budget
+        assert ours["coefficient"] == pytest.approx(theirs["coefficient"], rel=1e-9)
+        assert ours["wordlist"] == pytest.approx(theirs["wordlist"], abs=1e-12)
+    assert record["base"] == report.base["wordlist"] and record["headline"] == "wordlist"
+    expected = verdict(report.rows, "mean-centred", "wordlist", report.base["wordlist"], "raise")
+    assert record["verdict"] == expected
+    line = f"  NOTE: {expected}" if expected else "no method clearly beats mean-centred on wordlist"
+    assert line in result.output, result.output
+    card = (out / "README.md").read_text()
+    assert "## Method comparison" in card and f"| actadd | {record['rows'][2]['coefficient']:.3g} |" in card
+
+
+def test_compare_on_run_needs_texts_first(tmp_path):
+    with pytest.raises(BakeError) as err:
+        parse_recipe(
+            "model: m\nsteering:\n  - {name: a, layer: 1, method: actadd, positive_prompt: x, negative_prompt: y}\n"
+            "evaluate: {compare: {on_run: true}}\n",
+            tmp_path,
+        )
+    msg = str(err.value)
+    assert "\n" not in msg and "evaluate.compare.on_run" in msg and "actadd" in msg, msg
+
+
 def test_eval_writes_figures_into_manifest_and_card_and_keeps_the_weights(llama, tmp_path):
     path, model, tok = llama
     (tmp_path / "r.yaml").write_text(
@@ -426,6 +488,7 @@ def test_eval_refuses_a_missing_prompt_file(llama, tmp_path):
         ("{max_kl: 0}", "evaluate.max_kl", "greater than 0"),
         ("{coefficients: [1, -2]}", "evaluate.coefficients", "positive finite"),
         ("{compare: {negatives: x.txt}}", "evaluate.compare.negatives", "unknown field"),
+        ("{goal: down}", "evaluate.goal", "'raise' or 'lower'"),
     ],
 )
 def test_evaluate_section_errors_name_the_field(tmp_path, evaluate, path, needle):

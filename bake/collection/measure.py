@@ -268,4 +268,13 @@ def entry_table(entries: list[dict[str, Any]]) -> str:
                 f"({a['kl']:.3g}) is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> "
                 f"{a['perplexity']:.3g})"
             )
+        if "compare" in e:
+            c = e["compare"]
+            compared = ", ".join(r["method"] for r in c["rows"])
+            rows.append(
+                f"  NOTE: {c['verdict']}"
+                if c["verdict"]
+                else f"  compared at max_kl {c['max_kl']:g} ({compared}): no method clearly beats {e['method']} on "
+                f"{c['headline']}"
+            )
     return "\n".join(rows)

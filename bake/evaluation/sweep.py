@@ -81,15 +81,18 @@ class _Lab:
 SETTINGS_PER_PASS = 10
 
 
-def choose_auto(recipe: Recipe, measured: MeasuredVectors) -> VectorSet:
+def choose_auto(
+    recipe: Recipe, measured: MeasuredVectors, records: dict[int, dict[str, Any]] | None = None
+) -> VectorSet:
     """``coefficient: auto``: each such entry (in order, with the entries before it in place) gets the largest
     coefficient of ``evaluate.coefficients`` whose KL(base ‖ steered) is within ``evaluate.max_kl``; the grid,
-    its KL and perplexity figures and the choice go into the entry's metadata (and so the manifest) as ``auto``."""
+    its KL and perplexity figures and the choice go into the entry's metadata (and so the manifest) as ``auto``,
+    beside what ``records`` already holds for it."""
     spec = recipe.evaluate
+    records = {i: dict(r) for i, r in (records or {}).items()}
     autos = [i for i, e in enumerate(recipe.steering) if e.coefficient == "auto"]
     coefficients = [0.0 if e.coefficient == "auto" else e.coefficient for e in recipe.steering]
     lab = _Lab(recipe, recipe.steering[autos[0]], effects=False)
-    records: dict[int, dict[str, Any]] = {}
     for i in autos:
         trials = [measured.scaled([c if j == i else x for j, x in enumerate(coefficients)]) for c in spec.coefficients]
         grid = [{"coefficient": c, **kl} for c, kl in zip(spec.coefficients, lab.measure(trials, costs_only=True))]
@@ -103,16 +106,14 @@ def choose_auto(recipe: Recipe, measured: MeasuredVectors) -> VectorSet:
             )
         chosen = max(fits, key=lambda g: g["coefficient"])
         coefficients[i] = chosen["coefficient"]
-        records[i] = {
-            "auto": {
-                "max_kl": spec.max_kl,
-                "chosen": chosen["coefficient"],
-                "kl": chosen["kl"],
-                "perplexity": chosen["perplexity"],
-                "base_perplexity": lab.evaluator.base["perplexity"],
-                "grid": grid,
-                "neutral_texts": lab.data.info["neutral_texts"],
-            }
+        records.setdefault(i, {})["auto"] = {
+            "max_kl": spec.max_kl,
+            "chosen": chosen["coefficient"],
+            "kl": chosen["kl"],
+            "perplexity": chosen["perplexity"],
+            "base_perplexity": lab.evaluator.base["perplexity"],
+            "grid": grid,
+            "neutral_texts": lab.data.info["neutral_texts"],
         }
     return measured.scaled(coefficients, records)
 
@@ -364,6 +365,67 @@ def _compare_entries(
 CURVE = (0.25, 0.5, 0.75, 1.0)
 
 
+def _at_budget(
+    recipe: Recipe, entry: Steering, methods: list[Steering], budget: float
+) -> tuple[_Lab, MeasuredVectors, list[tuple[float, list[tuple[float, float]]]]]:
+    """Each method's vector measured and its largest coefficient within ``budget`` (with the KLs tried)."""
+    measured = measure_vectors(recipe.model_copy(update={"steering": methods}))
+    point = measured.points[0]
+    lab = _Lab(recipe, entry, [point])
+    found = calibrate_all(  # every method's search in lockstep: one batched KL pass per round
+        lambda asked: [
+            f["kl"] for f in lab.measure([VectorSet({point: c * measured.units[i]}) for i, c in asked], costs_only=True)
+        ],
+        # each search starts at a vector a quarter of the residual's size
+        [_search(budget, 0.25 * m["mean_residual_norm"] / m["unscaled_norm"]) for m in measured.entries],
+    )
+    return lab, measured, found
+
+
+# A method beats the entry's clearly when its headline change from the base, in the goal's direction, is at least
+# this many times the entry's method's (or positive where the entry's is not).
+CLEAR = 1.1
+
+
+def verdict(rows: list[dict[str, Any]], method: str, headline: str, base: float, goal: str) -> str | None:
+    """One line naming the method that clearly beats ``method`` on ``headline`` at the same KL budget, or None."""
+    sign = 1.0 if goal == "raise" else -1.0
+    gain = {r["method"]: sign * (r[headline] - base) for r in rows}
+    ours = gain[method]
+    best = max(gain, key=gain.get)
+    if best == method or gain[best] <= 0 or (ours > 0 and gain[best] < CLEAR * ours):
+        return None
+    figure = {r["method"]: r[headline] for r in rows}
+    return (
+        f"at the same KL budget {best} {goal}s {headline} to {figure[best]:.3g} against {figure[method]:.3g} for "
+        f"{method}, this entry's method (base {base:.3g}): see bake compare"
+    )
+
+
+def check_methods(recipe: Recipe) -> dict[str, Any]:
+    """``evaluate.compare.on_run``: the methods of ``bake compare`` on the first entry's data, each at the largest
+    coefficient within ``evaluate.max_kl``, and the ``verdict`` (None when no method clearly beats the entry's):
+    the record ``bake run`` keeps in the entry's metadata as ``compare``."""
+    entry, budget = recipe.steering[0], recipe.evaluate.max_kl
+    methods, skipped = _compare_entries(entry, recipe, None, None)
+    lab, measured, found = _at_budget(recipe, entry, methods, budget)
+    point, headline = measured.points[0], lab.data.headline
+    if headline is None:
+        raise BakeError(
+            "evaluate.compare.on_run: no effect scorer can be measured here ("
+            + "; ".join(f"{k}: {v}" for k, v in lab.data.skipped.items())
+            + "): fix one of evaluate.scorers, or remove on_run"
+        )
+    figures = lab.measure([VectorSet({point: c * u}) for (c, _), u in zip(found, measured.units)])
+    rows = [
+        {"method": m["method"], "coefficient": c, "kl": f["kl"], headline: f[headline]}
+        for m, (c, _), f in zip(measured.entries, found, figures)
+    ]
+    base = lab.evaluator.base[headline]
+    note = verdict(rows, entry.method, headline, base, recipe.evaluate.goal)
+    return {"max_kl": budget, "headline": headline, "base": base, "rows": rows, "skipped": skipped, "verdict": note}
+
+
 def compare(
     recipe: Recipe,
     out: str | Path,
@@ -385,17 +447,8 @@ def compare(
     entry = _entry(recipe, entry_name)
     budget = max_kl or recipe.evaluate.max_kl
     entries, skipped = _compare_entries(entry, recipe, negative, prompt_pair)
-    measured = measure_vectors(recipe.model_copy(update={"steering": entries}))
-    point = measured.points[0]
-    lab = _Lab(recipe, entry, [point])
-    units = measured.units
-    found = calibrate_all(  # every method's search in lockstep: one batched KL pass per round
-        lambda asked: [
-            f["kl"] for f in lab.measure([VectorSet({point: c * units[i]}) for i, c in asked], costs_only=True)
-        ],
-        # each search starts at a vector a quarter of the residual's size
-        [_search(budget, 0.25 * m["mean_residual_norm"] / m["unscaled_norm"]) for m in measured.entries],
-    )
+    lab, measured, found = _at_budget(recipe, entry, entries, budget)
+    point, units = measured.points[0], measured.units
     searches = {m["method"]: trace for m, (_, trace) in zip(measured.entries, found)}
     points = [(i, f * c) for i, (c, _) in enumerate(found) for f in CURVE]
     figures = iter(lab.measure([VectorSet({point: c * units[i]}) for i, c in points], "curves"))

@@ -89,6 +89,24 @@ def _evaluation_block(manifest: Manifest) -> str:
     )
 
 
+def _compare_block(manifest: Manifest) -> str:
+    """The methods ``evaluate.compare.on_run`` compared at the KL budget, and its verdict, for each entry it ran on."""
+    blocks = []
+    for e in manifest.entries:
+        c = e.get("compare")
+        if not c:
+            continue
+        headline = c["headline"]
+        rows = [f"| {r['method']} | {r['coefficient']:.3g} | {r['kl']:.3g} | {r[headline]:.3g} |" for r in c["rows"]]
+        verdict = c["verdict"] or f"no method clearly beats {e['method']} on {headline}"
+        blocks.append(
+            f"`{e['name']}`: each method at the largest coefficient whose KL is within {c['max_kl']:g} "
+            f"(base {headline}: {c['base']:.3g}). {verdict[0].upper() + verdict[1:]}.\n\n"
+            f"| method | coefficient | KL | {LABELS.get(headline, headline)} |\n|---|---|---|---|\n" + "\n".join(rows)
+        )
+    return "\n## Method comparison\n\n" + "\n\n".join(blocks) + "\n" if blocks else ""
+
+
 def _history_block(manifest: Manifest) -> str:
     if not manifest.history:
         return ""
@@ -245,7 +263,7 @@ Tensors written:
 {biases}
 
 Config changes: {changes}.{zero_block}
-{relabel_block}{data_block}
+{relabel_block}{data_block}{_compare_block(manifest)}
 ## Verification
 
 The checkpoint was reloaded from disk with {loader}
