@@ -520,7 +520,9 @@ def test_layer_auto_errors_name_the_field(llama, tmp_path):
     (tmp_path / "r.yaml").write_text(_layer_auto(llama[0], tmp_path, 1e-9))
     result = CliRunner().invoke(main, ["vector", str(tmp_path / "r.yaml"), "-o", str(out)])
     assert (
-        result.exit_code == 1 and "steering.0.layer: auto: no setting keeps KL within evaluate.max_kl" in result.output
+        result.exit_code == 1
+        and "steering.0.layer: auto: no setting of evaluate.layers x coefficients keeps KL within evaluate.max_kl"
+        in result.output
     )
 
 

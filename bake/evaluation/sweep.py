@@ -81,6 +81,19 @@ class _Lab:
 SETTINGS_PER_PASS = 10
 
 
+def _within(rows: list[dict[str, Any]], max_kl: float, what: str, setting: Callable[[dict], str]) -> list:
+    """The rows whose KL is within ``max_kl``; none is one line naming the closest (``what``: the field, and what
+    was tried)."""
+    fits = [r for r in rows if r["kl"] <= max_kl]
+    if not fits:
+        least = min(rows, key=lambda r: r["kl"])
+        raise BakeError(
+            f"{what} keeps KL within evaluate.max_kl {max_kl:g} (smallest KL {least['kl']:.3g} at {setting(least)}): "
+            "add smaller coefficients or raise max_kl"
+        )
+    return fits
+
+
 def choose_auto(
     recipe: Recipe, measured: MeasuredVectors, records: dict[int, dict[str, Any]] | None = None
 ) -> VectorSet:
@@ -96,14 +109,8 @@ def choose_auto(
     for i in autos:
         trials = [measured.scaled([c if j == i else x for j, x in enumerate(coefficients)]) for c in spec.coefficients]
         grid = [{"coefficient": c, **kl} for c, kl in zip(spec.coefficients, lab.measure(trials, costs_only=True))]
-        fits = [g for g in grid if g["kl"] <= spec.max_kl]
-        if not fits:
-            best = min(grid, key=lambda g: g["kl"])
-            raise BakeError(
-                f"steering.{i}.coefficient: auto: no coefficient in evaluate.coefficients {spec.coefficients} keeps KL "
-                f"within evaluate.max_kl {spec.max_kl:g} (smallest KL {best['kl']:.3g} at {best['coefficient']:g}): "
-                "add smaller coefficients or raise max_kl"
-            )
+        what = f"steering.{i}.coefficient: auto: no coefficient in evaluate.coefficients {spec.coefficients}"
+        fits = _within(grid, spec.max_kl, what, lambda g: f"{g['coefficient']:g}")
         chosen = max(fits, key=lambda g: g["coefficient"])
         coefficients[i] = chosen["coefficient"]
         records.setdefault(i, {})["auto"] = {
@@ -231,14 +238,8 @@ def choose_layers(recipe: Recipe) -> tuple[Recipe, dict[int, dict[str, Any]]]:
         coefficients = spec.coefficients if entry.coefficient == "auto" else [entry.coefficient]
         lab, rows = _grid(recipe, entry, recipe.layers_of(entry), coefficients, "evaluate.layers")
         headline = _headline(lab, f"steering.{i}.layer: auto")
-        fits = [r for r in rows if r["kl"] <= spec.max_kl]
-        if not fits:
-            least = min(rows, key=lambda r: r["kl"])
-            raise BakeError(
-                f"steering.{i}.layer: auto: no setting keeps KL within evaluate.max_kl {spec.max_kl:g} (smallest KL "
-                f"{least['kl']:.3g}, layer {least['layer']} at {least['coefficient']:g}): add smaller coefficients "
-                "or raise max_kl"
-            )
+        what = f"steering.{i}.layer: auto: no setting of evaluate.layers x coefficients"
+        fits = _within(rows, spec.max_kl, what, lambda r: f"layer {r['layer']}, {r['coefficient']:g}")
         best = max(fits, key=lambda r: sign * r[headline])
         steering[i] = entry.model_copy(update={"layer": best["layer"]})
         records[i] = {
