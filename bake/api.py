@@ -18,7 +18,7 @@ from bake.checkpoint import check_output, require_safetensors, staged_output
 from bake.collection.measure import measure_vectors
 from bake.errors import BakeError
 from bake.evaluation.evaluate import Evaluator, build_data
-from bake.evaluation.sweep import check_methods, choose_auto
+from bake.evaluation.sweep import check_methods, choose_auto, choose_layers
 from bake.formats.base import BakeResult, FoldOptions, Inspection
 from bake.manifest import MANIFEST, GGUFManifest, Manifest
 from bake.recipe import EvaluateSpec, Recipe, VerifySpec, parse_recipe
@@ -38,9 +38,13 @@ def compute_vectors(recipe: Recipe, engine: str | None = None) -> VectorSet:
     ``evaluate.coefficients`` whose KL(base ‖ steered) stays within ``evaluate.max_kl``
     (``bake.evaluation.sweep.choose_auto``). With ``evaluate.compare.on_run`` the first entry's metadata also
     gets ``compare``: the methods at that budget and the verdict (``bake.evaluation.sweep.check_methods``).
+    ``layer: auto`` entries first get their layer from one sweep of ``evaluate.layers``
+    (``bake.evaluation.sweep.choose_layers``).
     """
+    recipe, records = choose_layers(recipe)
     measured = measure_vectors(recipe, engine)
-    records = {0: {"compare": check_methods(recipe)}} if recipe.evaluate.compare.on_run else {}
+    if recipe.evaluate.compare.on_run:
+        records.setdefault(0, {})["compare"] = check_methods(recipe)
     if any(e.coefficient == "auto" for e in recipe.steering):
         return choose_auto(recipe, measured, records)
     return measured.scaled([e.coefficient for e in recipe.steering], records)

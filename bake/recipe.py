@@ -138,7 +138,10 @@ class Steering(_Strict):
     """One behaviour: a vector measured and added at ``site`` of block ``layer``."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    layer: Integer = Field(ge=0, description="0-based block index; the vector is added after this block")
+    layer: int | Literal["auto"] = Field(
+        description="0-based block index; the vector is added after this block. 'auto': the layer of "
+        "evaluate.layers whose best setting within evaluate.max_kl has the most effect (one sweep)"
+    )
     site: Site = "resid_post"
     method: Method = "mean-centred"
     coefficient: float | Literal["auto"] = Field(
@@ -159,10 +162,19 @@ class Steering(_Strict):
         "vector at every position",
     )
 
+    @field_validator("layer", mode="before")
+    @classmethod
+    def _block_or_auto(cls, value: Any) -> Any:
+        if value != "auto" and (not isinstance(_not_bool(value), int) or value < 0):
+            raise ValueError(
+                f"layer is a 0-based block index (an integer greater than or equal to 0) or 'auto', not {value!r}"
+            )
+        return value
+
     @field_validator("coefficient", mode="before")
     @classmethod
     def _number_or_auto(cls, value: Any) -> Any:
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        if value != "auto" and not isinstance(_not_bool(value), (int, float)):
             raise ValueError(f"coefficient is a number or 'auto', not {value!r}")
         return value
 
@@ -322,6 +334,9 @@ class EvaluateSpec(_Strict):
     coefficients: list[Number] = Field(
         default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0], min_length=1
     )
+    layers: list[Annotated[Integer, Field(ge=0)]] | None = Field(
+        default=None, min_length=1, description="the candidate blocks of layer: auto (bake sweep's default for it)"
+    )
     goal: Literal["raise", "lower"] = Field(
         default="raise",
         description="whether the steering should raise or lower the headline scorer (lower: e.g. toxicity, steering "
@@ -393,6 +408,16 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _auto_layers(self) -> Recipe:
+        for i, entry in enumerate(self.steering):
+            if entry.layer == "auto" and self.evaluate.layers is None:
+                raise ValueError(
+                    f"steering.{i}.layer: auto picks from evaluate.layers, which is not set: list the candidate "
+                    "blocks, e.g. 'evaluate: {layers: [6, 9, 12, 15]}'"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _compare_on_run(self) -> Recipe:
         if self.evaluate.compare.on_run and self.steering[0].method == "actadd":
             raise ValueError(
@@ -422,6 +447,10 @@ class Recipe(_Strict):
     def resolve(self, path: str) -> Path:
         p = Path(path).expanduser()
         return p if p.is_absolute() else self._base_dir / p
+
+    def layers_of(self, entry: Steering) -> list[int]:
+        """The blocks ``entry`` may be added after: its layer, or the candidates of ``layer: auto``."""
+        return sorted(set(self.evaluate.layers or [])) if entry.layer == "auto" else [entry.layer]
 
     def background_for(self, entry: Steering) -> Background:
         return entry.background or self.background

@@ -29,7 +29,7 @@ from bake.evaluation.evaluate import (
     vader_scorer,
     word_rate,
 )
-from bake.evaluation.sweep import CLEAR, calibrate, compare, verdict
+from bake.evaluation.sweep import CLEAR, calibrate, compare, sweep, verdict
 from bake.families.hf import family_for
 from bake.recipe import EvaluateSpec, parse_recipe
 from bake.sources.load import load_model, load_tokenizer
@@ -444,6 +444,86 @@ def test_compare_on_run_needs_texts_first(tmp_path):
         )
     msg = str(err.value)
     assert "\n" not in msg and "evaluate.compare.on_run" in msg and "actadd" in msg, msg
+
+
+def _layer_auto(model: Path, folder: Path, max_kl: float, goal: str = "raise", coefficient: str = "1.0") -> str:
+    return _recipe(model, folder, coefficient).text.replace("layer: 1,", "layer: auto,") + (
+        f"  scorers: [logprob_gain]\n  layers: [0, 1, 2]\n  coefficients: [0.5, 2.0, 6.0]\n  max_kl: {max_kl}\n"
+        f"  goal: {goal}\n"
+    )
+
+
+def _best(rows: list[dict], headline: str, budget: float, sign: float) -> dict:
+    return max((r for r in rows if r["kl"] <= budget), key=lambda r: sign * r[headline])
+
+
+@pytest.fixture(scope="module")
+def layer_grid(llama, tmp_path_factory) -> list[dict]:
+    """bake sweep's rows for the layer: auto recipe (the budget does not change them)."""
+    folder = tmp_path_factory.mktemp("grid")
+    recipe = parse_recipe(_layer_auto(llama[0], folder, 100.0), folder)
+    return sweep(recipe, folder / "sweep").rows
+
+
+@pytest.mark.parametrize("goal", ["raise", "lower"])
+@pytest.mark.parametrize("tight", [False, True])
+def test_layer_auto_takes_the_sweeps_best_layer_within_the_budget(llama, layer_grid, tmp_path, goal, tight):
+    """The layer is bake sweep's best setting within max_kl (by hand from its rows), the vector the one the same
+    recipe gives at that layer; a tighter budget that rules out the unconstrained best changes the choice."""
+    sign = 1.0 if goal == "raise" else -1.0
+    free = _best(layer_grid, "logprob_gain", math.inf, sign)
+    budget = free["kl"] * 0.999 if tight else free["kl"] * 1.001
+    expected = _best(layer_grid, "logprob_gain", budget, sign)
+    assert (expected == free) != tight, "the budget does not decide: the test could not fail"
+    recipe = _layer_auto(llama[0], tmp_path, budget, goal, coefficient="auto")  # the sweep's grid of coefficients
+    vectors = bake.compute_vectors(parse_recipe(recipe, tmp_path))
+    (entry,) = vectors.meta["entries"]
+    assert entry["layer"] == expected["layer"] and list(vectors.vectors) == [(expected["layer"], "resid_post")]
+    record = entry["layer_auto"]
+    assert (record["chosen"], record["coefficient"], record["goal"]) == (
+        expected["layer"],
+        expected["coefficient"],
+        goal,
+    )
+    for ours, theirs in zip(record["grid"], layer_grid):
+        assert ours["kl"] == pytest.approx(theirs["kl"], rel=1e-9)
+    plain = bake.compute_vectors(parse_recipe(recipe.replace("layer: auto,", f"layer: {expected['layer']},"), tmp_path))
+    torch.testing.assert_close(vectors.vectors[(expected["layer"], "resid_post")], next(iter(plain.vectors.values())))
+
+
+def test_bake_run_with_layer_and_coefficient_auto_records_both(llama, tmp_path):
+    """Both auto: the layer from the sweep over the coefficient grid, then the coefficient at that layer; the table,
+    the manifest read from disk and the card say so."""
+    (tmp_path / "r.yaml").write_text(_layer_auto(llama[0], tmp_path, 0.05, coefficient="auto"))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads((out / "bake.json").read_text())["vectors"]["entries"]
+    chosen = entry["layer_auto"]["chosen"]
+    assert entry["layer"] == chosen and entry["auto"]["kl"] <= 0.05 and entry["coefficient"] == entry["auto"]["chosen"]
+    assert f"  layer auto: {chosen}, of [0, 1, 2]" in result.output, result.output
+    assert "chosen by `layer: auto`" in (out / "README.md").read_text()
+    assert "layer: auto" in json.loads((out / "bake.json").read_text())["recipe"]["text"]
+
+
+def test_layer_auto_errors_name_the_field(llama, tmp_path):
+    with pytest.raises(BakeError) as err:
+        parse_recipe("model: m\nsteering:\n  - {name: a, layer: auto, target: [x]}\n", tmp_path)
+    assert "steering.0.layer: auto picks from evaluate.layers, which is not set" in str(err.value)
+    (tmp_path / "r.yaml").write_text(
+        _layer_auto(llama[0], tmp_path, 0.5).replace("layers: [0, 1, 2]", "layers: [1, 7]")
+    )
+    out = tmp_path / "v.safetensors"
+    result = CliRunner().invoke(main, ["vector", str(tmp_path / "r.yaml"), "-o", str(out)])
+    assert result.exit_code == 1 and "evaluate.layers [7] are outside the model's blocks 0..3" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+    (tmp_path / "r.yaml").write_text(_layer_auto(llama[0], tmp_path, 1e-9))
+    result = CliRunner().invoke(main, ["vector", str(tmp_path / "r.yaml"), "-o", str(out)])
+    assert (
+        result.exit_code == 1
+        and "steering.0.layer: auto: no setting of evaluate.layers x coefficients keeps KL within evaluate.max_kl"
+        in result.output
+    )
 
 
 def test_eval_writes_figures_into_manifest_and_card_and_keeps_the_weights(llama, tmp_path):

@@ -285,7 +285,8 @@ def _number_paths() -> list[tuple]:
                 model = next(sub for sub, _ in _submodels(model.model_fields[step].annotation))
         return model.model_fields[path[-1]].annotation
 
-    return [p for p in _recipe_paths() if set(_options(leaf(p))) - {type(None)} <= {int, float}]
+    auto = typing.Literal["auto"]  # a number or "auto": layer, coefficient
+    return [p for p in _recipe_paths() if set(_options(leaf(p))) - {type(None), auto} <= {int, float}]
 
 
 @pytest.mark.parametrize("path", _number_paths(), ids=lambda p: ".".join(map(str, p)))
@@ -304,6 +305,7 @@ def test_the_schema_walk_finds_the_number_fields():
     assert {
         "seed",
         "steering.0.layer",
+        "steering.0.coefficient",
         "background.sample.tokens",
         "evaluate.max_kl",
         "verify.atol",

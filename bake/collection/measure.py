@@ -195,6 +195,10 @@ def measure_vectors(recipe: Recipe, engine: str | None = None) -> MeasuredVector
     cfg = text_config(source.path)
     family = family_for(cfg)
     for i, entry in enumerate(recipe.steering):
+        if entry.layer == "auto":
+            raise BakeError(
+                f"steering.{i}.layer: auto is chosen by a sweep (bake.compute_vectors, bake run): measure at a block"
+            )
         if not 0 <= entry.layer < cfg.num_hidden_layers:
             raise BakeError(
                 f"steering.{i}.layer: {entry.layer} is outside the model's blocks 0..{cfg.num_hidden_layers - 1}: "
@@ -267,6 +271,12 @@ def entry_table(entries: list[dict[str, Any]]) -> str:
                 f"  coefficient auto: {a['chosen']:g}, the largest of the {len(a['grid'])} on the grid whose KL "
                 f"({a['kl']:.3g}) is within max_kl {a['max_kl']:g} (perplexity {a['base_perplexity']:.3g} -> "
                 f"{a['perplexity']:.3g})"
+            )
+        if "layer_auto" in e:
+            a = e["layer_auto"]
+            rows.append(
+                f"  layer auto: {a['chosen']}, of {a['layers']}: the most {a['headline']} ({a['goal']}) within max_kl "
+                f"{a['max_kl']:g}, at coefficient {a['coefficient']:g}"
             )
         if "compare" in e:
             c = e["compare"]

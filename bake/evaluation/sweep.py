@@ -81,6 +81,19 @@ class _Lab:
 SETTINGS_PER_PASS = 10
 
 
+def _within(rows: list[dict[str, Any]], max_kl: float, what: str, setting: Callable[[dict], str]) -> list:
+    """The rows whose KL is within ``max_kl``; none is one line naming the closest (``what``: the field, and what
+    was tried)."""
+    fits = [r for r in rows if r["kl"] <= max_kl]
+    if not fits:
+        least = min(rows, key=lambda r: r["kl"])
+        raise BakeError(
+            f"{what} keeps KL within evaluate.max_kl {max_kl:g} (smallest KL {least['kl']:.3g} at {setting(least)}): "
+            "add smaller coefficients or raise max_kl"
+        )
+    return fits
+
+
 def choose_auto(
     recipe: Recipe, measured: MeasuredVectors, records: dict[int, dict[str, Any]] | None = None
 ) -> VectorSet:
@@ -96,14 +109,8 @@ def choose_auto(
     for i in autos:
         trials = [measured.scaled([c if j == i else x for j, x in enumerate(coefficients)]) for c in spec.coefficients]
         grid = [{"coefficient": c, **kl} for c, kl in zip(spec.coefficients, lab.measure(trials, costs_only=True))]
-        fits = [g for g in grid if g["kl"] <= spec.max_kl]
-        if not fits:
-            best = min(grid, key=lambda g: g["kl"])
-            raise BakeError(
-                f"steering.{i}.coefficient: auto: no coefficient in evaluate.coefficients {spec.coefficients} keeps KL "
-                f"within evaluate.max_kl {spec.max_kl:g} (smallest KL {best['kl']:.3g} at {best['coefficient']:g}): "
-                "add smaller coefficients or raise max_kl"
-            )
+        what = f"steering.{i}.coefficient: auto: no coefficient in evaluate.coefficients {spec.coefficients}"
+        fits = _within(grid, spec.max_kl, what, lambda g: f"{g['coefficient']:g}")
         chosen = max(fits, key=lambda g: g["coefficient"])
         coefficients[i] = chosen["coefficient"]
         records.setdefault(i, {})["auto"] = {
@@ -180,29 +187,15 @@ def _check_out(recipe: Recipe, out: Path, force: bool) -> None:
     check_output(out, force, is_report_folder, [resolve_model(recipe.model, recipe.revision, recipe.base_dir).path])
 
 
-def sweep(
-    recipe: Recipe,
-    out: str | Path,
-    layers: list[int] | None = None,
-    coefficients: list[float] | None = None,
-    entry_name: str | None = None,
-    force: bool = False,
-) -> Report:
-    """Measure one steering entry at every layer x coefficient: effect and cost per cell, against the base.
-
-    Defaults: the entry's own layer, ``evaluate.coefficients``. Writes ``sweep.csv``/``.md``/``.json`` and
-    ``effect_vs_kl.png``, ``coefficient.png`` to ``out`` (staged, renamed at the end).
-    """
-    out = Path(out)
-    _check_out(recipe, out, force)
-    plots.require()
-    entry = _entry(recipe, entry_name)
-    layers = sorted(set(layers or [entry.layer]))
-    coefficients = sorted(set(coefficients or recipe.evaluate.coefficients))
+def _grid(
+    recipe: Recipe, entry: Steering, layers: list[int], coefficients: list[float], what: str
+) -> tuple[_Lab, list[dict[str, Any]]]:
+    """Every figure of ``entry`` at each layer x coefficient: activations collected once for all layers, settings
+    batched (``what`` names the layers in the error when one is outside the model)."""
     blocks = text_config(resolve_model(recipe.model, recipe.revision, recipe.base_dir).path).num_hidden_layers
     outside = [layer for layer in layers if not 0 <= layer < blocks]
     if outside:
-        raise BakeError(f"layers {outside} are outside the model's blocks 0..{blocks - 1}: pick layers in range")
+        raise BakeError(f"{what} {outside} are outside the model's blocks 0..{blocks - 1}: pick layers in range")
     grid = [
         entry.model_copy(update={"name": f"{entry.name}.{layer}", "layer": layer, "coefficient": 1.0})
         for layer in layers
@@ -221,6 +214,69 @@ def sweep(
         }
         for (i, c), f in zip(cells, figures)
     ]
+    return lab, rows
+
+
+def _headline(lab: _Lab, what: str) -> str:
+    """The effect a choice is made on, refused when no scorer can be measured (each skipped one says why)."""
+    if lab.data.headline is None:
+        skipped = "; ".join(f"{k}: {v}" for k, v in lab.data.skipped.items())
+        raise BakeError(f"{what}: no effect scorer can be measured here ({skipped}): fix one of evaluate.scorers")
+    return lab.data.headline
+
+
+def choose_layers(recipe: Recipe) -> tuple[Recipe, dict[int, dict[str, Any]]]:
+    """``layer: auto``: each such entry, swept alone over ``evaluate.layers`` x its coefficient (every one of
+    ``evaluate.coefficients`` when that is ``auto`` too), gets the layer of the setting with the most effect on the
+    headline scorer, in ``evaluate.goal``'s direction, among those whose KL is within ``evaluate.max_kl``. Returns
+    the recipe with those layers and, per entry, the record kept in its metadata as ``layer_auto``."""
+    spec, steering, records = recipe.evaluate, list(recipe.steering), {}
+    sign = 1.0 if spec.goal == "raise" else -1.0
+    for i, entry in enumerate(recipe.steering):
+        if entry.layer != "auto":
+            continue
+        coefficients = spec.coefficients if entry.coefficient == "auto" else [entry.coefficient]
+        lab, rows = _grid(recipe, entry, recipe.layers_of(entry), coefficients, "evaluate.layers")
+        headline = _headline(lab, f"steering.{i}.layer: auto")
+        what = f"steering.{i}.layer: auto: no setting of evaluate.layers x coefficients"
+        fits = _within(rows, spec.max_kl, what, lambda r: f"layer {r['layer']}, {r['coefficient']:g}")
+        best = max(fits, key=lambda r: sign * r[headline])
+        steering[i] = entry.model_copy(update={"layer": best["layer"]})
+        records[i] = {
+            "layer_auto": {
+                "layers": recipe.layers_of(entry),
+                "max_kl": spec.max_kl,
+                "headline": headline,
+                "goal": spec.goal,
+                "chosen": best["layer"],
+                "coefficient": best["coefficient"],
+                "base": lab.evaluator.base[headline],
+                "grid": [{k: r[k] for k in ("layer", "coefficient", "kl", headline)} for r in rows],
+            }
+        }
+    return recipe.model_copy(update={"steering": steering}), records
+
+
+def sweep(
+    recipe: Recipe,
+    out: str | Path,
+    layers: list[int] | None = None,
+    coefficients: list[float] | None = None,
+    entry_name: str | None = None,
+    force: bool = False,
+) -> Report:
+    """Measure one steering entry at every layer x coefficient: effect and cost per cell, against the base.
+
+    Defaults: the entry's own layer, ``evaluate.coefficients``. Writes ``sweep.csv``/``.md``/``.json`` and
+    ``effect_vs_kl.png``, ``coefficient.png`` to ``out`` (staged, renamed at the end).
+    """
+    out = Path(out)
+    _check_out(recipe, out, force)
+    plots.require()
+    entry = _entry(recipe, entry_name)
+    layers = sorted(set(layers or recipe.layers_of(entry)))
+    coefficients = sorted(set(coefficients or recipe.evaluate.coefficients))
+    lab, rows = _grid(recipe, entry, layers, coefficients, "layers")
     keys = ["layer", "coefficient", "norm", "relative_norm"] + list(COSTS) + lab.data.scorers
     base = lab.evaluator.base
     record = {
@@ -409,13 +465,7 @@ def check_methods(recipe: Recipe) -> dict[str, Any]:
     entry, budget = recipe.steering[0], recipe.evaluate.max_kl
     methods, skipped = _compare_entries(entry, recipe, None, None)
     lab, measured, found = _at_budget(recipe, entry, methods, budget)
-    point, headline = measured.points[0], lab.data.headline
-    if headline is None:
-        raise BakeError(
-            "evaluate.compare.on_run: no effect scorer can be measured here ("
-            + "; ".join(f"{k}: {v}" for k, v in lab.data.skipped.items())
-            + "): fix one of evaluate.scorers, or remove on_run"
-        )
+    point, headline = measured.points[0], _headline(lab, "evaluate.compare.on_run")
     figures = lab.measure([VectorSet({point: c * u}) for (c, _), u in zip(found, measured.units)])
     rows = [
         {"method": m["method"], "coefficient": c, "kl": f["kl"], headline: f[headline]}
@@ -444,6 +494,7 @@ def compare(
     out = Path(out)
     _check_out(recipe, out, force)
     plots.require()
+    recipe = choose_layers(recipe)[0]  # methods are compared at one layer: layer: auto's
     entry = _entry(recipe, entry_name)
     budget = max_kl or recipe.evaluate.max_kl
     entries, skipped = _compare_entries(entry, recipe, negative, prompt_pair)

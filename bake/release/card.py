@@ -57,6 +57,13 @@ def _vector_rows(manifest: Manifest) -> list[str]:
             f"| {e['name']} | {e['layer']} | {e['site']} | {e['method']} | {_positions(e)} | {e['coefficient']:g} | "
             f"{e['norm']:.3g} | {e['relative_norm']:.3g} |"
         )
+    for e in manifest.entries:
+        if "layer_auto" in e:
+            a = e["layer_auto"]
+            rows.append(
+                f"\n`{e['name']}`'s layer was chosen by `layer: auto`: {a['chosen']} of {a['layers']}, the most "
+                f"{a['headline']} ({a['goal']}) within KL {a['max_kl']:g} in one sweep (`bake.json`: `layer_auto`)."
+            )
     return rows
 
 

@@ -39,7 +39,9 @@ class GGUFFormat:
     def check_recipe(self, recipe: Recipe, out: Path, options: FoldOptions) -> None:
         check_output(out, options.force, self.ours)
         self._refuse_folder_options(options)
-        export.check_points(recipe.model, [(e.layer, e.site) for e in recipe.steering], recipe.base_dir)
+        export.check_points(
+            recipe.model, [(layer, e.site) for e in recipe.steering for layer in recipe.layers_of(e)], recipe.base_dir
+        )
 
     def _refuse_folder_options(self, options: FoldOptions) -> None:
         if options.allow_remote_code:

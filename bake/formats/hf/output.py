@@ -72,7 +72,7 @@ class HFFormat:
                 raise BakeError(f"steering.{i}.site: {e}") from None
         if module:  # a constant-bias module cannot be verified block by block: refuse that now, not after collection
             scope = (options.verify or recipe.verify).scope
-            blocks = 1 + max(e.layer for e in recipe.steering) if scope == "steered" else None
+            blocks = 1 + max(max(recipe.layers_of(e)) for e in recipe.steering) if scope == "steered" else None
             streams_verification(source.path, blocks, options.collection, remote_code=True)
 
     def fold(self, model: str, vectors: VectorSet, out: Path, options: FoldOptions) -> BakeResult:
