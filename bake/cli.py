@@ -136,10 +136,18 @@ def _side_by_side(samples: list[tuple[str, str, str]], labels: tuple[str, str] =
 
 
 def _warn_not_portable(manifest: Manifest | GGUFManifest) -> None:
-    """After writing a constant-bias module (--allow-remote-code): say how it loads, and where it does not."""
+    """After writing a checkpoint: how a constant-bias module (--allow-remote-code) loads, and which stacks stop on
+    this family (bake.families.hf.stops)."""
+    from bake.families.hf import family_named, stops  # startup
+
     fold = getattr(manifest, "fold", None)  # a GGUF bake has no fold record
-    if fold is not None and fold.remote_code:
+    if fold is None:
+        return
+    if fold.remote_code:
         click.echo(f"NOTE: {fold.remote_code.class_name} is {fold.remote_code.note} (see docs/remote-code.md)")
+    family = family_named(fold.family)
+    for line in stops(family) if family else []:
+        click.echo(f"NOTE: {line} (see docs/architectures.md)")
 
 
 def _with_collection(recipe: Recipe, streaming: bool) -> Recipe:

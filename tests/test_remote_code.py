@@ -349,3 +349,27 @@ def _real_gemma3(gemma3_gguf: Path, tmp_path: Path) -> None:
     plain = generate(base, tokenizer, ["I went to the store and"], 12)
     assert steered != plain, (steered, plain)
     print(f"\nbase: {plain[0]!r}\nsteered: {steered[0]!r}")
+
+
+@pytest.mark.parametrize(
+    "model_type, site, flags, noted",
+    [
+        ("mixtral", "resid_post", ["--allow-remote-code"], ["vLLM: vLLM 0.32.0 stops"]),
+        ("llama4_text", "resid_mid", [], ["vLLM: vLLM 0.32.0 stops", "llama.cpp: conversion stops"]),
+        ("qwen3_moe", "resid_mid", [], ["llama.cpp: conversion stops"]),
+        ("llama", "resid_post", [], []),
+    ],
+)
+def test_a_bake_says_which_stacks_stop_on_its_family(tmp_path, model_type, site, flags, noted):
+    """After writing, one NOTE per stack the family's column says stops on it (a loud failure there, not a silent
+    drop; docs/architectures.md), and none for a family every stack runs."""
+    from bake.families.hf import family_for, stops
+
+    src = save_tiny(tmp_path / "src", tiny_config(model_type))
+    vec = _vectors([(1, site)], scale=0.5).save(tmp_path / "v.safetensors")
+    result = invoke("fold", src, vec, "-o", tmp_path / "baked", *flags)
+    assert result.exit_code == 0, result.output
+    notes = [line.removeprefix("NOTE: ") for line in result.output.splitlines() if line.startswith("NOTE: ")]
+    stopping = [n for n in notes if " stops" in n]
+    assert [n.split(" stops")[0] + " stops" for n in stopping] == noted, notes
+    assert stopping == [f"{line} (see docs/architectures.md)" for line in stops(family_for(tiny_config(model_type)))]

@@ -666,6 +666,13 @@ def family_named(name: str) -> Family | None:
     return next((f for f in FAMILIES if f.name == name), None)
 
 
+def stops(family: Family) -> list[str]:
+    """The stacks known to fail loading this family's bakes (their column says where it "stops"), one line each:
+    what ``bake run`` and ``bake fold`` say after writing one."""
+    columns = (("vLLM", family.vllm), ("llama.cpp", family.llama_cpp))
+    return [f"{stack}: {text}" for stack, text in columns if "stops" in text]
+
+
 def portability(family: Family) -> str:
     """One line for ``bake inspect``: where the steering loads."""
     stock = any(slot.bias for slot in family.sites.values())
