@@ -424,15 +424,23 @@ def write_checkpoint(
         clash = sorted(set(added) & weight_map.keys())
         if clash:
             raise ValueError(f"adding tensors that already exist: {clash[:3]}")
-        size, digests[EXTRA_SHARD] = write_shard(dst / EXTRA_SHARD, sorted(added.items()), {})
+        extra = _extra_shard(set(placed.values()))
+        size, digests[extra] = write_shard(dst / extra, sorted(added.items()), {})
         total += size
-        weight_map.update({name: EXTRA_SHARD for name in added})
-        rewritten.append(EXTRA_SHARD)
+        weight_map.update({name: extra for name in added})
+        rewritten.append(extra)
     if src.indexed or added:
         index = {"metadata": {**src.index_meta, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return placed, rewritten, digests
+
+
+def _extra_shard(taken: set[str]) -> str:
+    """The name of the shard new tensors go to, not one of ``taken`` (a bake on top of a bake already has one,
+    with the tensors the first bake added: writing over it would lose them)."""
+    names = (EXTRA_SHARD, *(EXTRA_SHARD.replace(".safetensors", f"-{n}.safetensors") for n in range(2, len(taken) + 2)))
+    return next(name for name in names if name not in taken)
 
 
 def _same_layout(info: TensorInfo, tensor: torch.Tensor) -> bool:

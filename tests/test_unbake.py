@@ -106,6 +106,28 @@ def test_stacked_bakes_keep_history_and_unbake_one_layer_at_a_time(tmp_path, tin
     assert tree_digest(tmp_path / "back-to-base") == tree_digest(src)
 
 
+def test_a_bake_on_top_at_a_new_site_keeps_the_tensors_the_first_one_added(tmp_path, tiny_models):
+    """The first bake put Llama's new MLP biases in its extra shard; the second adds attention biases, which go to
+    a shard of their own: writing them over the first's lost those (verification failed, nothing was written)."""
+    src = tiny_models["llama"]
+    first, second = _vectors(8, [(1, "resid_post")]), _vectors(9, [(2, "resid_mid")])
+    bake.fold(str(src), first, tmp_path / "one")
+    before = tree_digest(tmp_path / "one")
+    result = bake.fold(str(tmp_path / "one"), second, tmp_path / "two")
+    assert result.verification["passed"], result.verification
+    index = json.loads((tmp_path / "two" / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for shard in set(index.values()):
+        tensors.update(load_file(tmp_path / "two" / shard))
+    assert set(tensors) == set(index)
+    assert torch.equal(tensors["model.layers.1.mlp.down_proj.bias"], first.vectors[(1, "resid_post")])
+    assert torch.equal(tensors["model.layers.2.self_attn.o_proj.bias"], second.vectors[(2, "resid_mid")])
+    assert index["model.layers.1.mlp.down_proj.bias"] != index["model.layers.2.self_attn.o_proj.bias"]
+    assert tree_digest(tmp_path / "one") == before
+    assert bake.unbake(tmp_path / "two", tmp_path / "back-to-one") is not None
+    assert tree_digest(tmp_path / "back-to-one") == before
+
+
 def test_unbake_refuses_a_tampered_checkpoint_and_writes_nothing(tmp_path, tiny_models):
     bake.fold(str(tiny_models["gpt2"]), _vectors(10), tmp_path / "baked")
     shard = tmp_path / "baked" / "model.safetensors"
