@@ -59,7 +59,7 @@ from bake.collection.texts import Example
 from bake.errors import BakeError
 from bake.families.hf import Family, Site
 from bake.recipe import Collection
-from bake.sources.load import load_model, truncated_config
+from bake.sources.load import auto_class, load_model, truncated_config
 from bake.sources.resolve import cache_dir
 
 Point = tuple[int, Site]
@@ -96,10 +96,9 @@ def _float32_bytes(infos: dict[str, TensorInfo]) -> int:
 
 def meta_model(path: Path, layers: int | None) -> torch.nn.Module:
     """The float32 model (of blocks 0..layers-1 when given) built on the meta device: its structure, no weights."""
-    from transformers import AutoModelForCausalLM
-
+    config = truncated_config(path, layers)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(truncated_config(path, layers), dtype=torch.float32).eval()
+        return auto_class(config).from_config(config, dtype=torch.float32).eval()
 
 
 def in_memory_bytes(model: torch.nn.Module) -> int:
