@@ -1,0 +1,238 @@
+"""Multimodal wrappers (LLaVA, Mistral Small 3, Gemma 3): bake steers the language model inside, the vision tower
+and the processor files stay as they were, and the output loads with the wrapper's stock class (Gemma 3's with
+its constant-bias module) equal to the hook-steered original. Tiny random wrappers built here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import make_tokenizer, tiny_config, tree_digest
+from safetensors import safe_open
+from test_architectures import PROBES
+
+import bake
+from bake.errors import BakeError
+from bake.recipe import VerifySpec, parse_recipe
+from bake.vectorfile import VectorSet
+
+# Written here independently of bake/families/hf.py: where the text blocks sit in the loaded wrapper, and which
+# module's output joins the residual after the attention sublayer (Gemma 3: its post-attention norm).
+TEXT_BLOCKS = "model.language_model.layers"
+MID_HOOK = {t: "self_attn" for t in ("llama", "qwen2", "mistral")} | {"gemma3_text": "post_attention_layernorm"}
+_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16)
+VISION = {
+    "llava": dict(_VISION, model_type="clip_vision_model", patch_size=8),
+    "mistral3": dict(_VISION, model_type="pixtral", patch_size=8, head_dim=8),
+    "gemma3": dict(_VISION, model_type="siglip_vision_model", patch_size=8),
+}
+CLASS = {
+    "llava": "LlavaForConditionalGeneration",
+    "mistral3": "Mistral3ForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+}
+# (wrapper model_type, text model_type, site, the text model is relabelled to llama, needs the module)
+CASES = [
+    ("llava", "llama", "resid_post", False, False),
+    ("llava", "llama", "resid_mid", False, False),
+    ("llava", "qwen2", "resid_post", True, False),
+    ("llava", "qwen2", "resid_mid", True, False),
+    ("mistral3", "mistral", "resid_post", True, False),
+    ("mistral3", "mistral", "resid_mid", True, False),
+    ("gemma3", "gemma3_text", "resid_post", False, True),
+    ("gemma3", "gemma3_text", "resid_mid", False, True),
+]
+PROCESSOR_FILES = {"preprocessor_config.json": '{"image_processor_type": "CLIPImageProcessor", "size": 16}\n'}
+
+
+def save_wrapper(path: Path, model_type: str, text_type: str, **text_overrides) -> Path:
+    """A tiny random wrapper (weights larger than default init, as conftest.save_tiny), its tokenizer and a
+    processor file."""
+    text = tiny_config(text_type, **text_overrides)
+    config = transformers.AutoConfig.for_model(
+        model_type, text_config=text.to_dict(), vision_config=VISION[model_type], mm_tokens_per_image=4
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.eval().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    for name, content in PROCESSOR_FILES.items():
+        (path / name).write_text(content)
+    return path
+
+
+def tensors(path: Path) -> dict[str, bytes]:
+    """Every tensor of a folder's safetensors shards, as its raw bytes (with dtype and shape)."""
+    out = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name).contiguous()
+                out[name] = (str(t.dtype), tuple(t.shape), t.view(-1).view(torch.uint8).numpy().tobytes())
+    return out
+
+
+def hooked_logits(model, text_type: str, vectors: VectorSet, ids: torch.Tensor) -> torch.Tensor:
+    """The original wrapper with the vectors added by forward hooks on its text blocks."""
+    handles = []
+    for (layer, site), v in vectors.vectors.items():
+        block = model.get_submodule(TEXT_BLOCKS)[layer]
+        module = block if site == "resid_post" else block.get_submodule(MID_HOOK[text_type])
+
+        def hook(_m, _i, out, v=v):
+            if isinstance(out, tuple):
+                return (out[0] + v.to(out[0].dtype),) + tuple(out[1:])
+            return out + v.to(out.dtype)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits.float()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _vectors(site: str) -> VectorSet:
+    g = torch.Generator().manual_seed(3)
+    return VectorSet({(1, site): 3 * torch.randn(32, generator=g), (3, site): 3 * torch.randn(32, generator=g)})
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}")
+def test_wrapper_bakes_its_language_model_exactly(tmp_path, case):
+    model_type, text_type, site, relabelled, module = case
+    src = save_wrapper(tmp_path / "src", model_type, text_type)
+    before, source_tensors = tree_digest(src), tensors(src)
+    vectors = _vectors(site)
+    out = tmp_path / "out"
+    result = bake.fold(str(src), vectors, out, verify=VerifySpec(prompts=PROBES, tokens=6), allow_remote_code=module)
+    assert result.verification["passed"] and result.verification["max_abs_logit_diff"] <= 1e-5, result.verification
+    assert tree_digest(src) == before
+
+    # the wrapper's stock class (Gemma 3: its constant-bias module subclassing it), every tensor loaded
+    auto = transformers.AutoModelForCausalLM if module else getattr(transformers, CLASS[model_type])
+    baked, info = auto.from_pretrained(out, trust_remote_code=module, output_loading_info=True)
+    baked.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert type(baked).__name__ == ("BakeSteered" if module else "") + CLASS[model_type]
+    assert CLASS[model_type] in [c.__name__ for c in type(baked).__mro__]
+
+    # only the text config changed (and the module's entries at the top): flags and relabel inside text_config
+    old, new = (json.loads((p / "config.json").read_text()) for p in (src, out))
+    module_keys = {"architectures", "auto_map", "bake_steering"} if module else set()
+    assert {k: v for k, v in new.items() if k not in {"text_config"} | module_keys} == {
+        k: v for k, v in old.items() if k not in {"text_config"} | module_keys
+    }
+    assert new["vision_config"] == old["vision_config"]
+    assert new["text_config"]["model_type"] == ("llama" if relabelled else text_type)
+    if not module:
+        assert new["text_config"][{"resid_post": "mlp_bias", "resid_mid": "attention_bias"}[site]] is True
+
+    # every source tensor is in the output byte for byte, the vision tower's and projector's among them; the
+    # text blocks only gain biases (the vectors, or zeros beside them)
+    baked_tensors = tensors(out)
+    vision = [n for n in source_tensors if n.startswith(("vision_tower.", "multi_modal_projector."))]
+    assert len(vision) > 5
+    for name, data in source_tensors.items():
+        assert baked_tensors.get(name) == data, name
+    assert all(n.endswith(".bias") for n in set(baked_tensors) - set(source_tensors))
+    for name, content in PROCESSOR_FILES.items():
+        assert (out / name).read_text() == content
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+
+    original = getattr(transformers, CLASS[model_type]).from_pretrained(src).eval()
+    tok = make_tokenizer()
+    for prompt in PROBES:
+        ids = torch.tensor([tok(prompt).input_ids])
+        with torch.no_grad():
+            got = baked(input_ids=ids).logits.float()
+            plain = original(input_ids=ids).logits.float()
+        assert (got - hooked_logits(original, text_type, vectors, ids)).abs().max() <= 1e-5
+        assert (got - plain).abs().max() > 1e-2, "the steering is missing from the reloaded model"
+        greedy = baked.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[0]
+        ref = ids
+        for _ in range(6):  # the hook-steered original, one argmax at a time
+            choice = hooked_logits(original, text_type, vectors, ref)[0, -1].argmax()
+            ref = torch.cat([ref, choice.view(1, 1)], dim=1)
+        assert greedy.tolist() == ref[0].tolist()
+
+
+def test_measured_vector_is_the_text_models_mean_difference(tmp_path):
+    """bake measures on text through the wrapper: the vector equals the difference of mean hidden states that the
+    stock wrapper reports (output_hidden_states) after block 1, bos uncounted."""
+    src = save_wrapper(tmp_path / "src", "llava", "llama")
+    target, background = ["the happy dog is here today", "a wonderful bright day"], ["the cat in the castle", "rain"]
+    recipe = parse_recipe(
+        f"model: {src}\nbackground: {{corpus: {{texts: {json.dumps(background)}}}}}\nsteering:\n"
+        f"  - {{name: joy, layer: 1, coefficient: 2.0, target: {{texts: {json.dumps(target)}}}}}",
+        tmp_path,
+    )
+    got = bake.compute_vectors(recipe).vectors[(1, "resid_post")]
+    model, tok = transformers.LlavaForConditionalGeneration.from_pretrained(src).eval(), make_tokenizer()
+
+    def mean(texts: list[str]) -> torch.Tensor:
+        rows = []
+        for text in texts:
+            with torch.no_grad():
+                hidden = model(input_ids=torch.tensor([tok(text).input_ids]), output_hidden_states=True)
+            rows.append(hidden.hidden_states[2][0, 1:].double())  # after block 1, without the <bos> position
+        return torch.cat(rows).mean(0)
+
+    torch.testing.assert_close(got.double(), 2.0 * (mean(target) - mean(background)), rtol=1e-5, atol=1e-5)
+
+
+def _one_line_refusal(src: Path, out: Path, site: str = "resid_post") -> str:
+    before = tree_digest(src)
+    with pytest.raises(BakeError) as err:
+        bake.fold(str(src), _vectors(site), out)
+    assert "\n" not in str(err.value)
+    assert not out.exists() and tree_digest(src) == before
+    return str(err.value)
+
+
+def test_unsupported_wrapper_is_one_line(tmp_path):
+    src = save_wrapper(tmp_path / "src", "llava", "llama")
+    config = json.loads((src / "config.json").read_text())
+    config.update(model_type="llava_next", architectures=["LlavaNextForConditionalGeneration"])
+    (src / "config.json").write_text(json.dumps(config))
+    message = _one_line_refusal(src, tmp_path / "out")
+    for word in ("'llava_next'", "multimodal wrapper", "'llama' language model", "supported wrappers", "mistral3"):
+        assert word in message, message
+
+
+@pytest.mark.parametrize(
+    "model_type,text_type,overrides,site,words",
+    [
+        ("gemma3", "gemma3_text", {}, "resid_mid", ["Gemma 3 multimodal (Gemma 3)", "no exact bias slot", "--allow"]),
+        ("llava", "gemma", {}, "resid_mid", ["LLaVA ('llava') around a Gemma language model is not supported"]),
+        ("mistral3", "mistral", {"sliding_window": 8}, "resid_post", ["LlamaForCausalLM", "sliding_window 8"]),
+    ],
+    ids=["gemma3-no-slot", "llava-gemma", "mistral3-sliding"],
+)
+def test_wrapper_without_exact_slot_is_refused(tmp_path, model_type, text_type, overrides, site, words):
+    src = save_wrapper(tmp_path / "src", model_type, text_type, **overrides)
+    message = _one_line_refusal(src, tmp_path / "out", site)
+    for word in words:
+        assert word in message, message
+
+
+def test_llava_saved_by_older_transformers_names(tmp_path):
+    """Checkpoints written by transformers 4.5x name the text blocks ``model.language_model.layers.N``: found too."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_wrapper(tmp_path / "src", "llava", "llama")
+    state = load_file(src / "model.safetensors")
+    renamed = {k.replace("language_model.model.", "model.language_model.", 1): v for k, v in state.items()}
+    save_file(renamed, src / "model.safetensors", metadata={"format": "pt"})
+    result = bake.fold(str(src), _vectors("resid_post"), tmp_path / "out", verify=VerifySpec(prompts=PROBES))
+    assert result.verification["passed"], result.verification
+    assert {b.tensor for b in result.manifest.fold.biases} == {
+        f"model.language_model.layers.{i}.mlp.down_proj.bias" for i in (1, 3)
+    }
