@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from click.testing import CliRunner
 from conftest import make_tokenizer, tiny_config, tree_digest
 from safetensors import safe_open
 from test_architectures import PROBES
 
 import bake
+from bake.cli import main
 from bake.errors import BakeError
 from bake.recipe import VerifySpec, parse_recipe
 from bake.vectorfile import VectorSet
@@ -163,6 +165,9 @@ def test_wrapper_bakes_its_language_model_exactly(tmp_path, case):
             ref = torch.cat([ref, choice.view(1, 1)], dim=1)
         assert greedy.tolist() == ref[0].tolist()
 
+    bake.unbake(out, tmp_path / "restored")  # the undo data restores the wrapper bit for bit
+    assert tree_digest(tmp_path / "restored") == before
+
 
 def test_measured_vector_is_the_text_models_mean_difference(tmp_path):
     """bake measures on text through the wrapper: the vector equals the difference of mean hidden states that the
@@ -205,6 +210,10 @@ def test_unsupported_wrapper_is_one_line(tmp_path):
     message = _one_line_refusal(src, tmp_path / "out")
     for word in ("'llava_next'", "multimodal wrapper", "'llama' language model", "supported wrappers", "mistral3"):
         assert word in message, message
+    vectors = tmp_path / "v.safetensors"
+    _vectors("resid_post").save(vectors)
+    run = CliRunner().invoke(main, ["fold", str(src), str(vectors), "-o", str(tmp_path / "cli-out")])
+    assert run.exit_code == 1 and run.output == f"Error: {message}\n", run.output
 
 
 @pytest.mark.parametrize(
