@@ -149,6 +149,13 @@ def test_wrapper_bakes_its_language_model_exactly(tmp_path, case):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
 
+    # the model card names the wrapper's loader and task, and that vLLM and llama.cpp were not run for it
+    card = (out / "README.md").read_text()
+    assert "pipeline_tag: image-text-to-text" in card and "not run for the wrapper" in card
+    loader = "`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`"
+    assert f"reloaded from disk with {loader if module else f'plain `{CLASS[model_type]}.from_pretrained`'}" in card
+    assert ("written as `model_type: llama` inside the stock" in card) == relabelled
+
     original = getattr(transformers, CLASS[model_type]).from_pretrained(src).eval()
     tok = make_tokenizer()
     for prompt in PROBES:

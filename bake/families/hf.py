@@ -103,6 +103,8 @@ class Wrapper:
     )
     """Module path prefix → the names checkpoints store it under (transformers 5.24 writes
     ``language_model.model.layers.N``; checkpoints saved by 4.5x ``model.language_model.layers.N``)."""
+    pipeline_tag: str = "image-text-to-text"
+    """The Hub task the model card declares."""
     vllm: str = "not run for the wrapper"
     llama_cpp: str = "not run for the wrapper"
 
