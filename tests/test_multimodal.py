@@ -47,6 +47,10 @@ CASES = [
     ("gemma3", "gemma3_text", "resid_post", False, True),
     ("gemma3", "gemma3_text", "resid_mid", False, True),
 ]
+IMAGE_TOKEN = len(make_tokenizer()) - 1  # a word of the test vocabulary stands for the image's positions
+# Image positions a 16x16 image fills (LLaVA: 2x2 patches, CLS dropped; Gemma 3: mm_tokens_per_image). Mistral 3's
+# Pixtral tower is not run on an image here.
+IMAGE_POSITIONS = {"llava": 4, "gemma3": 4}
 PROCESSOR_FILES = {"preprocessor_config.json": '{"image_processor_type": "CLIPImageProcessor", "size": 16}\n'}
 
 
@@ -55,7 +59,11 @@ def save_wrapper(path: Path, model_type: str, text_type: str, **text_overrides) 
     processor file."""
     text = tiny_config(text_type, **text_overrides)
     config = transformers.AutoConfig.for_model(
-        model_type, text_config=text.to_dict(), vision_config=VISION[model_type], mm_tokens_per_image=4
+        model_type,
+        text_config=text.to_dict(),
+        vision_config=VISION[model_type],
+        mm_tokens_per_image=4,
+        image_token_index=IMAGE_TOKEN,
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config)
@@ -80,7 +88,7 @@ def tensors(path: Path) -> dict[str, bytes]:
     return out
 
 
-def hooked_logits(model, text_type: str, vectors: VectorSet, ids: torch.Tensor) -> torch.Tensor:
+def hooked_logits(model, text_type: str, vectors: VectorSet, ids: torch.Tensor, **inputs) -> torch.Tensor:
     """The original wrapper with the vectors added by forward hooks on its text blocks."""
     handles = []
     for (layer, site), v in vectors.vectors.items():
@@ -95,7 +103,7 @@ def hooked_logits(model, text_type: str, vectors: VectorSet, ids: torch.Tensor) 
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            return model(input_ids=ids).logits.float()
+            return model(input_ids=ids, **inputs).logits.float()
     finally:
         for h in handles:
             h.remove()
@@ -171,6 +179,14 @@ def test_wrapper_bakes_its_language_model_exactly(tmp_path, case):
             choice = hooked_logits(original, text_type, vectors, ref)[0, -1].argmax()
             ref = torch.cat([ref, choice.view(1, 1)], dim=1)
         assert greedy.tolist() == ref[0].tolist()
+
+    if model_type in IMAGE_POSITIONS:  # an image through the baked wrapper: the text model is steered the same
+        ids = torch.tensor([[tok.bos_token_id] + [IMAGE_TOKEN] * IMAGE_POSITIONS[model_type] + tok("a dog").input_ids])
+        pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            got, blind = (baked(input_ids=ids, **p).logits for p in ({"pixel_values": pixels}, {}))
+        assert (got - hooked_logits(original, text_type, vectors, ids, pixel_values=pixels)).abs().max() <= 1e-5
+        assert (got - blind).abs().max() > 1e-2, "the image did not reach the language model"
 
     bake.unbake(out, tmp_path / "restored")  # the undo data restores the wrapper bit for bit
     assert tree_digest(tmp_path / "restored") == before
