@@ -44,6 +44,7 @@ CASES = [
     ("llava", "qwen2", "resid_mid", True, False),
     ("mistral3", "mistral", "resid_post", True, False),
     ("mistral3", "mistral", "resid_mid", True, False),
+    ("mistral3", "llama", "resid_post", False, False),  # as bake writes a baked Mistral 3
     ("gemma3", "gemma3_text", "resid_post", False, True),
     ("gemma3", "gemma3_text", "resid_mid", False, True),
 ]
@@ -268,3 +269,22 @@ def test_llava_saved_by_older_transformers_names(tmp_path):
     assert {b.tensor for b in result.manifest.fold.biases} == {
         f"model.language_model.layers.{i}.mlp.down_proj.bias" for i in (1, 3)
     }
+
+
+@pytest.mark.parametrize("model_type,text_type", [("llava", "llama"), ("mistral3", "mistral")])
+def test_streaming_collection_and_verification_find_the_wrapper_tensors(tmp_path, model_type, text_type):
+    """Block-by-block measurement reads the text blocks under the wrapper's checkpoint names (equal to the in-memory
+    vector), block-by-block verification passes, and a baked wrapper (Mistral 3's text model now `llama`) bakes
+    again on top."""
+    src = save_wrapper(tmp_path / "src", model_type, text_type)
+    text = 'background: {corpus: {texts: ["the cat in the castle", "rain"]}}\nsteering:\n'
+    text += '  - {name: joy, layer: 2, coefficient: 2.0, target: {texts: ["the happy dog", "a wonderful day"]}}'
+    vectors = {
+        how: bake.compute_vectors(parse_recipe(f"model: {src}\ncollection: {how}\n{text}", tmp_path))
+        for how in ("streaming", "memory")
+    }
+    torch.testing.assert_close(vectors["streaming"].vectors, vectors["memory"].vectors, rtol=1e-6, atol=1e-6)
+    result = bake.fold(str(src), vectors["memory"], tmp_path / "out", collection="streaming")
+    assert result.verification["streamed"] and result.verification["passed"], result.verification
+    again = bake.fold(str(tmp_path / "out"), _vectors("resid_post"), tmp_path / "again")
+    assert again.verification["passed"] and len(again.manifest.history) == 1, again.verification

@@ -132,9 +132,11 @@ class Skeleton:
         return {name: self._find(prefix + name, tuple(t.shape)) for name, t in state.items()}
 
     def _find(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
-        """The tensor by its module path, or without the base-model prefix (as GPT-2's own checkpoints store it)."""
+        """The tensor by its module path, or without the base-model prefix (as GPT-2's own checkpoints store it, and
+        wrappers their vision tower), or as a multimodal wrapper's checkpoints name its language model."""
         base = f"{self.model.base_model_prefix}."
-        for candidate in (name, name[len(base) :] if name.startswith(base) else None):
+        wrapped = self.family.wrapper.stored_names(name) if self.family.wrapper else ()
+        for candidate in (name, name[len(base) :] if name.startswith(base) else None, *wrapped):
             info = self.ckpt.find(candidate) if candidate else None
             if info is not None:
                 if info.shape != shape:

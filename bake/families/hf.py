@@ -108,6 +108,17 @@ class Wrapper:
     vllm: str = "not run for the wrapper"
     llama_cpp: str = "not run for the wrapper"
 
+    def stored_names(self, name: str) -> tuple[str, ...]:
+        """The names checkpoints may store the loaded wrapper's tensor (or prefix) ``name`` under (``stored``)."""
+        return next(
+            (
+                tuple(s + name[len(module) :] for s in names)
+                for module, names in self.stored.items()
+                if name.startswith(module)
+            ),
+            (),
+        )
+
 
 @dataclass(frozen=True)
 class Family:
@@ -141,12 +152,7 @@ class Family:
         """Names the checkpoint may store the blocks under: the module path, or (older files) without its leading
         prefixes; in a wrapper, the names its checkpoints use for the text blocks."""
         if self.wrapper is not None:
-            return tuple(
-                stored + self.blocks[len(module) :]
-                for module, names in self.wrapper.stored.items()
-                if self.blocks.startswith(module)
-                for stored in names
-            )
+            return self.wrapper.stored_names(self.blocks)
         parts = self.blocks.split(".")
         return tuple(".".join(parts[i:]) for i in range(len(parts)))
 
@@ -708,7 +714,7 @@ WRAPPERS: tuple[Wrapper, ...] = (
         name="Mistral Small 3",
         model_types=("mistral3",),
         architecture="Mistral3ForConditionalGeneration",
-        texts=("Mistral",),
+        texts=("Mistral", "Llama"),  # Llama: as bake writes a baked one (relabelled), so it can be baked again
     ),
     Wrapper(
         name="Gemma 3 multimodal",
