@@ -13,7 +13,7 @@ import transformers
 from click.testing import CliRunner
 from conftest import make_tokenizer, tiny_config, tree_digest
 from safetensors import safe_open
-from test_architectures import PROBES
+from test_architectures import PROBES, assert_steered_like_hooks, hooked_logits
 
 import bake
 from bake.cli import main
@@ -21,10 +21,6 @@ from bake.errors import BakeError
 from bake.recipe import VerifySpec, parse_recipe
 from bake.vectorfile import VectorSet
 
-# Written here independently of bake/families/hf.py: where the text blocks sit in the loaded wrapper, and which
-# module's output joins the residual after the attention sublayer (Gemma 3: its post-attention norm).
-TEXT_BLOCKS = "model.language_model.layers"
-MID_HOOK = {t: "self_attn" for t in ("llama", "qwen2", "mistral")} | {"gemma3_text": "post_attention_layernorm"}
 _VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16)
 VISION = {
     "llava": dict(_VISION, model_type="clip_vision_model", patch_size=8),
@@ -89,27 +85,6 @@ def tensors(path: Path) -> dict[str, bytes]:
     return out
 
 
-def hooked_logits(model, text_type: str, vectors: VectorSet, ids: torch.Tensor, **inputs) -> torch.Tensor:
-    """The original wrapper with the vectors added by forward hooks on its text blocks."""
-    handles = []
-    for (layer, site), v in vectors.vectors.items():
-        block = model.get_submodule(TEXT_BLOCKS)[layer]
-        module = block if site == "resid_post" else block.get_submodule(MID_HOOK[text_type])
-
-        def hook(_m, _i, out, v=v):
-            if isinstance(out, tuple):
-                return (out[0] + v.to(out[0].dtype),) + tuple(out[1:])
-            return out + v.to(out.dtype)
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids, **inputs).logits.float()
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _vectors(site: str) -> VectorSet:
     g = torch.Generator().manual_seed(3)
     return VectorSet({(1, site): 3 * torch.randn(32, generator=g), (3, site): 3 * torch.randn(32, generator=g)})
@@ -166,27 +141,16 @@ def test_wrapper_bakes_its_language_model_exactly(tmp_path, case):
     assert ("written as `model_type: llama` inside the stock" in card) == relabelled
 
     original = getattr(transformers, CLASS[model_type]).from_pretrained(src).eval()
-    tok = make_tokenizer()
-    for prompt in PROBES:
-        ids = torch.tensor([tok(prompt).input_ids])
-        with torch.no_grad():
-            got = baked(input_ids=ids).logits.float()
-            plain = original(input_ids=ids).logits.float()
-        assert (got - hooked_logits(original, text_type, vectors, ids)).abs().max() <= 1e-5
-        assert (got - plain).abs().max() > 1e-2, "the steering is missing from the reloaded model"
-        greedy = baked.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)[0]
-        ref = ids
-        for _ in range(6):  # the hook-steered original, one argmax at a time
-            choice = hooked_logits(original, text_type, vectors, ref)[0, -1].argmax()
-            ref = torch.cat([ref, choice.view(1, 1)], dim=1)
-        assert greedy.tolist() == ref[0].tolist()
+    # logits and greedy tokens equal the original's steered by hooks on its text blocks (tests/test_architectures.py)
+    assert_steered_like_hooks(baked, original, model_type, vectors, 1e-5, torch.float32)
 
     if model_type in IMAGE_POSITIONS:  # an image through the baked wrapper: the text model is steered the same
+        tok = make_tokenizer()
         ids = torch.tensor([[tok.bos_token_id] + [IMAGE_TOKEN] * IMAGE_POSITIONS[model_type] + tok("a dog").input_ids])
         pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
             got, blind = (baked(input_ids=ids, **p).logits for p in ({"pixel_values": pixels}, {}))
-        assert (got - hooked_logits(original, text_type, vectors, ids, pixel_values=pixels)).abs().max() <= 1e-5
+        assert (got - hooked_logits(original, model_type, vectors, ids, pixel_values=pixels)).abs().max() <= 1e-5
         assert (got - blind).abs().max() > 1e-2, "the image did not reach the language model"
 
     bake.unbake(out, tmp_path / "restored")  # the undo data restores the wrapper bit for bit
