@@ -127,7 +127,8 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     blocks: str
-    """Attribute path of the block ModuleList from the *ForCausalLM model (also the tensor prefix)."""
+    """Attribute path of the block ModuleList from the *ForCausalLM model (also the tensor prefix); in a wrapper's
+    entry, from the loaded wrapper (its checkpoints' names are the wrapper's ``stored``)."""
     sites: Mapping[Site, Slot]
     notes: str = ""
     when: Mapping[str, Any] = field(default_factory=dict)
@@ -157,8 +158,9 @@ class Family:
         return tuple(".".join(parts[i:]) for i in range(len(parts)))
 
     def text_section(self, config: dict[str, Any]) -> dict[str, Any]:
-        """The part of a config.json dict that configures the language model (where flags and relabels go)."""
-        return config[self.wrapper.text_key] if self.wrapper is not None else config
+        """The part of a config.json dict that configures the language model (where flags and relabels go); a
+        wrapper's config.json may leave it out (all defaults)."""
+        return config.setdefault(self.wrapper.text_key, {}) if self.wrapper is not None else config
 
     def slot(self, site: Site, config: Config | None = None) -> Slot:
         """The slot for ``site``; refuses with the alternatives when there is none."""
