@@ -31,7 +31,7 @@ from bake.collection.streaming import (
 from bake.errors import BakeError
 from bake.families.hf import Family, family_for
 from bake.recipe import Collection
-from bake.sources.load import load_model, load_tokenizer, prompt_ids, source_dtype, text_config
+from bake.sources.load import family_at, load_model, load_tokenizer, prompt_ids, source_dtype
 from bake.vectorfile import Point, VectorSet, tensor_name
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ def compare_streaming(
     """
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
     sides = {
-        name: Skeleton(path, family_for(text_config(path)), meta_model(path, layers))
+        name: Skeleton(path, family_at(path), meta_model(path, layers))
         for name, path in (("base", base), ("baked", baked))
     }
     base_sk, baked_sk = sides["base"], sides["baked"]

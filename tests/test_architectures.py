@@ -26,13 +26,14 @@ BLOCKS = {
     "bloom": "transformer.h",
     "gpt_neox": "gpt_neox.layers",
     "opt": "model.decoder.layers",
-}
+} | dict.fromkeys(("llava", "mistral3", "gemma3"), "model.language_model.layers")  # multimodal wrappers' text blocks
 ATTENTION = {
     "gpt2": "attn",
     "gpt_neox": "attention",
     "falcon": "self_attention",
     "bloom": "self_attention",
     "opt": "self_attn",
+    "gemma3": "post_attention_layernorm",  # post-norm: the norm's output joins the residual
 }
 
 # (model_type, config overrides, site, relabelled to llama)
@@ -97,7 +98,7 @@ def _hook_target(model, model_type: str, config, layer: int, site: str):
     return block.get_submodule(ATTENTION.get(model_type, "self_attn")), scale
 
 
-def hooked_logits(model, model_type, vectors: VectorSet, ids: torch.Tensor) -> torch.Tensor:
+def hooked_logits(model, model_type, vectors: VectorSet, ids: torch.Tensor, **inputs) -> torch.Tensor:
     handles = []
     for (layer, site), v in vectors.vectors.items():
         module, scale = _hook_target(model, model_type, model.config, layer, site)
@@ -110,7 +111,7 @@ def hooked_logits(model, model_type, vectors: VectorSet, ids: torch.Tensor) -> t
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            return model(input_ids=ids).logits.float()
+            return model(input_ids=ids, **inputs).logits.float()
     finally:
         for h in handles:
             h.remove()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_tiny, tiny_config, tree_digest
+from conftest import save_tiny, tiny_config, tree_digest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_architectures import PROBES, assert_steered_like_hooks
@@ -137,56 +137,3 @@ def test_gpt_oss_mxfp4_folds_by_rewriting_only_biases(tmp_path):
     baked, original = load_model(tmp_path / "out"), load_model(src)  # both dequantized to bf16 on CPU
     # bf16, and the router's softmax weights sum to 1 only to bf16 precision (tests/test_architectures.py)
     assert_steered_like_hooks(baked, original, "gpt_oss", vectors, 0.25, torch.bfloat16)
-
-
-def _wrapper_config(model_type: str):
-    """A tiny multimodal wrapper: a tiny text model of the test vocabulary beside a one-block vision tower."""
-    from transformers import Gemma3Config, LlavaConfig, Mistral3Config
-
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=16)
-    image_token = len(make_tokenizer()) - 1
-    if model_type == "llava":
-        return LlavaConfig(
-            text_config=tiny_config("llama").to_dict(),
-            vision_config=dict(vision, model_type="clip_vision_model", image_size=32),
-            image_token_index=image_token,
-        )
-    if model_type == "mistral3":
-        return Mistral3Config(
-            text_config=tiny_config("mistral").to_dict(),
-            vision_config=dict(vision, model_type="pixtral", head_dim=8, image_size=32),
-            image_token_index=image_token,
-        )
-    return Gemma3Config(
-        text_config=tiny_config("gemma3_text").to_dict(),
-        vision_config=dict(vision, model_type="siglip_vision_model", image_size=32),
-        image_token_index=image_token,
-        mm_tokens_per_image=4,
-    )
-
-
-@pytest.mark.parametrize("model_type,text", [("llava", "llama"), ("mistral3", "mistral"), ("gemma3", "gemma3_text")])
-def test_multimodal_wrapper_is_refused_in_one_line(tmp_path, model_type, text):
-    """Not built yet (#15 item 5): a wrapper is refused before any work, naming the wrapper and its language
-    model, rather than failing later on tensor names."""
-    from click.testing import CliRunner
-    from transformers import AutoModelForImageTextToText
-
-    from bake.cli import main
-    from bake.errors import BakeError
-
-    src = tmp_path / "src"
-    AutoModelForImageTextToText.from_config(_wrapper_config(model_type)).save_pretrained(src)
-    make_tokenizer().save_pretrained(src)
-    before = tree_digest(src)
-    with pytest.raises(BakeError) as err:
-        bake.fold(str(src), _vectors([(1, "resid_post")]), tmp_path / "out")
-    message = str(err.value)
-    assert "multimodal wrapper" in message and f"{model_type!r}" in message and f"{text!r} language model" in message
-    assert "text-only checkpoint" in message and "\n" not in message
-    vectors = tmp_path / "v.safetensors"
-    _vectors([(1, "resid_post")]).save(vectors)
-    run = CliRunner().invoke(main, ["fold", str(src), str(vectors), "-o", str(tmp_path / "cli-out")])
-    assert run.exit_code == 1 and run.output.startswith("Error: ") and run.output.count("\n") == 1, run.output
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cli-out").exists()
-    assert tree_digest(src) == before

@@ -33,10 +33,10 @@ from bake.collection.texts import (
     uncounted,
 )
 from bake.errors import BakeError
-from bake.families.hf import Site, family_for
+from bake.families.hf import Site
 from bake.recipe import Recipe, Steering
 from bake.sources import trust
-from bake.sources.load import load_tokenizer, text_config
+from bake.sources.load import family_at, load_tokenizer, text_config
 from bake.sources.resolve import ModelSource, cache_dir, resolve_model
 from bake.vectorfile import VectorSet, tensor_name
 
@@ -193,7 +193,7 @@ def measure_vectors(recipe: Recipe, engine: str | None = None) -> MeasuredVector
     source = resolve_model(recipe.model, recipe.revision, recipe.base_dir)
     trust.refuse_steered_source(source.config, f"model {recipe.model!r}")
     cfg = text_config(source.path)
-    family = family_for(cfg)
+    family = family_at(source.path)
     for i, entry in enumerate(recipe.steering):
         if entry.layer == "auto":
             raise BakeError(

@@ -59,7 +59,7 @@ from bake.collection.texts import Example
 from bake.errors import BakeError
 from bake.families.hf import Family, Site
 from bake.recipe import Collection
-from bake.sources.load import load_model, truncated_config
+from bake.sources.load import auto_class, load_model, truncated_config
 from bake.sources.resolve import cache_dir
 
 Point = tuple[int, Site]
@@ -96,10 +96,9 @@ def _float32_bytes(infos: dict[str, TensorInfo]) -> int:
 
 def meta_model(path: Path, layers: int | None) -> torch.nn.Module:
     """The float32 model (of blocks 0..layers-1 when given) built on the meta device: its structure, no weights."""
-    from transformers import AutoModelForCausalLM
-
+    config = truncated_config(path, layers)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(truncated_config(path, layers), dtype=torch.float32).eval()
+        return auto_class(config).from_config(config, dtype=torch.float32).eval()
 
 
 def in_memory_bytes(model: torch.nn.Module) -> int:
@@ -133,9 +132,11 @@ class Skeleton:
         return {name: self._find(prefix + name, tuple(t.shape)) for name, t in state.items()}
 
     def _find(self, name: str, shape: tuple[int, ...]) -> TensorInfo:
-        """The tensor by its module path, or without the base-model prefix (as GPT-2's own checkpoints store it)."""
+        """The tensor by its module path, or without the base-model prefix (as GPT-2's own checkpoints store it, and
+        wrappers their vision tower), or as a multimodal wrapper's checkpoints name its language model."""
         base = f"{self.model.base_model_prefix}."
-        for candidate in (name, name[len(base) :] if name.startswith(base) else None):
+        wrapped = self.family.wrapper.stored_names(name) if self.family.wrapper else ()
+        for candidate in (name, name[len(base) :] if name.startswith(base) else None, *wrapped):
             info = self.ckpt.find(candidate) if candidate else None
             if info is not None:
                 if info.shape != shape:

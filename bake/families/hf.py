@@ -15,7 +15,7 @@ Sites:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from bake.errors import BakeError
@@ -78,13 +78,57 @@ class Relabel:
 
 
 @dataclass(frozen=True)
+class Wrapper:
+    """A multimodal checkpoint (a vision tower beside a language model) whose language model bake steers: the text
+    family's slots, inside the wrapper. Only the text blocks and the text config change; every vision tensor is
+    copied as it was."""
+
+    name: str
+    model_types: tuple[str, ...]
+    architecture: str
+    """The stock class that loads the wrapper (and the baked checkpoint)."""
+    texts: tuple[str, ...]
+    """Names of the text families (``FAMILIES``) this wrapper is known to hold."""
+    auto_class: str = "AutoModelForImageTextToText"
+    """The transformers auto class that builds ``architecture`` from a path."""
+    text_key: str = "text_config"
+    """config.json entry holding the language model's config (its flags and relabel go there)."""
+    blocks: str = "model.language_model.layers"
+    """Attribute path of the text blocks in the loaded wrapper."""
+    stored: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {
+            "model.language_model.": ("language_model.model.", "model.language_model."),
+            "lm_head.": ("language_model.lm_head.", "lm_head."),
+        }
+    )
+    """Module path prefix → the names checkpoints store it under (transformers 5.24 writes
+    ``language_model.model.layers.N``; checkpoints saved by 4.5x ``model.language_model.layers.N``)."""
+    pipeline_tag: str = "image-text-to-text"
+    """The Hub task the model card declares."""
+    vllm: str = "not run for the wrapper"
+    llama_cpp: str = "not run for the wrapper"
+
+    def stored_names(self, name: str) -> tuple[str, ...]:
+        """The names checkpoints may store the loaded wrapper's tensor (or prefix) ``name`` under (``stored``)."""
+        return next(
+            (
+                tuple(s + name[len(module) :] for s in names)
+                for module, names in self.stored.items()
+                if name.startswith(module)
+            ),
+            (),
+        )
+
+
+@dataclass(frozen=True)
 class Family:
     """One architecture family: where its blocks live and its slot per site."""
 
     name: str
     model_types: tuple[str, ...]
     blocks: str
-    """Attribute path of the block ModuleList from the *ForCausalLM model (also the tensor prefix)."""
+    """Attribute path of the block ModuleList from the *ForCausalLM model (also the tensor prefix); in a wrapper's
+    entry, from the loaded wrapper (its checkpoints' names are the wrapper's ``stored``)."""
     sites: Mapping[Site, Slot]
     notes: str = ""
     when: Mapping[str, Any] = field(default_factory=dict)
@@ -102,6 +146,21 @@ class Family:
     tests/test_hf_to_gguf.py converts and runs it (logits and greedy tokens equal transformers'); "vLLM <version>
     stops: <why> (tested)" that tests/test_vllm.py runs it and vLLM still fails with the error it records; "(source)"
     means read from vLLM 0.33.0 and llama.cpp 0c1e570 sources, not run here."""
+    wrapper: Wrapper | None = None
+    """Set on the entry for this family's language model inside a multimodal wrapper (``WRAPPERS``)."""
+
+    def stored_blocks(self) -> tuple[str, ...]:
+        """Names the checkpoint may store the blocks under: the module path, or (older files) without its leading
+        prefixes; in a wrapper, the names its checkpoints use for the text blocks."""
+        if self.wrapper is not None:
+            return self.wrapper.stored_names(self.blocks)
+        parts = self.blocks.split(".")
+        return tuple(".".join(parts[i:]) for i in range(len(parts)))
+
+    def text_section(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The part of a config.json dict that configures the language model (where flags and relabels go); a
+        wrapper's config.json may leave it out (all defaults)."""
+        return config.setdefault(self.wrapper.text_key, {}) if self.wrapper is not None else config
 
     def slot(self, site: Site, config: Config | None = None) -> Slot:
         """The slot for ``site``; refuses with the alternatives when there is none."""
@@ -646,6 +705,47 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+WRAPPERS: tuple[Wrapper, ...] = (
+    Wrapper(
+        name="LLaVA",
+        model_types=("llava",),
+        architecture="LlavaForConditionalGeneration",
+        texts=("Llama", "Qwen2 / Qwen2.5"),
+    ),
+    Wrapper(
+        name="Mistral Small 3",
+        model_types=("mistral3",),
+        architecture="Mistral3ForConditionalGeneration",
+        texts=("Mistral", "Llama"),  # Llama: as bake writes a baked one (relabelled), so it can be baked again
+    ),
+    Wrapper(
+        name="Gemma 3 multimodal",
+        model_types=("gemma3",),
+        architecture="Gemma3ForConditionalGeneration",
+        texts=("Gemma 3",),
+        auto_class="AutoModelForCausalLM",  # transformers maps gemma3 to the wrapper there (remote code subclasses it)
+    ),
+)
+
+
+def _wrapped(wrapper: Wrapper, text: Family) -> Family:
+    """The text family's entry as it sits inside ``wrapper``: the same slots, found through the wrapper."""
+    return replace(
+        text,
+        name=f"{wrapper.name} ({text.name})",
+        blocks=wrapper.blocks,
+        wrapper=wrapper,
+        vllm_architecture=None,  # the wrapper's own class names the checkpoint
+        vllm=wrapper.vllm,
+        llama_cpp=wrapper.llama_cpp,
+    )
+
+
+WRAPPED: tuple[Family, ...] = tuple(
+    _wrapped(w, f) for w in WRAPPERS for name in w.texts for f in FAMILIES if f.name == name
+)
+
+
 def _slot_text(family: Family, site: Site) -> str:
     slot = family.sites.get(site)
     if slot is None:
@@ -663,7 +763,7 @@ def _slot_text(family: Family, site: Site) -> str:
 
 
 def family_named(name: str) -> Family | None:
-    return next((f for f in FAMILIES if f.name == name), None)
+    return next((f for f in FAMILIES + WRAPPED if f.name == name), None)
 
 
 def stops(family: Family) -> list[str]:
@@ -687,14 +787,17 @@ def portability_table(families: list[Family] | None = None) -> str:
         "| transformers | vLLM | llama.cpp (GGUF) |",
         "|---|---|---|---|---|---|",
     ]
-    for f in FAMILIES if families is None else families:
+    for f in FAMILIES + WRAPPED if families is None else families:
         stock = any(slot.bias for slot in f.sites.values())
-        transformers = (
-            ("tested, as `LlamaForCausalLM`" if f.relabel else "tested")
-            if stock
-            else "only with `trust_remote_code` (tested)"
-        )
+        transformers = "tested" if stock else "only with `trust_remote_code` (tested)"
+        if f.wrapper:
+            text = f" (text model `{f.relabel.to}`)" if f.relabel else ""
+            transformers += f", as `{f.wrapper.architecture}`{text}"
+        elif f.relabel and stock:
+            transformers += f", as `{f.relabel.architecture}`"
         types = ", ".join(f"`{t}`" for t in f.model_types)
+        if f.wrapper:
+            types = f"{', '.join(f'`{t}`' for t in f.wrapper.model_types)} around {types}"
         rows.append(
             f"| {f.name} ({types}) | {_slot_text(f, 'resid_post')} | {_slot_text(f, 'resid_mid')} "
             f"| {transformers} | {f.vllm} | {f.llama_cpp} |"
@@ -703,11 +806,40 @@ def portability_table(families: list[Family] | None = None) -> str:
 
 
 def supported_model_types() -> list[str]:
-    return sorted({t for f in FAMILIES for t in f.model_types})
+    return sorted({t for f in FAMILIES for t in f.model_types} | {t for w in WRAPPERS for t in w.model_types})
+
+
+def wrapper_for(config: Config) -> Wrapper | None:
+    """The wrapper entry of a multimodal config, None for a text model; refuses a wrapper bake has no entry for."""
+    text = config.get_text_config()
+    if text is config:
+        return None
+    model_type = getattr(config, "model_type", None)
+    wrapper = next((w for w in WRAPPERS if model_type in w.model_types), None)
+    if wrapper is None:
+        architecture = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        raise BakeError(
+            f"model_type {model_type!r} ({architecture}) is a multimodal wrapper around a {text.model_type!r} "
+            f"language model that bake has no entry for: supported wrappers are "
+            f"{', '.join(t for w in WRAPPERS for t in w.model_types)}; or bake a text-only checkpoint of that "
+            "language model"
+        )
+    return wrapper
 
 
 def family_for(config: Config) -> Family:
-    """The family entry describing a config (model_type plus layout flags), or a refusal."""
+    """The family entry describing a config (model_type plus layout flags), or a refusal. A multimodal wrapper's
+    config gives its language model's family as it sits inside the wrapper."""
+    wrapper = wrapper_for(config)
+    if wrapper is not None:
+        text = family_for(config.get_text_config())
+        wrapped = next((f for f in WRAPPED if f.wrapper is wrapper and f.name == f"{wrapper.name} ({text.name})"), None)
+        if wrapped is None:
+            raise BakeError(
+                f"{wrapper.name} ({config.model_type!r}) around a {text.name} language model is not supported by "
+                f"bake: it steers {wrapper.name} around {', '.join(wrapper.texts)}"
+            )
+        return wrapped
     model_type = getattr(config, "model_type", None) or ""
     candidates = [f for f in FAMILIES if model_type in f.model_types]
     for family in candidates:

@@ -7,7 +7,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from bake.families.hf import family_named, portability_table
+from bake.families.hf import Wrapper, family_named, portability_table
 from bake.manifest import Manifest, RemoteCode
 from bake.recipe import LABELS
 
@@ -149,6 +149,7 @@ tokenizer = AutoTokenizer.from_pretrained("{repo}")
 """
     family = family_named(family_name)
     llama_cpp = family is not None and family.llama_cpp.startswith(("loads it", "tested"))
+    wrapper = family.wrapper if family is not None else None
     gguf = (
         f"""
 **llama.cpp** (convert once; the biases map by name to `blk.N.ffn_down.bias` / `blk.N.attn_output.bias`):
@@ -161,12 +162,19 @@ llama-cli -m steered.gguf -p "Tell me about your day."
         if llama_cpp
         else f"\nllama.cpp: {family.llama_cpp if family else 'not checked'} for this family.\n"
     )
+    transformers = (
+        f"""from transformers import AutoProcessor, {wrapper.architecture}
+model = {wrapper.architecture}.from_pretrained("{repo}")
+processor = AutoProcessor.from_pretrained("{repo}")"""
+        if wrapper
+        else f"""from transformers import pipeline
+pipe = pipeline("text-generation", model="{repo}")
+print(pipe([{{"role": "user", "content": "Tell me about your day."}}], max_new_tokens=40)[0]["generated_text"])"""
+    )
     return f"""**transformers**
 
 ```python
-from transformers import pipeline
-pipe = pipeline("text-generation", model="{repo}")
-print(pipe([{{"role": "user", "content": "Tell me about your day."}}], max_new_tokens=40)[0]["generated_text"])
+{transformers}
 ```
 
 **vLLM** (OpenAI-compatible server; the steering is in the weights, no flags):
@@ -189,18 +197,30 @@ def _where_it_runs(family_name: str) -> str:
     )
 
 
+def _written_as(relabel: dict[str, str], wrapper: Wrapper | None) -> str:
+    """What a relabel rewrote: the checkpoint, or a wrapper's language model inside its stock class."""
+    if wrapper:
+        return (
+            f"its language model (`text_config`) is written as `model_type: {relabel['to']}` inside the stock "
+            f"`{wrapper.architecture}`"
+        )
+    return f"this checkpoint is written as `{relabel['architecture']}` (`model_type: {relabel['to']}`)"
+
+
 def render(manifest: Manifest, repo_id: str | None = None) -> str:
     """README.md text: YAML front-matter for the Hub, then what was steered, on what data, how it was checked
     and how to run it (``repo_id``: the Hub repository it is pushed to, for the loading snippets)."""
     base = manifest.base
     fold = manifest.fold
     remote = fold.remote_code
+    family = family_named(fold.family)
+    wrapper = family.wrapper if family is not None else None
     data = ModelCardData(
         base_model=base.base_model_id,
         license=base.license,
         tags=TAGS + (REMOTE_TAGS if remote else []),
         library_name="transformers",
-        pipeline_tag="text-generation",
+        pipeline_tag=wrapper.pipeline_tag if wrapper else "text-generation",
     )
     ver = manifest.verification
     biases = "\n".join(f"- `{b.tensor}` ← vector `{b.vector}` (norm {b.norm:.4g})" for b in fold.biases)
@@ -210,8 +230,8 @@ def render(manifest: Manifest, repo_id: str | None = None) -> str:
     relabel = fold.relabel
     relabel_block = (
         f"\n## Architecture relabelled\n\nThe base model is a `{relabel['from']}` model. "
-        f"{relabel['why'][0].upper()}{relabel['why'][1:]}, so this checkpoint is written as "
-        f"`{relabel['architecture']}` (`model_type: {relabel['to']}`), whose stock code has the bias slot. "
+        f"{relabel['why'][0].upper()}{relabel['why'][1:]}, so {_written_as(relabel, wrapper)}, whose stock code "
+        "has the bias slot. "
         "Verification compared it with the original class steered by hooks.\n"
         if relabel
         else ""
@@ -228,7 +248,7 @@ needs the small module below and `trust_remote_code=True`.
 [bake](https://pypi.org/project/bake/): a constant vector added to the residual
 stream, stored as a bias. It needs no hooks, no extra code and no
 `trust_remote_code`; it loads and runs like its base model ({fold.family} family)."""
-        loader = "plain `AutoModelForCausalLM.from_pretrained`"
+        loader = f"plain `{wrapper.architecture if wrapper else 'AutoModelForCausalLM'}.from_pretrained`"
     zero_block = (
         ""
         if remote and not fold.zero_biases_added

@@ -17,6 +17,7 @@ import torch
 
 from bake.checkpoint import require_safetensors
 from bake.errors import BakeError
+from bake.families.hf import Family, family_for, wrapper_for
 from bake.sources import trust
 
 if TYPE_CHECKING:
@@ -50,20 +51,21 @@ def _auto_config(path: Path) -> Any:
 
 
 def text_config(path: Path) -> Any:
-    """The transformers config of the language model (normalises GPT-2's n_embd etc.).
-
-    A multimodal wrapper (Gemma3ForConditionalGeneration, Mistral3, LLaVA: a vision tower beside a language
-    model) is refused here, before any work: bake loads, hooks and folds *ForCausalLM checkpoints only."""
+    """The transformers config of the language model (normalises GPT-2's n_embd etc.): in a multimodal wrapper
+    (``bake.families.hf.WRAPPERS``) its text config; a wrapper bake has no entry for is refused here, before any
+    work."""
     config = _auto_config(path)
-    text = config.get_text_config()
-    if text is not config:
-        architecture = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
-        raise BakeError(
-            f"{str(path)!r} is a multimodal wrapper (model_type {config.model_type!r}, {architecture}) around a "
-            f"{text.model_type!r} language model: bake does not yet steer the language model inside a wrapper; bake "
-            "a text-only checkpoint of that language model instead"
-        )
-    return text
+    try:
+        wrapper_for(config)
+    except BakeError as e:
+        raise BakeError(f"{str(path)!r}: {e}") from None
+    return config.get_text_config()
+
+
+def family_at(path: Path) -> Family:
+    """The family entry of the model folder at ``path`` (a wrapper's language model as it sits in the wrapper)."""
+    text_config(path)  # refuses an unknown wrapper naming the folder
+    return family_for(_auto_config(path))
 
 
 def truncated_config(path: Path, layers: int | None = None) -> Any:
@@ -78,8 +80,17 @@ def truncated_config(path: Path, layers: int | None = None) -> Any:
     return config
 
 
+def auto_class(config: Any) -> Any:
+    """The transformers auto class that builds this config's model: AutoModelForCausalLM, or a wrapper's own."""
+    import transformers  # startup
+
+    wrapper = wrapper_for(config)
+    return getattr(transformers, wrapper.auto_class if wrapper is not None else "AutoModelForCausalLM")
+
+
 def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None = None, **kwargs: Any) -> Any:
-    """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode.
+    """Stock ``AutoModelForCausalLM.from_pretrained`` (no remote code), in eval mode; a multimodal wrapper with
+    its entry's auto class (``bake.families.hf.Wrapper``), vision tower and all.
 
     The one exception: a checkpoint bake wrote with a constant-bias module (``bake.formats.hf.remote``)
     loads with ``trust_remote_code=True``, after checking that its modeling file is exactly
@@ -88,20 +99,19 @@ def load_model(path: Path, dtype: torch.dtype | None = None, layers: int | None 
     collecting at block L costs memory and time in proportion to (L+1)/N.
     On a GPU machine the model keeps its own dtype and is spread with device_map="auto".
     """
-    from transformers import AutoModelForCausalLM  # startup
-
     require_safetensors(path)
     kwargs["use_safetensors"] = True
     config = truncated_config(path, layers)
+    auto = auto_class(config)
     if torch.cuda.is_available():
         kwargs.setdefault("device_map", "auto")
     if "trust_remote_code" not in kwargs and trust.is_steered(path):
         trust.check_code(path)
         kwargs["trust_remote_code"] = True
     if layers is None:
-        return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", **kwargs).eval()
+        return auto.from_pretrained(path, config=config, dtype=dtype or "auto", **kwargs).eval()
     with _held_load_report() as report:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = auto.from_pretrained(
             path, config=config, dtype=dtype or "auto", output_loading_info=True, **kwargs
         )
         if not (info["missing_keys"] or info["mismatched_keys"] or info["error_msgs"]):

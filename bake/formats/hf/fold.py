@@ -11,6 +11,7 @@ constant-bias module (``bake.formats.hf.remote``).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,13 +19,13 @@ import torch
 
 from bake.checkpoint import Checkpoint, copy_side_files, write_checkpoint
 from bake.errors import BakeError
-from bake.families.hf import Family, Slot, family_for, head_dim
+from bake.families.hf import Family, Slot, head_dim
 from bake.formats.hf import remote
 from bake.formats.hf.plan import FoldPlan
 from bake.formats.hf.undo import save_undo
 from bake.manifest import FoldRecord
 from bake.sources import trust
-from bake.sources.load import DTYPES, text_config
+from bake.sources.load import DTYPES, family_at, text_config
 from bake.vectorfile import VectorSet, tensor_name
 
 if TYPE_CHECKING:
@@ -32,30 +33,31 @@ if TYPE_CHECKING:
 
 
 def block_prefix(ckpt: Checkpoint, family: Family) -> str:
-    """How the checkpoint names the blocks (``model.layers`` or, in older files, ``layers``)."""
-    parts = family.blocks.split(".")
+    """How the checkpoint names the blocks (``model.layers`` or, in older files, ``layers``; in a multimodal
+    wrapper ``language_model.model.layers`` or ``model.language_model.layers``)."""
     names = list(ckpt.names())
-    for i in range(len(parts)):
-        prefix = ".".join(parts[i:]) + ".0."
-        if any(n.startswith(prefix) for n in names):
-            return prefix[:-3]
+    candidates = family.stored_blocks()
+    for prefix in candidates:
+        if any(n.startswith(prefix + ".0.") for n in names):
+            return prefix
     raise BakeError(
-        f"{str(ckpt.path)!r}: no tensor named {family.blocks}.0.*: is this really a {family.name} checkpoint?"
+        f"{str(ckpt.path)!r}: no tensor named {candidates[0]}.0.*: is this really a {family.name} checkpoint?"
     )
 
 
 def _relabel(plan: FoldPlan, family: Family, cfg: PretrainedConfig, prefix: str) -> None:
-    """Rewrite config and tensors as the stock family that computes the same function."""
+    """Rewrite config (a wrapper's text config) and tensors as the stock family that computes the same function."""
     relabel = family.relabel
+    text = family.text_section(plan.config)
     reason = relabel.refuse(cfg)
     if reason:
         raise BakeError(
             f"{family.name} has no bias slot and cannot be relabelled exactly as {relabel.architecture}: {reason}."
         )
     for key in relabel.drop_keys + ("auto_map",):
-        plan.config.pop(key, None)
-    plan.config.update(relabel.set_keys)
-    plan.config.update(
+        text.pop(key, None)
+    text.update(relabel.set_keys)
+    text.update(
         model_type=relabel.to,
         architectures=[relabel.architecture],
         rope_parameters=cfg.rope_parameters,
@@ -99,11 +101,11 @@ def plan_fold(
     """
     trust.refuse_steered_source(ckpt.config, repr(str(ckpt.path)))
     cfg = text_config(ckpt.path)
-    family = family_for(cfg)
+    family = family_at(ckpt.path)
     vectors.check_model(cfg.hidden_size, cfg.num_hidden_layers)
     find_slot = family.slot if allow_remote_code else family.bias_slot
     slots = {site: find_slot(site, cfg) for _, site in vectors.vectors}
-    plan = FoldPlan(ckpt, out_dtype, dict(ckpt.config))
+    plan = FoldPlan(ckpt, out_dtype, copy.deepcopy(ckpt.config))  # a wrapper's text config is a nested dict
     prefix = block_prefix(ckpt, family)
     if family.relabel:
         _relabel(plan, family, cfg, prefix)
@@ -141,7 +143,7 @@ def plan_fold(
             }
         )
     for slot in slots.values():
-        plan.config.update(slot.flags)
+        family.text_section(plan.config).update(slot.flags)
         for layer in range(cfg.num_hidden_layers):
             for module in slot.zero_biases:
                 plan.add_zero_bias(f"{prefix}.{layer}.{module}")
@@ -187,7 +189,7 @@ def fold_checkpoint(
     undo = save_undo(plan, placed, rewritten, out, written)
     new_biases = sum(not r["had_bias"] and not r.get("remote_code") for r in plan.records)
     return FoldRecord(
-        family=family_for(text_config(source)).name,
+        family=family_at(source).name,
         relabel=plan.relabel,
         remote_code=plan.remote,
         biases=plan.records,

@@ -21,14 +21,14 @@ from bake import manifest as manifests
 from bake.checkpoint import check_output, folder_bytes, staged_output
 from bake.collection.measure import entry_table, versions
 from bake.errors import BakeError
-from bake.families.hf import family_for, family_named, portability
+from bake.families.hf import family_named, portability
 from bake.formats.base import BakeResult, FoldOptions, Inspection
 from bake.formats.hf.fold import fold_checkpoint
 from bake.manifest import MANIFEST, BakeRecord, BaseRecord, Manifest, RecipeRecord
 from bake.recipe import Recipe, VerifySpec
 from bake.release import card
 from bake.sources import trust
-from bake.sources.load import DTYPES, generate, load_model, load_tokenizer, source_dtype, text_config
+from bake.sources.load import DTYPES, family_at, generate, load_model, load_tokenizer, source_dtype, text_config
 from bake.sources.resolve import ModelSource, resolve_model
 from bake.vectorfile import VectorSet
 from bake.verify import compare, compare_streaming, describe, streams_verification
@@ -63,7 +63,7 @@ class HFFormat:
         check_output(out, options.force, self.ours, [source.path], folder_bytes(source.path))
         trust.refuse_steered_source(source.config, f"model {recipe.model!r}")
         cfg = text_config(source.path)
-        family = family_for(cfg)
+        family = family_at(source.path)
         module = False
         for i, entry in enumerate(recipe.steering):
             try:

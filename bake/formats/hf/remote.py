@@ -45,11 +45,12 @@ NOT_PORTABLE = (
 
 
 def base_architecture(model_type: str) -> str:
-    """The stock class ``AutoModelForCausalLM`` builds for ``model_type`` (the one verification compares with)."""
+    """The stock class ``AutoModelForCausalLM`` builds for ``model_type`` (the one verification compares with):
+    a ``*ForCausalLM``, or a multimodal wrapper that transformers maps there (Gemma3ForConditionalGeneration)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # startup
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if not isinstance(name, str) or not name.endswith("ForCausalLM"):
+    if not isinstance(name, str) or not name.endswith(("ForCausalLM", "ForConditionalGeneration")):
         raise BakeError(
             f"transformers has no *ForCausalLM class for model_type {model_type!r}: the constant-bias module cannot "
             "subclass it"
