@@ -31,6 +31,8 @@ The rule and the budget:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 import os
 import shutil
@@ -67,6 +69,11 @@ HEADROOM = 1 << 30
 """Bytes kept free for the process itself, the block's forward temporaries and the OS."""
 MARGIN = 1.25
 """The in-memory path's load overhead (transformers' loading copies, allocator slack)."""
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter (malloc.h)."""
+MMAP_THRESHOLD = 1 << 17
+"""Allocations from this size up (block tensors, hidden states, forward temporaries) get a mapping of their own:
+glibc's default threshold, held fixed (1 MiB still left a slow heap growth from a short batch's temporaries)."""
 
 
 @dataclass
@@ -107,13 +114,29 @@ def in_memory_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+@functools.cache
+def unmap_freed_blocks() -> bool:
+    """Make glibc hand a freed block's memory back to the OS (issue #16); whether it took. Process-wide, once.
+
+    glibc's mmap threshold adapts: once a large tensor's mapping is freed it rises (up to 32 MiB), so later tensors
+    below it are carved from the heap, and a freed block's heap chunks were neither returned nor reused by the next
+    block (measured: bytes in use flat, free heap bytes growing by about a block per block), so RSS grew with the
+    depth streamed. A fixed threshold (which turns the adapting off) maps each large tensor on its own, unmapped on
+    free. No-op where the C library has no mallopt (it is glibc's and musl's)."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return False
+
+
 class Skeleton:
     """The model (blocks 0..layers-1) built on the meta device, each tensor found in the shard headers.
 
     Refuses up front a checkpoint without safetensors shards, and one where a tensor the model needs
-    (a block's, or the embeddings') is missing or has another shape."""
+    (a block's, or the embeddings') is missing or has another shape. Blocks are loaded and freed in turn, so
+    building one makes freed blocks go back to the OS (``unmap_freed_blocks``)."""
 
     def __init__(self, path: Path, family: Family, model: torch.nn.Module) -> None:
+        unmap_freed_blocks()
         self.path, self.family, self.model = Path(path), family, model
         self.ckpt = Checkpoint.open(path)
         self.blocks = module_at(self.model, family.blocks)
