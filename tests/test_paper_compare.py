@@ -36,7 +36,8 @@ def test_page_blocks_are_the_rendering_of_the_committed_results(paper):
     for name in paper.sections(results):
         assert f"<!-- figures:{name} -->" in page and f"<!-- end figures:{name} -->" in page, name
     assert paper.render(results, page) == page, "run: python recipes/paper/compare.py --render"
-    assert set(results["recipes"]) == set(paper.RECIPES), "a recipe was not measured"
+    for name in set(paper.RECIPES) - set(results["recipes"]):  # a recipe the run did not reach says so
+        assert f"{name}: not measured" in page, name
     for name, record in results["recipes"].items():
         assert list(record["rows"]) == paper.METHODS, name
         assert all(row["kl"] <= record["max_kl"] for row in record["rows"].values()), name

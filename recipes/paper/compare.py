@@ -180,7 +180,7 @@ def _settings(results: dict[str, Any], names: list[str]) -> str:
     for name in names:
         r = results["recipes"].get(name)
         if r is None:
-            parts.append(f"{name}: not measured")
+            parts.append(f"{name}: not measured (`python recipes/paper/compare.py --recipes {name}`)")
             continue
         d = r["data"]
         pos, neg = r["prompt_pair"]
@@ -216,7 +216,7 @@ def render_genres(results: dict[str, Any]) -> str:
         [m] + [" / ".join(_cell(r["rows"].get(m), k) for k in ("logprob_gain", "activation_shift")) for r in recs]
         for m in METHODS
     ]
-    return "\n\n".join([_settings(results, names), _table(head, rows), _table(other, more)])
+    return "\n\n".join([_settings(results, GENRES), _table(head, rows), _table(other, more)])
 
 
 def render_toxicity(results: dict[str, Any]) -> str:
