@@ -13,7 +13,8 @@ and ``renderings()`` says what each NAME renders, from which file:
 - ``benchmarks.SECTION`` (benchmarks/README.md) and ``benchmarks.summary`` (docs/big-models.md):
   benchmarks/results.json, from benchmarks/run.py;
 - ``evaluation-*`` (docs/evaluation.md): docs/evaluation.json, from docs/evaluation_figures.py;
-- ``paper-*`` (docs/paper.md): recipes/paper/results.json, from recipes/paper/run.py.
+- ``paper-*`` (docs/paper.md): recipes/paper/results.json, from recipes/paper/run.py; its ``paper-genres*`` and
+  ``paper-toxicity*``: recipes/paper/compare.json, from recipes/paper/compare.py (bake compare).
 
     python docs/figures.py --render            # rewrite every block from the committed JSON only (no model)
     bake run recipes/quickstart.yaml -o out/cheerful && python docs/figures.py out/cheerful   # record, render
@@ -147,7 +148,7 @@ def record_gguf() -> None:
 
 @cache
 def script(relative: str) -> ModuleType:
-    """A measuring script beside the docs (benchmarks/run.py, docs/evaluation_figures.py, recipes/paper/run.py),
+    """A measuring script beside the docs (benchmarks/run.py, docs/evaluation_figures.py, recipes/paper/*.py),
     imported by path: none of their folders is a package."""
     spec = importlib.util.spec_from_file_location("bake_figures_" + relative.replace("/", "_")[:-3], ROOT / relative)
     module = importlib.util.module_from_spec(spec)
@@ -218,8 +219,9 @@ def renderings() -> dict[str, str]:
     if evaluation.RESULTS.is_file():
         measured = json.loads(evaluation.RESULTS.read_text())
         blocks.update({name: render(measured) for name, render in evaluation.BLOCKS.items()})
-    paper = script("recipes/paper/run.py")
-    blocks.update(paper.sections(json.loads(paper.RESULTS.read_text())))
+    for measured_by in ("recipes/paper/run.py", "recipes/paper/compare.py"):
+        paper = script(measured_by)
+        blocks.update(paper.sections(json.loads(paper.RESULTS.read_text())))
     return blocks
 
 
