@@ -195,7 +195,7 @@ for _name, _kw, _words in [
     ("recipe: layer 99", dict(layer="99"), ["steering.0.layer", "99", "0..3"]),
     ("recipe: negative layer", dict(layer="-1"), ["steering.0.layer"]),
     ("recipe: layer a list", dict(layer="[1, 2]"), ["steering.0.layer"]),
-    ("recipe: coefficient yes", dict(entry="    coefficient: yes\n"), ["coefficient", "True"]),
+    ("recipe: coefficient yes", dict(entry="    coefficient: yes\n"), ["coefficient", "yes/no"]),
     ("recipe: coefficient nan", dict(entry="    coefficient: .nan\n"), ["coefficient", "finite"]),
     ("recipe: coefficient inf", dict(entry="    coefficient: .inf\n"), ["coefficient", "finite"]),
     ("recipe: coefficient a word", dict(entry="    coefficient: strong\n"), ["coefficient", "strong"]),
