@@ -231,7 +231,6 @@ def choose_layers(recipe: Recipe) -> tuple[Recipe, dict[int, dict[str, Any]]]:
     headline scorer, in ``evaluate.goal``'s direction, among those whose KL is within ``evaluate.max_kl``. Returns
     the recipe with those layers and, per entry, the record kept in its metadata as ``layer_auto``."""
     spec, steering, records = recipe.evaluate, list(recipe.steering), {}
-    sign = 1.0 if spec.goal == "raise" else -1.0
     for i, entry in enumerate(recipe.steering):
         if entry.layer != "auto":
             continue
@@ -240,7 +239,7 @@ def choose_layers(recipe: Recipe) -> tuple[Recipe, dict[int, dict[str, Any]]]:
         headline = _headline(lab, f"steering.{i}.layer: auto")
         what = f"steering.{i}.layer: auto: no setting of evaluate.layers x coefficients"
         fits = _within(rows, spec.max_kl, what, lambda r: f"layer {r['layer']}, {r['coefficient']:g}")
-        best = max(fits, key=lambda r: sign * r[headline])
+        best = max(fits, key=lambda r: toward(spec.goal) * r[headline])
         steering[i] = entry.model_copy(update={"layer": best["layer"]})
         records[i] = {
             "layer_auto": {
@@ -443,13 +442,22 @@ def _at_budget(
 CLEAR = 1.1
 
 
+def toward(goal: str) -> float:
+    """The sign that turns a change of the headline scorer into progress toward ``evaluate.goal``."""
+    return 1.0 if goal == "raise" else -1.0
+
+
+def clearly_beats(gain: float, other: float) -> bool:
+    """Whether a change from the base of ``gain`` (toward the goal) clearly beats one of ``other``: it is real, and
+    at least ``CLEAR`` times the other's (or the other's is none)."""
+    return gain > 0 and (other <= 0 or gain >= CLEAR * other)
+
+
 def verdict(rows: list[dict[str, Any]], method: str, headline: str, base: float, goal: str) -> str | None:
     """One line naming the method that clearly beats ``method`` on ``headline`` at the same KL budget, or None."""
-    sign = 1.0 if goal == "raise" else -1.0
-    gain = {r["method"]: sign * (r[headline] - base) for r in rows}
-    ours = gain[method]
+    gain = {r["method"]: toward(goal) * (r[headline] - base) for r in rows}
     best = max(gain, key=gain.get)
-    if best == method or gain[best] <= 0 or (ours > 0 and gain[best] < CLEAR * ours):
+    if best == method or not clearly_beats(gain[best], gain[method]):
         return None
     figure = {r["method"]: r[headline] for r in rows}
     return (

@@ -111,20 +111,20 @@ def measure(names: list[str], adapt: Adapt | None = None) -> dict[str, Any]:
 
 
 def standing(record: dict[str, Any]) -> dict[str, str]:
-    """Mean-centred against each other method on the headline scorer, in the goal's direction: 'beats' when its
-    change from the base is more than CLEAR times the other's (or the other's is none), 'loses to' the other way
+    """Mean-centred against each other method on the headline scorer, in the goal's direction: 'beats' when it
+    clearly beats the other (bake's own rule, ``bake.evaluation.sweep.clearly_beats``), 'loses to' the other way
     round, else 'ties with' (neither moving it counts as a tie)."""
-    clear = _clear()
-    h, sign = record["headline"], 1.0 if record["goal"] == "raise" else -1.0
-    gain = {m: sign * (r[h] - record["base"][h]) for m, r in record["rows"].items()}
+    sweep = _sweep()
+    h = record["headline"]
+    gain = {m: sweep.toward(record["goal"]) * (r[h] - record["base"][h]) for m, r in record["rows"].items()}
     ours = gain["mean-centred"]
     out = {}
     for method, theirs in gain.items():
         if method == "mean-centred":
             continue
-        if ours > 0 and (theirs <= 0 or ours > clear * theirs):
+        if sweep.clearly_beats(ours, theirs):
             out[method] = "beats"
-        elif theirs > 0 and (ours <= 0 or theirs > clear * ours):
+        elif sweep.clearly_beats(theirs, ours):
             out[method] = "loses to"
         else:
             out[method] = "ties with"
@@ -154,17 +154,18 @@ def verdicts(results: dict[str, Any], names: list[str]) -> list[str]:
     n = sum(counts.values())
     lines.append(
         f"- Over these {n} comparisons mean-centring wins {counts['beats']}, ties {counts['ties with']} and loses "
-        f"{counts['loses to']} (a tie: within a factor {_clear():g} of the other's change from the base)."
+        f"{counts['loses to']} (a tie: within a factor {_sweep().CLEAR:g} of the other's change from the base)."
     )
     return lines
 
 
-def _clear() -> float:
-    """bake's own margin for "clearly beats" (what bake run's compare note uses)."""
+def _sweep():
+    """bake.evaluation.sweep, whose rule for "clearly beats" bake run's compare note uses too (imported late: the
+    page renders without torch loaded until then)."""
     sys.path.insert(0, str(ROOT))
-    from bake.evaluation.sweep import CLEAR
+    from bake.evaluation import sweep
 
-    return CLEAR
+    return sweep
 
 
 # --- the page -----------------------------------------------------------------------------------------------------
