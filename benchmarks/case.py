@@ -127,7 +127,9 @@ def _io() -> dict[str, int]:
 
 def stream(args: dict) -> dict:
     """Mean residual after block ``layer`` by bake's streaming collection (one block in memory at a time),
-    or by the in-memory truncated path (``way: memory``), with the bytes read."""
+    or by the in-memory truncated path (``way: memory``), with the bytes read and, streaming, the seconds and bytes
+    of the block reads (``load_block``: read() of each tensor and its cast to float32)."""
+    from bake.collection import streaming
     from bake.collection.activations import batches, block
     from bake.collection.streaming import Job, collect_sets, in_memory_bytes, meta_model
     from bake.families.hf import family_for
@@ -136,22 +138,120 @@ def stream(args: dict) -> dict:
     path = Path(args["model"])
     examples, pad_id = _examples(args["tokens"])
     layer, point = args["layer"], (args["layer"], "resid_post")
+    reading = {"s": 0.0, "rchar": 0}
+    load_block = streaming.Skeleton.load_block
+
+    def timed_load_block(self, i: int):
+        start, io = time.perf_counter(), _io()["rchar"]
+        try:
+            return load_block(self, i)
+        finally:
+            reading["s"] += time.perf_counter() - start
+            reading["rchar"] += _io()["rchar"] - io
+
+    streaming.Skeleton.load_block = timed_load_block
     before, start = _io(), time.perf_counter()
     (moments,) = collect_sets(
         path, family_for(text_config(path)), [Job(examples, [point])], args["batch_tokens"], pad_id, args["way"]
     )
     done, after = time.perf_counter(), _io()
+    groups = batches(examples, args["batch_tokens"])
     return {
         "s": done - start,
+        "block_read_s": reading["s"],
+        "block_rchar": reading["rchar"],
         "tokens": sum(len(e.input_ids) for e in examples),
+        "padded_tokens": sum(len(g) * max(len(e.input_ids) for e in g) for g in groups),
+        "batches": len(groups),
         "rchar": after["rchar"] - before["rchar"],
         "read_bytes": after["read_bytes"] - before["read_bytes"],
         "in_memory_bytes": in_memory_bytes(meta_model(path, layer + 1)),
         "block_bytes": in_memory_bytes(block(meta_model(path, 1), family_for(text_config(path)), 0)),
         "hidden_bytes": 4
         * text_config(path).hidden_size
-        * sum(len(g) * max(len(e.input_ids) for e in g) for g in batches(examples, args["batch_tokens"])),
+        * sum(len(g) * max(len(e.input_ids) for e in g) for g in groups),
         "mean": moments[point].mean.tolist(),
+    }
+
+
+class _Stop(Exception):
+    """Raised after block ``layer``: nothing later is needed."""
+
+
+def offload(args: dict) -> dict:
+    """Mean residual after block ``layer`` the usual way for a model bigger than memory: transformers'
+    ``from_pretrained`` with blocks 0..L on ``"disk"`` (accelerate's per-forward offload), float32 as bake computes,
+    the same batches, a forward hook on block L summing its output in float64. accelerate loads each block's
+    weights again in every forward: ``loaded_bytes`` counts what its weights map hands out (stored bytes)."""
+    import torch
+    from accelerate.utils import offload as accelerate_offload
+    from transformers import AutoModelForCausalLM
+
+    from bake.checkpoint import Checkpoint
+    from bake.collection.activations import batches, padded
+    from bake.sources.load import truncated_config
+
+    path, layer = Path(args["model"]), args["layer"]
+    examples, pad_id = _examples(args["tokens"])
+    stored = Checkpoint.open(path)
+    loaded = {"bytes": 0, "tensors": 0}
+    getitem = accelerate_offload.OffloadedWeightsLoader.__getitem__
+
+    def counted_getitem(self, key: str):
+        info = self.index.get(key) if key not in self.state_dict else None
+        if info is not None:
+            found = stored.find(info.get("weight_name", key))
+            tensor = getitem(self, key)
+            loaded["bytes"] += found.end - found.start if found is not None else tensor.nbytes
+            loaded["tensors"] += 1
+            return tensor
+        return getitem(self, key)
+
+    accelerate_offload.OffloadedWeightsLoader.__getitem__ = counted_getitem
+    before, start = _io(), time.perf_counter()
+    config = truncated_config(path, layer + 1)
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        **{f"model.layers.{i}": "disk" for i in range(layer + 1)},
+        "model.norm": "cpu",
+        "lm_head": "disk",
+    }
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=torch.float32, device_map=device_map, offload_folder=args["offload_folder"]
+    ).eval()
+    loaded_s, at_load = time.perf_counter(), dict(loaded)
+    total = torch.zeros(config.hidden_size, dtype=torch.float64)
+    count, mask = 0, {}
+
+    def record(module, inputs, output):
+        nonlocal total, count
+        acts = (output[0] if isinstance(output, tuple) else output)[mask["counted"]].to(torch.float64)
+        total += acts.sum(0)
+        count += acts.shape[0]
+        raise _Stop
+
+    handle = model.model.layers[layer].register_forward_hook(record)
+    groups = batches(examples, args["batch_tokens"])
+    with torch.inference_mode():
+        for group in groups:
+            ids, attention, mask["counted"] = padded(group, pad_id)
+            try:
+                model(input_ids=ids, attention_mask=attention, use_cache=False)
+            except _Stop:
+                pass
+    handle.remove()
+    done, after = time.perf_counter(), _io()
+    return {
+        "s": done - start,
+        "load_s": loaded_s - start,
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "batches": len(groups),
+        "rchar": after["rchar"] - before["rchar"],
+        "read_bytes": after["read_bytes"] - before["read_bytes"],
+        "loaded_bytes": loaded["bytes"] - at_load["bytes"],
+        "loaded_tensors": loaded["tensors"] - at_load["tensors"],
+        "mean": (total / count).tolist(),
     }
 
 
@@ -255,7 +355,7 @@ def generate(args: dict) -> dict:
     return {"op_s": elapsed, "tokens": sum(len(o) for o in outputs), "outputs": outputs}
 
 
-KINDS = {f.__name__: f for f in (collect, stream, depth, fold, cp, floor, prepare_baked, generate)}
+KINDS = {f.__name__: f for f in (collect, stream, offload, depth, fold, cp, floor, prepare_baked, generate)}
 
 
 def main() -> None:

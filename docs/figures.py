@@ -10,8 +10,8 @@ and ``renderings()`` says what each NAME renders, from which file:
 
 - ``quickstart`` (README.md): docs/figures.json, from a real quickstart bake's bake.json;
 - ``gguf`` (docs/gguf.md): docs/gguf.json, from the real SmolLM2 GGUF comparison in tests/test_gguf_export.py;
-- ``benchmarks.SECTION`` (benchmarks/README.md) and ``benchmarks.summary`` (docs/big-models.md):
-  benchmarks/results.json, from benchmarks/run.py;
+- ``benchmarks.SECTION`` (benchmarks/README.md), ``benchmarks.summary`` and ``benchmarks.streaming-70b`` (the 70B
+  extrapolation, docs/big-models.md): benchmarks/results.json, from benchmarks/run.py;
 - ``evaluation-*`` (docs/evaluation.md): docs/evaluation.json, from docs/evaluation_figures.py;
 - ``paper-*`` (docs/paper.md): recipes/paper/results.json, from recipes/paper/run.py; its ``paper-genres*`` and
   ``paper-toxicity*``: recipes/paper/compare.json, from recipes/paper/compare.py (bake compare).
@@ -215,6 +215,8 @@ def renderings() -> dict[str, str]:
     }
     if {"collection", "fold", "inference"} <= results.keys():
         blocks["benchmarks.summary"] = render_benchmark_summary(results)
+    if "streaming" in results:
+        blocks["benchmarks.streaming-70b"] = bench.streaming.render_extrapolation(results["streaming"]["results"])
     evaluation = script("docs/evaluation_figures.py")
     if evaluation.RESULTS.is_file():
         measured = json.loads(evaluation.RESULTS.read_text())
