@@ -3,6 +3,7 @@ per-forward disk offload and the in-memory truncated path, and what the measured
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -200,7 +201,7 @@ def render_streaming(results: dict) -> str:
         "1-minute load average when the case ended (other helpers share the machine).\n\n"
         + table(header, rows)
         + "\nHow streaming's cost grows: the block reads take the same time per block at every depth (a block's "
-        "weights, whatever the tokens) and the compute the same time per token per block, so the time is "
+        "weights, whatever the tokens) and the compute about the same time per token per block, so the time is "
         "(L+1) × (read one block + tokens × compute per token), and peak RSS stays flat in L while the in-memory "
         "path's need grows with it:\n\n"
         + table(
@@ -219,14 +220,15 @@ def render_streaming(results: dict) -> str:
 
 
 def render_extrapolation(results: dict) -> str:
-    """docs/big-models.md's arithmetic for Llama-70B, from the streaming section's measured rows alone."""
+    """docs/big-models.md's arithmetic for Llama-70B, from the streaming section's measured rows alone (indented to
+    sit in that page's list)."""
     streamed = [r for r in results["rows"] if r["way"] == "streaming"]
-    accelerated = [r for r in results["rows"] if r["way"] == "accelerate"]
     read_s_per_gb = sum(r["block_read_s"] for r in streamed) / sum(r["block_read_gb"] for r in streamed)
     compute_s = sum(r["s"] - r["block_read_s"] for r in streamed)
     token_blocks = sum((r["layer"] + 1) * r["padded_tokens"] for r in streamed)
     s_per_param_token = compute_s / (token_blocks * results["block_params"])
     overhead = max(r["peak_rss_mb"] * 2**20 - r["block_bytes"] - r["hidden_bytes"] for r in streamed)
+    load = sum(r["load1"] for r in streamed) / len(streamed)
     big = LLAMA_70B
     params = _block_params(big["hidden"], big["intermediate"], big["heads"], big["kv_heads"])
     block_gb = 2 * params / 1e9
@@ -235,72 +237,76 @@ def render_extrapolation(results: dict) -> str:
     widest = max(streamed, key=lambda r: r["tokens"])
     pad = widest["padded_tokens"] / widest["tokens"]
     embed_f32 = 4 * big["vocab"] * big["hidden"]
-    lines = []
-    for tokens in sorted({r["tokens"] for r in streamed}):
-        hidden = 4 * big["hidden"] * tokens * pad
-        rss = overhead + max(4 * params, embed_f32) + hidden
+    machine = 24e9 - (1 << 30)  # a 24 GB machine less the 1 GiB streaming leaves the OS
+    lines, worst = [], 0.0
+    for tokens in (widest["tokens"], 10_000):
+        padded = tokens * pad
+        rss = overhead + max(4 * params, embed_f32) + 4 * big["hidden"] * padded
+        worst = max(worst, rss)
+        batches = math.ceil(padded / results["batch_tokens"])
         for layer in (40, big["blocks"] - 1):
             n = layer + 1
-            cpu = n * (block_read + tokens * pad * per_token_block)
-            gpu_compute = n * 2 * params * tokens * pad / (GPU_TFLOPS * 1e12)
-            batches = max(r["batches"] for r in streamed if r["tokens"] == tokens)
+            compute = n * padded * per_token_block
+            gpu_compute = n * 2 * params * padded / (GPU_TFLOPS * 1e12)
             lines.append(
                 [
                     layer,
-                    tokens,
+                    f"{tokens:,}",
                     f"{n * block_gb:.0f}",
                     f"{rss / 2**30:.1f}",
-                    f"{cpu / 60:.0f}",
-                    f"{n * block_read / 60:.1f} + {gpu_compute / 60:.1f}",
+                    f"{(n * block_read + compute) / 3600:.1f}",
+                    f"{n * block_read / 3600:.2f} + {gpu_compute / 3600:.2f}",
                     f"{n * 4 * params * 1.25 / 2**30:.0f}",
                     f"{batches} × {n * block_gb:.0f}",
+                    f"{(batches * n * block_read + compute) / 3600:.1f}",
                 ]
             )
-    measured_acc = ""
-    if accelerated:
-        a = accelerated[-1]
-        same = next(r for r in streamed if (r["layer"], r["tokens"]) == (a["layer"], a["tokens"]))
-        measured_acc = (
-            f" Measured here at L={a['layer']} with {a['tokens']} tokens in {a['batches']} batches, accelerate's "
-            f"offload loaded {a['loaded_gb']:.1f} GB of weights where streaming read {same['block_read_gb']:.1f} GB."
-        )
-    return "\n".join(
+    text = "\n".join(
         [
             "Extrapolated by `benchmarks/streaming.py` from the measured streaming rows of",
-            "[`benchmarks/README.md`](../benchmarks/README.md#results) (this machine: CPU, local disk):",
+            "[`benchmarks/README.md`](../benchmarks/README.md#results) (this machine: 2 shared CPU cores at a mean",
+            f"load of {load:.1f}, local disk), for Llama-70B ({big['blocks']} blocks of {params / 1e6:.0f}M "
+            f"parameters, {block_gb:.2f} GB bf16 each):",
             "",
-            f"- reading: {read_s_per_gb:.2f} s per GB of bf16 weights read and cast to float32 "
-            f"(all streaming cases' block reads ÷ their bytes), so one Llama-70B block ({params / 1e6:.0f}M "
-            f"parameters, {block_gb:.2f} GB bf16) takes {block_read:.1f} s;",
-            f"- compute: {1e12 * s_per_param_token:.2f} s per 10¹² parameter-tokens (the measured time less the "
-            f"reads, ÷ padded tokens × blocks × {results['block_params'] / 1e6:.0f}M parameters), so "
-            f"{1e3 * per_token_block:.1f} ms per token per 70B block on these two cores;",
+            f"- reading: {read_s_per_gb:.2f} s per GB read and cast to float32 (all streaming block reads ÷ their "
+            f"bytes, cold page cache), so {block_read:.1f} s per 70B block;",
+            f"- compute: {1e12 * s_per_param_token:.0f} s per 10¹² parameter × token (the time less the reads, ÷ "
+            f"padded tokens × blocks × {results['block_params'] / 1e6:.0f}M), so {per_token_block:.2f} s per token per "
+            "70B block;",
             "- memory: the largest measured RSS less its float32 block and hidden states is "
-            f"{overhead / 2**30:.2f} GiB (Python, torch, the forward's temporaries); a 70B run holds that, the larger "
-            f"of one float32 block ({4 * params / 2**30:.1f} GiB) and the float32 embeddings while embedding "
-            f"({embed_f32 / 2**30:.1f} GiB), "
-            f"and its hidden states (tokens × {pad:.2f} padding × {big['hidden']} × 4 bytes).",
+            f"{overhead / 2**30:.2f} GiB (Python, torch, the forward's temporaries at these batches); a 70B run adds "
+            f"the larger of one float32 block ({4 * params / 2**30:.1f} GiB) and the float32 embeddings while "
+            f"embedding ({embed_f32 / 2**30:.1f} GiB), and the hidden states (padded tokens × {big['hidden']} × 4 "
+            "bytes);",
+            f"- batches of {results['batch_tokens']} padded tokens as measured (padding ×{pad:.2f}); 10,000 tokens "
+            "is beyond the measured counts, on the linear growth shown above (larger batches cut accelerate's "
+            "re-reads in proportion).",
             "",
             table(
                 [
                     "L",
                     "tokens",
-                    "GB read once (blocks 0..L)",
+                    "GB read once",
                     "peak RSS GiB",
-                    "24 GB CPU machine, min",
-                    "one 24 GB GPU, min (reads + compute)",
-                    "in-memory path, GiB",
-                    "accelerate offload reads, batches × GB",
+                    "streaming, CPU, h",
+                    "streaming, one 24 GB GPU, h (reads + compute)",
+                    "in-memory path needs GiB",
+                    "accelerate reads, batches × GB",
+                    "accelerate, CPU, h",
                 ],
                 lines,
             ).rstrip("\n"),
             "",
-            "So a 70B model bakes on a 24 GB machine (peak RSS well under its memory, at any depth), in a time "
-            "linear in L and in the tokens; the in-memory path would need the GiB shown, and accelerate's offload "
-            "reads blocks 0..L again for every batch, from the disk once they exceed the page cache." + measured_acc,
-            f"The GPU column is not measured: it is the measured reading time plus the matmuls at an assumed "
-            f"{GPU_TFLOPS:.0f} TFLOPS (bf16), with one block ({block_gb:.1f} GB bf16) and the hidden states on the "
-            "device; bake's streaming runs its blocks on the CPU today, so this is what moving each block to the GPU "
-            "would give, reading-bound.",
+            f"Peak RSS is at most {worst / 2**30:.1f} GiB at any depth, "
+            + ("within" if worst <= machine else "beyond")
+            + f" the {machine / 2**30:.1f} GiB a 24 GB machine leaves after 1 GiB for the system, so a 70B model "
+            + ("bakes there" if worst <= machine else "does not bake there")
+            + " by streaming, in a time linear in L+1 and in the tokens. The in-memory path would need the GiB shown; "
+            "accelerate's offload reads blocks 0..L again for every batch (from the disk once they exceed the page "
+            "cache), so its reading time is the batches times streaming's. The GPU column is not measured: the "
+            f"measured reading time plus the matmuls at an assumed {GPU_TFLOPS:.0f} TFLOPS (bf16), one block and the "
+            "hidden states on the device; bake's streaming runs its blocks on the CPU today, so this is what moving "
+            "each block to the GPU would give: bound by the disk.",
         ]
     )
+    return "\n".join(f"  {line}" if line else "" for line in text.splitlines())
