@@ -14,9 +14,11 @@ from click.testing import CliRunner
 
 import bake
 from bake.cli import main
+from bake.collection.activations import batches, module_at
 from bake.collection.measure import measure_vectors
 from bake.errors import BakeError
 from bake.evaluation.evaluate import (
+    EVAL_BATCH_TOKENS,
     Evaluator,
     Spread,
     build_data,
@@ -673,3 +675,38 @@ def test_settings_batched_in_one_pass_give_the_figures_of_each_alone(llama, unit
     kls = [a["kl"] for a in alone[:4]]
     assert all(x < y for x, y in zip(kls, kls[1:])), kls
     assert max(abs(b["kl"] - a["kl"]) for b, a in zip(batched, alone)) <= 1e-5 * max(kls)
+
+
+def test_settings_steering_one_layer_share_the_blocks_below_it(llama, unit, tmp_path):
+    """K settings that all steer block 1: in every pass over texts and in generation's prefill, block 0 runs on one
+    block of rows, its output (and its KV cache) handed on repeated, and the figures are those of each setting
+    alone (``_shared_prefix``); the decoding steps, whose rows differ, run every row through every block."""
+    path, model, tok = llama
+    family = family_for(model.config)
+    recipe = _recipe(path, tmp_path, evaluate="  scorers: [wordlist, logprob_gain]\n  words: [happy, great, day]\n")
+    data = build_data(recipe.evaluate, tok, recipe, recipe.steering[0])
+    u = unit.vectors[(1, "resid_post")]
+    settings = [VectorSet({(1, "resid_post"): c * u}) for c in (0.5, 4.0, 16.0)]
+    ev = Evaluator(model, tok, data, [(1, "resid_post")])
+    blocks = module_at(model, family.blocks)
+    rows: dict[int, list[int]] = {0: [], 1: []}
+    handles = [
+        blocks[i].mlp.register_forward_hook(lambda _m, args, _o, i=i: rows[i].append(args[0].shape[0])) for i in rows
+    ]
+    try:
+        with steered(model, family, settings):
+            batched = ev.measure_each(model, settings)
+    finally:
+        for h in handles:
+            h.remove()
+    # the text batches, then the prefill
+    passes = len(batches(data.neutral, EVAL_BATCH_TOKENS)) + len(batches(data.target, EVAL_BATCH_TOKENS)) + 1
+    assert rows[1][:passes] == [len(settings) * r for r in rows[0][:passes]]  # block 0 ran once per pass
+    assert rows[1][passes:] == rows[0][passes:] and len(rows[0]) == passes + data.tokens - 1  # each decoding step
+    for b, vs in zip(batched, settings):
+        with steered(model, family, vs):
+            a = ev.measure(model, vs)
+        assert b["replies"] == a["replies"] and b["wordlist"] == a["wordlist"]
+        for key in ("kl", "perplexity", "logprob_gain"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
+    assert len({b["kl"] for b in batched}) == len(settings)
