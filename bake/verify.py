@@ -132,11 +132,11 @@ def _shared_prefix(
             state["inner"] = False
         then = lambda: None  # noqa: E731
         if cached:  # the model made its own cache for the rows of one block: repeat it as the settings' rows
-            theirs, ours = kwargs[caches[0]], next(v for v in call.values() if isinstance(v, Cache))
-            if [type(x) for x in theirs.layers[:layer]] != [type(x) for x in ours.layers[:layer]]:
+            theirs, ours = kwargs[caches[0]], next((v for v in call.values() if isinstance(v, Cache)), None)
+            if ours is None or [type(x) for x in theirs.layers[:layer]] != [type(x) for x in ours.layers[:layer]]:
                 return
             ours.batch_repeat_interleave(settings)  # [row 0 x K, row 1 x K, ...], then settings-major
-            ours.batch_select_indices(torch.arange(rows * settings).view(rows, settings).T.reshape(-1))
+            ours.batch_select_indices(torch.arange(rows * settings, device=ids.device).view(rows, settings).T.reshape(-1))
 
             def then() -> None:  # after the model built its masks from the empty cache
                 theirs.layers[:layer] = ours.layers[:layer]
