@@ -11,20 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_tokenizer, save_tiny, tiny_config
 
 import bake
 from bake.cli import main
 from bake.collection.activations import batches, module_at
 from bake.collection.measure import measure_vectors
+from bake.collection.texts import tokenize
 from bake.errors import BakeError
 from bake.evaluation.evaluate import (
     EVAL_BATCH_TOKENS,
     Evaluator,
     Spread,
+    _nll,
     build_data,
     classifier_scorer,
     derive_words,
     repetition,
+    replies,
     reply_length,
     separation,
     toxicity_scorer,
@@ -710,3 +714,34 @@ def test_settings_steering_one_layer_share_the_blocks_below_it(llama, unit, tmp_
         for key in ("kl", "perplexity", "logprob_gain"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
     assert len({b["kl"] for b in batched}) == len(settings)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "falcon", "bloom", "gemma3_text", "qwen2_moe"])
+def test_a_shared_prefix_gives_each_settings_figures_on_other_families(model_type, tmp_path):
+    """The shared prefix on families whose blocks are called and cached otherwise (GPT-2's and OPT's blocks, Falcon's
+    and BLOOM's masks, Gemma 3's sliding-window layers and cache, a mixture of experts): block 0 runs once per pass
+    over texts and once for the prefill, and the replies and NLLs are those of each setting alone."""
+    model = load_model(save_tiny(tmp_path / model_type, tiny_config(model_type)), dtype=torch.float32)
+    family, tok = family_for(model.config), make_tokenizer()
+    blocks = module_at(model, family.blocks)
+    torch.manual_seed(0)
+    v = 3 * torch.randn(model.config.get_text_config().hidden_size)
+    settings = [VectorSet({(len(blocks) // 2, "resid_post"): c * v}) for c in (0.5, 2.0, 4.0)]
+    examples, prompts = tokenize(tok, TARGET, 64), ["tell me about your day", "what is the weather"]
+    first = next(iter(blocks[0].children()))  # runs only when block 0 really does
+    rows: list[int] = []
+    handle = first.register_forward_hook(
+        lambda _m, args, kwargs, _o: rows.append((args or tuple(kwargs.values()))[0].shape[0]), with_kwargs=True
+    )
+    try:
+        with steered(model, family, settings):
+            batched = (_nll(model, examples, tok.pad_token_id, 3), replies(model, tok, prompts, 6, True, 3))
+    finally:
+        handle.remove()
+    assert rows[:2] == [len(examples), len(prompts)]  # one batch of texts, then the prefill: one block of rows each
+    assert rows[2:] and set(rows[2:]) == {3 * len(prompts)}  # every decoding step: every row
+    for i, vs in enumerate(settings):
+        with steered(model, family, vs):
+            ((nll, n),), (texts,) = _nll(model, examples, tok.pad_token_id), replies(model, tok, prompts, 6, True)
+        assert texts == batched[1][i] and n == batched[0][i][1]
+        assert nll == pytest.approx(batched[0][i][0], rel=1e-5)
