@@ -136,7 +136,9 @@ def _shared_prefix(
             if ours is None or [type(x) for x in theirs.layers[:layer]] != [type(x) for x in ours.layers[:layer]]:
                 return
             ours.batch_repeat_interleave(settings)  # [row 0 x K, row 1 x K, ...], then settings-major
-            ours.batch_select_indices(torch.arange(rows * settings, device=ids.device).view(rows, settings).T.reshape(-1))
+            ours.batch_select_indices(
+                torch.arange(rows * settings, device=ids.device).view(rows, settings).T.reshape(-1)
+            )
 
             def then() -> None:  # after the model built its masks from the empty cache
                 theirs.layers[:layer] = ours.layers[:layer]
