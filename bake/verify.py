@@ -18,14 +18,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from bake.collection.activations import first_tensor, hook_module, watch_residual
+from bake.collection.activations import first_tensor, hook_module, module_at, watch_residual
 from bake.collection.streaming import (
     Skeleton,
     embed_prompts,
     fits_in_memory,
     in_memory_bytes,
+    input_of,
     meta_model,
     prompt_logits,
+    resumed_at,
     run_block,
 )
 from bake.errors import BakeError
@@ -54,6 +56,8 @@ def steered(
     A list of K vector sets steers K settings in one batch: every batch then holds K blocks of rows, settings-major,
     and the rows of block i get set i's vectors (a zero vector at a point set i does not steer, which adds exactly
     nothing). So K coefficients or layers decode and score together, each row computing what it would alone.
+    Below the shallowest steered layer every block of rows computes the same numbers, so a pass without a KV cache
+    runs those blocks once on one block of rows (``_shared_prefix``).
     """
     sets = [vectors] if isinstance(vectors, VectorSet) else list(vectors)
 
@@ -79,11 +83,78 @@ def steered(
         if slot.scale and slot.hook:  # a sublayer output is scaled before it joins the residual
             v = v / getattr(model.config, slot.scale)
         handles.append(hook_module(model, family, layer, site).register_forward_hook(adder(v)))
+    shallowest = min((layer for layer, _ in {p for s in sets for p in s.vectors}), default=0)
+    if len(sets) > 1 and shallowest > 0:
+        handles += _shared_prefix(model, family, shallowest, len(sets))
     try:
         yield model
     finally:
         for h in handles:
             h.remove()
+
+
+# The keywords of a pass whose prefix ``_shared_prefix`` may share: the rows' own inputs (cut to one block of rows
+# for the shared part), flags and an empty KV cache; a call with any other runs as it is.
+_ROW_INPUTS = ("input_ids", "attention_mask", "position_ids")
+_FLAGS = ("use_cache", "logits_to_keep", "return_dict")
+
+
+def _shared_prefix(
+    model: torch.nn.Module, family: Family, layer: int, settings: int
+) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks on the model making a pass whose rows are ``settings`` identical blocks run blocks 0..layer-1 (which no
+    setting steers) on the first block alone, and block ``layer`` get that result repeated: identical inputs give
+    identical outputs, so the numbers are the same for 1/K of the work below the shallowest steered layer.
+
+    Shared: passes without a KV cache (the evaluator's forwards over texts) and generation's prefill, whose empty
+    cache gets the lower layers' keys and values repeated the same way. Decoding steps are not (their rows differ)."""
+    from transformers.cache_utils import Cache  # startup
+
+    blocks = module_at(model, family.blocks)
+    state: dict[str, Any] = {"inner": False, "open": None}
+
+    def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        caches = [k for k, v in kwargs.items() if isinstance(v, Cache)]
+        if state["inner"] or args or set(kwargs) - {*_ROW_INPUTS, *_FLAGS, *caches}:
+            return
+        cached = kwargs.get("use_cache") is True and len(caches) == 1 and kwargs[caches[0]].get_seq_length() == 0
+        ids = kwargs.get("input_ids")
+        if not (cached or (kwargs.get("use_cache") is False and not caches)) or ids is None or ids.shape[0] % settings:
+            return
+        rows = ids.shape[0] // settings
+        one = {k: x[:rows] for k in _ROW_INPUTS if torch.is_tensor(x := kwargs.get(k)) and len(x) == len(ids)}
+        if not all(torch.equal(kwargs[k], x.repeat(settings, 1)) for k, x in one.items()):
+            return
+        state["inner"] = True  # the call below runs this model's hooks too
+        try:
+            hidden, call = input_of(module, blocks, layer, **one, use_cache=cached)
+        finally:
+            state["inner"] = False
+        then = lambda: None  # noqa: E731
+        if cached:  # the model made its own cache for the rows of one block: repeat it as the settings' rows
+            theirs, ours = kwargs[caches[0]], next((v for v in call.values() if isinstance(v, Cache)), None)
+            if ours is None or [type(x) for x in theirs.layers[:layer]] != [type(x) for x in ours.layers[:layer]]:
+                return
+            ours.batch_repeat_interleave(settings)  # [row 0 x K, row 1 x K, ...], then settings-major
+            ours.batch_select_indices(
+                torch.arange(rows * settings, device=ids.device).view(rows, settings).T.reshape(-1)
+            )
+
+            def then() -> None:  # after the model built its masks from the empty cache
+                theirs.layers[:layer] = ours.layers[:layer]
+
+        state["open"] = resumed_at(blocks, layer, hidden.repeat(settings, *[1] * (hidden.dim() - 1)), then)
+        state["open"].__enter__()
+
+    def after(_module: torch.nn.Module, _args: tuple, _output: Any) -> None:
+        if state["open"] is not None and not state["inner"]:
+            opened, state["open"] = state["open"], None
+            opened.__exit__(None, None, None)
+
+    return [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, always_call=True),
+    ]
 
 
 @torch.inference_mode()

@@ -137,7 +137,9 @@ def render_sweep(results: dict) -> str:
             f"coefficients at layer {g['layer']}, {g['prompts']} prompts x {g['tokens']} greedy tokens, 12 neutral "
             "texts (KL, perplexity), 10 held-out target texts (log-prob gain). **one at a time**: one setting per "
             "forward and per `generate` (today's path); **batched**: all settings as row blocks of one pass "
-            "(`bake.verify.steered` with a list). Each way a fresh process; s excludes the setup (model, evaluator, "
+            "(`bake.verify.steered` with a list), the blocks below the steered layer run once for all of them (in "
+            "the passes over texts and the prefill of the replies). Each way a fresh process; s excludes the setup "
+            "(model, evaluator, "
             "base figures: the same for both). Replies identical and KL equal to "
             f"{KL_RTOL:g} relative (max {results['max_rel_kl_diff']:.1e}).",
             "",
@@ -147,12 +149,14 @@ def render_sweep(results: dict) -> str:
             "",
             f"Batched ÷ one at a time: **{results['ratio']:.2f}×** settings per second.",
             "",
-            "How it grows: both ways do the same arithmetic per setting, about (neutral + target tokens) forward "
-            "positions plus prompts x (prompt + reply tokens) decoded, so time is linear in the grid size, the "
-            "prompts and the tokens. Batching removes the per-pass overhead that one setting alone pays for small "
-            "batches (Python and kernel launches per block, a decode step of 6 rows that cannot fill the cores), so "
-            "the ratio grows with the settings per pass (`SETTINGS_PER_PASS`, 10) and shrinks as each setting's own "
-            "batches grow (more prompts or texts).",
+            "How it grows: one at a time, every setting costs (neutral + target tokens) forward positions through "
+            "every block plus prompts x (prompt + reply tokens) decoded, so time is linear in the grid size, the "
+            "prompts and the tokens. Batched, the blocks below the steered layer L of N (15 of 30 here) run once per "
+            "pass for the texts and the prompts, so those positions cost about (N - L) / N of a setting's each, and "
+            "batching removes the per-pass overhead one setting alone pays for small batches (Python and kernel "
+            "launches per block, a decode step of 6 rows that cannot fill the cores); the decoding steps themselves "
+            "(their rows differ) are not shared. The ratio grows with the settings per pass (`SETTINGS_PER_PASS`, "
+            "10) and with a deeper L (a sweep over several layers shares up to the shallowest of each pass).",
             "",
         ]
     )

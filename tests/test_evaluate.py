@@ -11,18 +11,24 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import make_tokenizer, save_tiny, tiny_config
 
 import bake
 from bake.cli import main
+from bake.collection.activations import batches, module_at
 from bake.collection.measure import measure_vectors
+from bake.collection.texts import tokenize
 from bake.errors import BakeError
 from bake.evaluation.evaluate import (
+    EVAL_BATCH_TOKENS,
     Evaluator,
     Spread,
+    _nll,
     build_data,
     classifier_scorer,
     derive_words,
     repetition,
+    replies,
     reply_length,
     separation,
     toxicity_scorer,
@@ -673,3 +679,69 @@ def test_settings_batched_in_one_pass_give_the_figures_of_each_alone(llama, unit
     kls = [a["kl"] for a in alone[:4]]
     assert all(x < y for x, y in zip(kls, kls[1:])), kls
     assert max(abs(b["kl"] - a["kl"]) for b, a in zip(batched, alone)) <= 1e-5 * max(kls)
+
+
+def test_settings_steering_one_layer_share_the_blocks_below_it(llama, unit, tmp_path):
+    """K settings that all steer block 1: in every pass over texts and in generation's prefill, block 0 runs on one
+    block of rows, its output (and its KV cache) handed on repeated, and the figures are those of each setting
+    alone (``_shared_prefix``); the decoding steps, whose rows differ, run every row through every block."""
+    path, model, tok = llama
+    family = family_for(model.config)
+    recipe = _recipe(path, tmp_path, evaluate="  scorers: [wordlist, logprob_gain]\n  words: [happy, great, day]\n")
+    data = build_data(recipe.evaluate, tok, recipe, recipe.steering[0])
+    u = unit.vectors[(1, "resid_post")]
+    settings = [VectorSet({(1, "resid_post"): c * u}) for c in (0.5, 4.0, 16.0)]
+    ev = Evaluator(model, tok, data, [(1, "resid_post")])
+    blocks = module_at(model, family.blocks)
+    rows: dict[int, list[int]] = {0: [], 1: []}
+    handles = [
+        blocks[i].mlp.register_forward_hook(lambda _m, args, _o, i=i: rows[i].append(args[0].shape[0])) for i in rows
+    ]
+    try:
+        with steered(model, family, settings):
+            batched = ev.measure_each(model, settings)
+    finally:
+        for h in handles:
+            h.remove()
+    # the text batches, then the prefill
+    passes = len(batches(data.neutral, EVAL_BATCH_TOKENS)) + len(batches(data.target, EVAL_BATCH_TOKENS)) + 1
+    assert rows[1][:passes] == [len(settings) * r for r in rows[0][:passes]]  # block 0 ran once per pass
+    assert rows[1][passes:] == rows[0][passes:] and len(rows[0]) == passes + data.tokens - 1  # each decoding step
+    for b, vs in zip(batched, settings):
+        with steered(model, family, vs):
+            a = ev.measure(model, vs)
+        assert b["replies"] == a["replies"] and b["wordlist"] == a["wordlist"]
+        for key in ("kl", "perplexity", "logprob_gain"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
+    assert len({b["kl"] for b in batched}) == len(settings)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "falcon", "bloom", "gemma3_text", "qwen2_moe"])
+def test_a_shared_prefix_gives_each_settings_figures_on_other_families(model_type, tmp_path):
+    """The shared prefix on families whose blocks are called and cached otherwise (GPT-2's and OPT's blocks, Falcon's
+    and BLOOM's masks, Gemma 3's sliding-window layers and cache, a mixture of experts): block 0 runs once per pass
+    over texts and once for the prefill, and the replies and NLLs are those of each setting alone."""
+    model = load_model(save_tiny(tmp_path / model_type, tiny_config(model_type)), dtype=torch.float32)
+    family, tok = family_for(model.config), make_tokenizer()
+    blocks = module_at(model, family.blocks)
+    torch.manual_seed(0)
+    v = 3 * torch.randn(model.config.get_text_config().hidden_size)
+    settings = [VectorSet({(len(blocks) // 2, "resid_post"): c * v}) for c in (0.5, 2.0, 4.0)]
+    examples, prompts = tokenize(tok, TARGET, 64), ["tell me about your day", "what is the weather"]
+    first = next(iter(blocks[0].children()))  # runs only when block 0 really does
+    rows: list[int] = []
+    handle = first.register_forward_hook(
+        lambda _m, args, kwargs, _o: rows.append((args or tuple(kwargs.values()))[0].shape[0]), with_kwargs=True
+    )
+    try:
+        with steered(model, family, settings):
+            batched = (_nll(model, examples, tok.pad_token_id, 3), replies(model, tok, prompts, 6, True, 3))
+    finally:
+        handle.remove()
+    assert rows[:2] == [len(examples), len(prompts)]  # one batch of texts, then the prefill: one block of rows each
+    assert rows[2:] and set(rows[2:]) == {3 * len(prompts)}  # every decoding step: every row
+    for i, vs in enumerate(settings):
+        with steered(model, family, vs):
+            ((nll, n),), (texts,) = _nll(model, examples, tok.pad_token_id), replies(model, tok, prompts, 6, True)
+        assert texts == batched[1][i] and n == batched[0][i][1]
+        assert nll == pytest.approx(batched[0][i][0], rel=1e-5)

@@ -37,7 +37,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,52 @@ def _stand_ins(blocks: torch.nn.ModuleList, calls: list[tuple[tuple, dict]], fin
         yield
     finally:
         for block in blocks:
+            del block.forward
+
+
+def input_of(
+    model: torch.nn.Module, blocks: torch.nn.ModuleList, layer: int, **inputs: Any
+) -> tuple[torch.Tensor, dict]:
+    """The hidden states the model hands block ``layer`` on a call with ``inputs``, and the block's other keyword
+    arguments (its mask, a KV cache); that block and the later ones never run."""
+    seen: list[tuple[torch.Tensor, dict]] = []
+
+    def stop(_module: torch.nn.Module, args: tuple, kwargs: dict):
+        seen.append((_hidden(args, kwargs), kwargs))
+        raise _Stop
+
+    handle = blocks[layer].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        with contextlib.suppress(_Stop):
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@contextlib.contextmanager
+def resumed_at(
+    blocks: torch.nn.ModuleList, layer: int, hidden: torch.Tensor, then: Callable[[], None] = lambda: None
+) -> Iterator[None]:
+    """While open, a forward skips the blocks below ``layer`` (stand-ins hand their input on) and block ``layer``
+    gets ``hidden`` as its hidden states: what those blocks computed, given once instead of run again. ``then`` runs
+    just before block ``layer`` does (after the model has built its masks)."""
+
+    def skip(*args: Any, **kwargs: Any) -> _Passed:
+        return _Passed((_hidden(args, kwargs),))
+
+    def resume(_module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        then()
+        return _with_hidden(args, kwargs, hidden)
+
+    for block in blocks[:layer]:
+        block.forward = skip
+    handle = blocks[layer].register_forward_pre_hook(resume, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for block in blocks[:layer]:
             del block.forward
 
 
