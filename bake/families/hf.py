@@ -711,12 +711,16 @@ WRAPPERS: tuple[Wrapper, ...] = (
         model_types=("llava",),
         architecture="LlavaForConditionalGeneration",
         texts=("Llama", "Qwen2 / Qwen2.5"),
+        llama_cpp="tested (llama.cpp 0c1e570), the language model as Llama (the vision tower converts apart, with "
+        "`--mmproj`)",
     ),
     Wrapper(
         name="Mistral Small 3",
         model_types=("mistral3",),
         architecture="Mistral3ForConditionalGeneration",
         texts=("Mistral", "Llama"),  # Llama: as bake writes a baked one (relabelled), so it can be baked again
+        llama_cpp="tested (llama.cpp 0c1e570), the language model as its `mistral3` architecture (the vision tower "
+        "converts apart, with `--mmproj`)",
     ),
     Wrapper(
         name="Gemma 3 multimodal",
@@ -724,6 +728,7 @@ WRAPPERS: tuple[Wrapper, ...] = (
         architecture="Gemma3ForConditionalGeneration",
         texts=("Gemma 3",),
         auto_class="AutoModelForCausalLM",  # transformers maps gemma3 to the wrapper there (remote code subclasses it)
+        llama_cpp=_MODULE_ONLY,
     ),
 )
 
