@@ -9,6 +9,9 @@ skips saying why when PyPI cannot be reached; it needs ``sentencepiece`` (the te
 BPE tokenizer, because the Llama converter imports it before looking for a tokenizer.model.
 The tiny models (conftest's ``tiny_config``) use SmolLM2's tokenizer: the converter only accepts BPE
 tokenizers whose pre-tokenizer it recognises. All conversions run in one converter process.
+
+The multimodal wrappers the column says llama.cpp runs (test_multimodal's tiny LLaVA and Mistral 3, processor files
+included) convert the same way, to a GGUF of their language model.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import save_tiny, tiny_config
 from safetensors import safe_open
 from test_architectures import EXACT
@@ -33,7 +37,6 @@ from test_multimodal import CASES as WRAPPER_CASES
 from test_multimodal import save_wrapper_config, wrapper_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import transformers
 from bake import api
 from bake.families.hf import FAMILIES, WRAPPED, family_for
 from bake.recipe import VerifySpec
@@ -94,7 +97,7 @@ ATOL = 5e-3  # fp32 weights both sides; llama.cpp keeps its KV cache in float16 
 # splits it itself (its MXFP4 path repacks *_blocks/*_scales instead; the biases take the same path in both).
 CASES = {_case_id(c): c for c in EXACT if family_for(tiny_config(c[0], **c[1])).llama_cpp.startswith(TESTED)}
 # The multimodal wrappers (tests/test_multimodal.py) the column says llama.cpp runs: (wrapper, text model_type, site).
-# The converter writes the text model alone (the vision tower goes into a separate mmproj file with --mmproj).
+# The converter writes their language model alone.
 WRAPPERS = {
     f"{w}-{t}-{site}": (w, t, site)
     for w, t, site, _, module in WRAPPER_CASES
@@ -129,7 +132,9 @@ CONVERTER_SIZES = {"phi": {"intermediate_size": 128}}
 SMOLLM2_TOKENS = {"vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
 
 
-def _with_tokenizer(model_type: str, overrides: dict, folder: Path, tokenizer: Path, wrapper: str | None = None) -> Path:
+def _with_tokenizer(
+    model_type: str, overrides: dict, folder: Path, tokenizer: Path, wrapper: str | None = None
+) -> Path:
     """conftest's tiny model of ``model_type`` (inside a tiny ``wrapper``: test_multimodal's, its processor files
     included) with SmolLM2's vocabulary and tokenizer files."""
     sizes = {**overrides, **CONVERTER_SIZES.get(model_type, {}), **SMOLLM2_TOKENS}
@@ -244,7 +249,7 @@ def test_converted_checkpoint_runs_the_bake_in_llama_cpp(converted, key):
     from bake.formats.gguf import llamacpp
 
     run = converted[key]
-    assert run["baked_error"] is None, f"convert_hf_to_gguf.py failed on the baked checkpoint: {run['error']}"
+    assert run["baked_error"] is None, f"convert_hf_to_gguf.py failed on the baked checkpoint: {run['baked_error']}"
     llama = llamacpp.logits(run["gguf"], IDS)
     baked, base = _hf_logits(run["baked"]), _hf_logits(run["base"])
     gap = max(float(np.abs(a - b).max()) for a, b in zip(llama, baked))
@@ -253,6 +258,17 @@ def test_converted_checkpoint_runs_the_bake_in_llama_cpp(converted, key):
     assert gap < ATOL, f"llama.cpp differs from transformers' steered model by {gap} (the steering moves {steering})"
     assert steering > 100 * ATOL, "the steering barely changes the logits: the test could not fail"
     assert llamacpp.greedy(run["gguf"], IDS, TOKENS) == _hf_greedy(run["baked"])
+
+
+@pytest.mark.parametrize("key", list({w: key for key, (w, _, _) in reversed(WRAPPERS.items())}.values()))
+def test_wrapper_converts_to_its_language_model_alone(converted, key):
+    """A wrapper's GGUF is its language model: every block, none of the vision tower's or projector's tensors
+    (llama.cpp keeps those in a separate mmproj file, which ``--mmproj`` does not write for these tiny wrappers: CLIP
+    towers are not among its vision models, and Pixtral's needs image tokens that SmolLM2's tokenizer lacks). One
+    case per wrapper: reading a GGUF's metadata (SmolLM2's vocabulary) takes seconds."""
+    names = [t.name for t in gguf.GGUFReader(converted[key]["gguf"]).tensors]
+    assert not [n for n in names if n.startswith(("v.", "mm."))], names
+    assert {n.split(".")[1] for n in names if n.startswith("blk.")} == {"0", "1", "2", "3"}, names
 
 
 @pytest.mark.parametrize("key", FAILING)

@@ -18,6 +18,7 @@ from test_architectures import PROBES, assert_steered_like_hooks, hooked_logits
 import bake
 from bake.cli import main
 from bake.errors import BakeError
+from bake.families.hf import family_for
 from bake.recipe import VerifySpec, parse_recipe
 from bake.vectorfile import VectorSet
 
@@ -206,9 +207,10 @@ def test_wrapper_bakes_its_language_model_exactly(tmp_path, case):
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
 
-    # the model card names the wrapper's loader and task, and that vLLM and llama.cpp were not run for it
+    # the model card names the wrapper's loader and task, and what vLLM and llama.cpp do with it (the table's row)
     card = (out / "README.md").read_text()
-    assert "pipeline_tag: image-text-to-text" in card and "not run for the wrapper" in card
+    family = family_for(transformers.AutoConfig.from_pretrained(src))
+    assert "pipeline_tag: image-text-to-text" in card and family.vllm in card and family.llama_cpp in card
     loader = "`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`"
     assert f"reloaded from disk with {loader if module else f'plain `{CLASS[model_type]}.from_pretrained`'}" in card
     assert ("written as `model_type: llama` inside the stock" in card) == relabelled
