@@ -29,9 +29,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(bos: bool = True):
+def make_tokenizer(bos: bool = True, named: dict[str, str] | None = None):
     """A fast word-level tokenizer that prepends <bos> (like Llama's) and has a chat template; ``bos=False``: one
-    that adds none (like GPT-2's and SmolLM2's: a text's first word is then the first position, the sink)."""
+    that adds none (like GPT-2's and SmolLM2's: a text's first word is then the first position, the sink).
+    ``named``: special tokens added after the vocabulary, each also a tokenizer attribute (``image_token``...),
+    as multimodal processors read them."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -43,8 +45,15 @@ def make_tokenizer(bos: bool = True):
             single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])]
         )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        **({"model_specific_special_tokens": named} if named else {}),
     )
+    if named:
+        fast.add_special_tokens({"extra_special_tokens": list(named.values())})
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -116,18 +125,18 @@ TINY: dict[str, dict] = {
 
 
 def tiny_config(model_type: str, **overrides):
-    """A small config of ``model_type``; vocab and special tokens match the test tokenizer."""
+    """A small config of ``model_type``; vocab and special tokens match the test tokenizer unless ``overrides`` say
+    otherwise (every override wins, e.g. a larger vocabulary for a wrapper's image tokens)."""
     from transformers import AutoConfig
 
     tokenizer = make_tokenizer()
-    return AutoConfig.for_model(
-        model_type,
+    tokens = dict(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **{**TINY[model_type], **overrides},
     )
+    return AutoConfig.for_model(model_type, **{**tokens, **TINY[model_type], **overrides})
 
 
 def save_tiny(path: Path, config, dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:

@@ -9,6 +9,9 @@ skips saying why when PyPI cannot be reached; it needs ``sentencepiece`` (the te
 BPE tokenizer, because the Llama converter imports it before looking for a tokenizer.model.
 The tiny models (conftest's ``tiny_config``) use SmolLM2's tokenizer: the converter only accepts BPE
 tokenizers whose pre-tokenizer it recognises. All conversions run in one converter process.
+
+The multimodal wrappers the column says llama.cpp runs (test_multimodal's tiny LLaVA and Mistral 3, processor files
+included) convert the same way, to a GGUF of their language model.
 """
 
 from __future__ import annotations
@@ -25,14 +28,17 @@ import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 from conftest import save_tiny, tiny_config
 from safetensors import safe_open
 from test_architectures import EXACT
 from test_architectures import _id as _case_id
+from test_multimodal import CASES as WRAPPER_CASES
+from test_multimodal import save_wrapper_config, wrapper_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bake import api
-from bake.families.hf import FAMILIES, family_for
+from bake.families.hf import FAMILIES, WRAPPED, family_for
 from bake.recipe import VerifySpec
 from bake.vectorfile import VectorSet
 
@@ -90,6 +96,13 @@ ATOL = 5e-3  # fp32 weights both sides; llama.cpp keeps its KV cache in float16 
 # saved by transformers unquantized (gate_up_proj interleaved, [experts, in, out]): the converter transposes and
 # splits it itself (its MXFP4 path repacks *_blocks/*_scales instead; the biases take the same path in both).
 CASES = {_case_id(c): c for c in EXACT if family_for(tiny_config(c[0], **c[1])).llama_cpp.startswith(TESTED)}
+# The multimodal wrappers (tests/test_multimodal.py) the column says llama.cpp runs: (wrapper, text model_type, site).
+# The converter writes their language model alone.
+WRAPPERS = {
+    f"{w}-{t}-{site}": (w, t, site)
+    for w, t, site, _, module in WRAPPER_CASES
+    if not module and family_for(wrapper_config(w, t)).llama_cpp.startswith(TESTED)
+}
 # Families the converter cannot convert here, baked or not: model_type -> the error it stops with. (GPT-NeoX: it
 # reads rotary_pct from transformers' config, which transformers 5 folds into rope_parameters.)
 CONVERTER_FAILS = {"gpt_neox": "KeyError: 'rotary_pct'"}
@@ -116,13 +129,24 @@ HUB_KEYS = {
 CONVERTER_SIZES = {"phi": {"intermediate_size": 128}}
 
 
-def _with_tokenizer(model_type: str, overrides: dict, folder: Path, tokenizer: Path) -> Path:
-    """conftest's tiny model of ``model_type`` with SmolLM2's vocabulary and tokenizer files."""
-    config = tiny_config(model_type, **overrides, **CONVERTER_SIZES.get(model_type, {}))
-    config.vocab_size, config.bos_token_id, config.eos_token_id, config.pad_token_id = 49152, 1, 2, None
-    save_tiny(folder, config)
+SMOLLM2_TOKENS = {"vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}
+
+
+def _with_tokenizer(
+    model_type: str, overrides: dict, folder: Path, tokenizer: Path, wrapper: str | None = None
+) -> Path:
+    """conftest's tiny model of ``model_type`` (inside a tiny ``wrapper``: test_multimodal's, its processor files
+    included) with SmolLM2's vocabulary and tokenizer files."""
+    sizes = {**overrides, **CONVERTER_SIZES.get(model_type, {}), **SMOLLM2_TOKENS}
+    if wrapper:
+        config = wrapper_config(wrapper, model_type, **sizes)
+        config.image_token_index = SMOLLM2_TOKENS["vocab_size"] - 1  # a word of SmolLM2's stands for image positions
+        save_wrapper_config(folder, config)
+    else:
+        config = tiny_config(model_type, **sizes)
+        save_tiny(folder, config)
     written = json.loads((folder / "config.json").read_text())
-    written.update(HUB_KEYS.get(model_type, lambda c: {})(config))
+    written.update(HUB_KEYS.get(model_type, lambda c: {})(config.get_text_config()))
     (folder / "config.json").write_text(json.dumps(written, indent=2))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(tokenizer / name, folder / name)
@@ -156,8 +180,10 @@ def converted(converter, bpe_tokenizer, tmp_path_factory, one_thread) -> dict[st
     one process, as its README says to run it (``convert_hf_to_gguf.py MODEL --outfile F --outtype f32``)."""
     root = tmp_path_factory.mktemp("hf2gguf")
     runs: dict[str, dict] = {}
-    for key, (model_type, overrides, site, _) in {**CASES, **FAILING}.items():
-        base = _with_tokenizer(model_type, overrides, root / key / "base", bpe_tokenizer)
+    cases = {key: (t, o, site, None) for key, (t, o, site, _) in {**CASES, **FAILING}.items()}
+    cases.update({key: (t, {}, site, w) for key, (w, t, site) in WRAPPERS.items()})
+    for key, (model_type, overrides, site, wrapper) in cases.items():
+        base = _with_tokenizer(model_type, overrides, root / key / "base", bpe_tokenizer, wrapper)
         hidden = AutoConfig.from_pretrained(base).get_text_config().hidden_size
         g = torch.Generator().manual_seed(1)
         vectors = VectorSet({(layer, site): torch.randn(hidden, generator=g) for layer in (1, 2)})
@@ -186,29 +212,36 @@ def converted(converter, bpe_tokenizer, tmp_path_factory, one_thread) -> dict[st
     return runs
 
 
+def _load(path: Path):
+    """The checkpoint in stock transformers, as its family's users load it (a wrapper with its auto class)."""
+    wrapper = family_for(AutoConfig.from_pretrained(path)).wrapper
+    auto = getattr(transformers, wrapper.auto_class) if wrapper else AutoModelForCausalLM
+    return auto.from_pretrained(path).eval()
+
+
 def _hf_logits(path: Path) -> list[np.ndarray]:
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = _load(path)
     with torch.inference_mode():
         return [model(torch.tensor([x])).logits[0].numpy() for x in IDS]
 
 
 def _hf_greedy(path: Path) -> list[list[int]]:
     """Greedy continuations, stopping at end of sequence as bake.formats.gguf.llamacpp.greedy does."""
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = _load(path)
     out = []
     for x in IDS:
         ids = torch.tensor([x])
         with torch.inference_mode():
             for _ in range(TOKENS):
                 next_id = model(ids).logits[0, -1].argmax()
-                if int(next_id) == model.config.eos_token_id:
+                if int(next_id) == model.config.get_text_config().eos_token_id:
                     break
                 ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
         out.append(ids[0, len(x) :].tolist())
     return out
 
 
-@pytest.mark.parametrize("key", CASES)
+@pytest.mark.parametrize("key", [*CASES, *WRAPPERS])
 def test_converted_checkpoint_runs_the_bake_in_llama_cpp(converted, key):
     """llama.cpp on the float32 conversion matches the baked checkpoint in transformers (logits within ATOL,
     greedy tokens equal), and not the unsteered base (a dropped bias fails)."""
@@ -216,7 +249,7 @@ def test_converted_checkpoint_runs_the_bake_in_llama_cpp(converted, key):
     from bake.formats.gguf import llamacpp
 
     run = converted[key]
-    assert run["baked_error"] is None, f"convert_hf_to_gguf.py failed on the baked checkpoint: {run['error']}"
+    assert run["baked_error"] is None, f"convert_hf_to_gguf.py failed on the baked checkpoint: {run['baked_error']}"
     llama = llamacpp.logits(run["gguf"], IDS)
     baked, base = _hf_logits(run["baked"]), _hf_logits(run["base"])
     gap = max(float(np.abs(a - b).max()) for a, b in zip(llama, baked))
@@ -225,6 +258,17 @@ def test_converted_checkpoint_runs_the_bake_in_llama_cpp(converted, key):
     assert gap < ATOL, f"llama.cpp differs from transformers' steered model by {gap} (the steering moves {steering})"
     assert steering > 100 * ATOL, "the steering barely changes the logits: the test could not fail"
     assert llamacpp.greedy(run["gguf"], IDS, TOKENS) == _hf_greedy(run["baked"])
+
+
+@pytest.mark.parametrize("key", list({w: key for key, (w, _, _) in reversed(WRAPPERS.items())}.values()))
+def test_wrapper_converts_to_its_language_model_alone(converted, key):
+    """A wrapper's GGUF is its language model: every block, none of the vision tower's or projector's tensors
+    (llama.cpp keeps those in a separate mmproj file, which ``--mmproj`` does not write for these tiny wrappers: CLIP
+    towers are not among its vision models, and Pixtral's needs image tokens that SmolLM2's tokenizer lacks). One
+    case per wrapper: reading a GGUF's metadata (SmolLM2's vocabulary) takes seconds."""
+    names = [t.name for t in gguf.GGUFReader(converted[key]["gguf"]).tensors]
+    assert not [n for n in names if n.startswith(("v.", "mm."))], names
+    assert {n.split(".")[1] for n in names if n.startswith("blk.")} == {"0", "1", "2", "3"}, names
 
 
 @pytest.mark.parametrize("key", FAILING)
@@ -280,8 +324,9 @@ def test_table_says_what_llama_cpp_ran():
     """The llama.cpp column says "tested" exactly for the families run here: no family claims llama.cpp loads
     it from reading the source alone."""
     ran = {family_for(tiny_config(c[0], **c[1])).name for c in CASES.values()}
+    ran |= {family_for(wrapper_config(w, t)).name for w, t, _ in WRAPPERS.values()}
     failing = {family_for(tiny_config(c[0], **c[1])).name for c in FAILING.values()}
-    for family in FAMILIES:
+    for family in FAMILIES + WRAPPED:
         if family.name in ran:
             continue
         if family.name in failing:

@@ -18,6 +18,7 @@ from test_architectures import PROBES, assert_steered_like_hooks, hooked_logits
 import bake
 from bake.cli import main
 from bake.errors import BakeError
+from bake.families.hf import family_for
 from bake.recipe import VerifySpec, parse_recipe
 from bake.vectorfile import VectorSet
 
@@ -44,34 +45,106 @@ CASES = [
     ("gemma3", "gemma3_text", "resid_post", False, True),
     ("gemma3", "gemma3_text", "resid_mid", False, True),
 ]
-IMAGE_TOKEN = len(make_tokenizer()) - 1  # a word of the test vocabulary stands for the image's positions
+# The image's special tokens each wrapper's processor expects in the tokenizer (added after the test vocabulary, and
+# tokenizer attributes, which Gemma 3's processor reads); ``image_token`` is the one each image position holds.
+IMAGE_TOKENS = {
+    "llava": {"image_token": "<image>"},
+    "mistral3": {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"},
+    "gemma3": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+}
 # Image positions a 16x16 image fills (LLaVA: 2x2 patches, CLS dropped; Gemma 3: mm_tokens_per_image). Mistral 3's
 # Pixtral tower is not run on an image here.
 IMAGE_POSITIONS = {"llava": 4, "gemma3": 4}
-PROCESSOR_FILES = {"preprocessor_config.json": '{"image_processor_type": "CLIPImageProcessor", "size": 16}\n'}
+# The processor files as the wrapper's stock processor writes them for a 16x16 image of 8x8 patches. Mistral 3's
+# PixtralProcessor needs torchvision to be built (transformers 5), so its files are written as it would write them.
+PROCESSOR_FILES = {
+    "mistral3": {
+        "processor_config.json": {
+            "processor_class": "PixtralProcessor",
+            "patch_size": 8,
+            "spatial_merge_size": 2,
+            **IMAGE_TOKENS["mistral3"],
+            "image_processor": {
+                "image_processor_type": "PixtralImageProcessor",
+                "size": {"longest_edge": 16},
+                "patch_size": 8,
+                "do_resize": True,
+                "do_rescale": True,
+                "do_normalize": True,
+                "do_convert_rgb": True,
+                "rescale_factor": 1 / 255,
+                "image_mean": [0.5, 0.5, 0.5],
+                "image_std": [0.5, 0.5, 0.5],
+            },
+        }
+    }
+}
 
 
-def save_wrapper(path: Path, model_type: str, text_type: str, **text_overrides) -> Path:
-    """A tiny random wrapper (weights larger than default init, as conftest.save_tiny), its tokenizer and a
-    processor file."""
-    text = tiny_config(text_type, **text_overrides)
+def wrapper_tokenizer(model_type: str):
+    """The test tokenizer with the wrapper's image tokens added as special tokens."""
+    return make_tokenizer(named=IMAGE_TOKENS[model_type])
+
+
+def image_token(model_type: str) -> int:
+    """The token id of one image position in the wrapper's tiny models."""
+    return wrapper_tokenizer(model_type).convert_tokens_to_ids(IMAGE_TOKENS[model_type]["image_token"])
+
+
+def wrapper_config(model_type: str, text_type: str, **text_overrides):
+    """A tiny wrapper config around conftest's tiny text config (overrides win), its vocabulary the wrapper
+    tokenizer's."""
+    tok = wrapper_tokenizer(model_type)
+    text = tiny_config(text_type, **{"vocab_size": len(tok), **text_overrides})
     config = transformers.AutoConfig.for_model(
-        model_type,
-        text_config=text.to_dict(),
-        vision_config=VISION[model_type],
-        mm_tokens_per_image=4,
-        image_token_index=IMAGE_TOKEN,
+        model_type, text_config=text.to_dict(), vision_config=VISION[model_type], mm_tokens_per_image=4
     )
+    for name, token in IMAGE_TOKENS[model_type].items():  # the ids the wrapper's config has a key for
+        key = f"{name.removesuffix('_token')}_token_index"
+        if hasattr(config, key):
+            setattr(config, key, tok.convert_tokens_to_ids(token))
+    return config
+
+
+def _processor(model_type: str, tok):
+    """The wrapper's stock processor for 16x16 images (None for Mistral 3: see PROCESSOR_FILES)."""
+    if model_type == "llava":  # CLIP's CLS position is dropped by the "default" feature strategy: 4 positions
+        images = transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+        return transformers.LlavaProcessor(
+            images, tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1
+        )
+    if model_type == "gemma3":
+        images = transformers.Gemma3ImageProcessor(size={"height": 16, "width": 16})
+        return transformers.Gemma3Processor(images, tok, image_seq_length=4)
+    return None
+
+
+def save_wrapper_config(path: Path, config) -> Path:
+    """A tiny random wrapper of ``config`` (weights larger than default init, as conftest.save_tiny), with its
+    tokenizer and processor files."""
+    model_type = config.model_type
     torch.manual_seed(0)
     model = transformers.AutoModelForImageTextToText.from_config(config)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.3)
     model.eval().save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    for name, content in PROCESSOR_FILES.items():
-        (path / name).write_text(content)
+    tok = wrapper_tokenizer(model_type)
+    processor = _processor(model_type, tok)
+    (processor or tok).save_pretrained(path)
+    for name, content in PROCESSOR_FILES.get(model_type, {}).items():
+        (path / name).write_text(json.dumps(content, indent=2) + "\n")
     return path
+
+
+def save_wrapper(path: Path, model_type: str, text_type: str, **text_overrides) -> Path:
+    """A tiny random wrapper around conftest's tiny text model (see save_wrapper_config)."""
+    return save_wrapper_config(path, wrapper_config(model_type, text_type, **text_overrides))
+
+
+def processor_files(path: Path) -> list[str]:
+    """The processor's files a wrapper folder holds (they must be copied as they are)."""
+    return sorted(p.name for p in path.glob("*processor*.json")) + sorted(p.name for p in path.glob("chat_template*"))
 
 
 def tensors(path: Path) -> dict[str, bytes]:
@@ -128,14 +201,16 @@ def test_wrapper_bakes_its_language_model_exactly(tmp_path, case):
     for name, data in source_tensors.items():
         assert baked_tensors.get(name) == data, name
     assert all(n.endswith(".bias") for n in set(baked_tensors) - set(source_tensors))
-    for name, content in PROCESSOR_FILES.items():
-        assert (out / name).read_text() == content
+    assert processor_files(src), "the tiny wrapper has no processor files"
+    for name in processor_files(src):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).read_bytes() == (src / name).read_bytes()
 
-    # the model card names the wrapper's loader and task, and that vLLM and llama.cpp were not run for it
+    # the model card names the wrapper's loader and task, and what vLLM and llama.cpp do with it (the table's row)
     card = (out / "README.md").read_text()
-    assert "pipeline_tag: image-text-to-text" in card and "not run for the wrapper" in card
+    family = family_for(transformers.AutoConfig.from_pretrained(src))
+    assert "pipeline_tag: image-text-to-text" in card and family.vllm in card and family.llama_cpp in card
     loader = "`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`"
     assert f"reloaded from disk with {loader if module else f'plain `{CLASS[model_type]}.from_pretrained`'}" in card
     assert ("written as `model_type: llama` inside the stock" in card) == relabelled
@@ -146,7 +221,8 @@ def test_wrapper_bakes_its_language_model_exactly(tmp_path, case):
 
     if model_type in IMAGE_POSITIONS:  # an image through the baked wrapper: the text model is steered the same
         tok = make_tokenizer()
-        ids = torch.tensor([[tok.bos_token_id] + [IMAGE_TOKEN] * IMAGE_POSITIONS[model_type] + tok("a dog").input_ids])
+        image = [image_token(model_type)] * IMAGE_POSITIONS[model_type]
+        ids = torch.tensor([[tok.bos_token_id] + image + tok("a dog").input_ids])
         pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
             got, blind = (baked(input_ids=ids, **p).logits for p in ({"pixel_values": pixels}, {}))

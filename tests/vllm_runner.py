@@ -1,10 +1,11 @@
 """Greedy decoding in vLLM for tests/test_vllm.py, run by the vLLM environment's python (not the suite's).
 
 Reads a JSON job (argument 1): {"tokens": N, "prompts": [[ids...], ...], "models": [{"path": ...,
-"trust_remote_code": bool}, ...]}. Loads the models in turn in this one process and prints one JSON line per
-model: {"path": ..., "architecture": <the class vLLM ran>, "tokens": [[ids...] per prompt]} or {"path": ...,
-"error": "<type>: <message> (in <function>, <file>)"} when vLLM refuses it (the test reports that). Token ids in,
-token ids out: no tokenizer involved.
+"trust_remote_code": bool, "engine": {more LLM arguments}}, ...]}. Loads the models in turn in this one process and
+prints one JSON line per model: {"path": ..., "architecture": <the class vLLM ran>, "tokens": [[ids...] per prompt]}
+or {"path": ..., "error": "<type>: <message> (in <function>, <file>)"} when vLLM refuses it (the test reports that),
+each with "seconds", the wall time it took. Token ids in, token ids out (a multimodal wrapper's engine loads its
+tokenizer all the same: vLLM builds the wrapper's processor from it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gc
 import json
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -21,7 +23,7 @@ def _run(model: dict, prompts: list[list[int]], tokens: int) -> dict:
     from vllm import LLM, ModelRegistry, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(
+    args = dict(
         model=model["path"],
         dtype="float32",
         max_model_len=128,
@@ -31,6 +33,7 @@ def _run(model: dict, prompts: list[list[int]], tokens: int) -> dict:
         seed=0,
         max_num_seqs=len(prompts),
     )
+    llm = LLM(**{**args, **model.get("engine", {})})
     try:
         params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True, detokenize=False)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -49,6 +52,7 @@ def _run(model: dict, prompts: list[list[int]], tokens: int) -> dict:
 def main() -> None:
     job = json.loads(Path(sys.argv[1]).read_text())
     for model in job["models"]:
+        start = time.monotonic()
         try:
             result = _run(model, job["prompts"], job["tokens"])
         except Exception as e:  # noqa: BLE001 -- reported per model: one refusal must not hide the others' results
@@ -58,6 +62,7 @@ def main() -> None:
                 "path": model["path"],
                 "error": f"{type(e).__name__}: {e} (in {frame.name}, {Path(frame.filename).name})",
             }
+        result["seconds"] = round(time.monotonic() - start, 1)  # engine start, decoding and teardown
         print("BAKE-RESULT " + json.dumps(result), flush=True)
 
 

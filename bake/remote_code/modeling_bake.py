@@ -33,6 +33,8 @@ Transformers backend, which builds ``AutoModel`` (hence the second ``auto_map`` 
 parameters by name. The steering is a parameter of a child module for that reason: vLLM loads
 parameters, not buffers, and it swaps leaf RMSNorms for its own fused kernel (dropping any hook on
 them) but keeps a module that has children, so the norm carrying a steering point stays this code.
+Each class also takes its stock class's checkpoint renames (transformers skips them for remote code), so
+the backend finds tensors stored under older names (Gemma 3's wrapper: ``language_model.model.*``).
 Without ``trust_remote_code=True`` vLLM runs its own class, unsteered. TGI and llama.cpp do not
 run this file and do not apply the steering.
 """
@@ -98,7 +100,27 @@ def _install(model, config, base_name):
         module.register_forward_hook(_add_steering)
 
 
+def _stock_renames(name, base):
+    """transformers applies its checkpoint renames (e.g. the ``language_model.model.*`` names it saves Gemma 3's
+    wrapper with) only to its own classes and to names registered for them: register the stock class's for ``name``.
+    vLLM's Transformers backend, which builds ``AutoModel``, needs them (transformers' loader finds them below)."""
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:  # transformers 4 renames nothing
+        return
+    mapping = get_checkpoint_conversion_mapping(base.__name__)
+    if mapping is None:
+        mapping = get_checkpoint_conversion_mapping(base.config_class.model_type)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+
+
 def _steered_class(name, base):
+    _stock_renames(name, base)
+
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
         _install(self, config, base.__name__)
