@@ -8,8 +8,10 @@ then (slow tier) the real Gemma-3-270M base model from the PyPI package gemma3-2
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -281,6 +283,27 @@ def test_changed_code_or_config_is_caught(tiny, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     result = invoke("inspect", out)
     assert result.exit_code == 1 and "auto_map" in result.output
+
+
+def test_a_checkpoint_with_an_earlier_releases_module_still_loads_in_bake(tiny, tmp_path):
+    """A checkpoint baked before the module last changed carries the earlier file (tests/data: the one commit
+    14a464b wrote): bake's loader runs it (its sha256 is in ``trust.EARLIER_CODE``) and it steers as today's does;
+    one changed byte and it is refused again."""
+    out = tmp_path / "out"
+    bake.fold(str(tiny["gemma2"]), _vectors([(1, "resid_post")]), out, allow_remote_code=True)
+    earlier = (Path(__file__).parent / "data" / "modeling_bake-14a464b.py").read_bytes()
+    assert hashlib.sha256(earlier).hexdigest() in trust.EARLIER_CODE and earlier != trust.TEMPLATE.read_bytes()
+    old = tmp_path / "old"  # another folder: transformers caches a folder's remote module by its name
+    shutil.copytree(out, old)
+    (old / "modeling_bake.py").write_bytes(earlier)
+    ids = _ids(PROBES[0])
+    with torch.no_grad():
+        logits = load_model(old)(input_ids=ids).logits.float()
+    assert type(load_model(old)).__name__ == "BakeSteeredGemma2ForCausalLM"
+    assert torch.equal(logits, _plain_logits(out, ids, trust_remote_code=True))
+    (old / "modeling_bake.py").write_bytes(earlier + b"\n")
+    with pytest.raises(BakeError, match="not the one this version of bake writes"):
+        load_model(old)
 
 
 # --- the real Gemma 3 270M base model ----------------------------------------------------------------

@@ -14,6 +14,12 @@ TEMPLATE = Path(__file__).parents[1] / "remote_code" / "modeling_bake.py"
 MODELING_FILE = "modeling_bake.py"
 CONFIG_KEY = "bake_steering"
 CLASS_PREFIX = "BakeSteered"
+# sha256 of earlier releases of the module file, same format (bake-steering/2), that bake still runs: a checkpoint
+# baked before a change to the module keeps loading in bake's own commands, without a re-bake.
+EARLIER_CODE = {
+    "9e5bddae63d0fc3148af1d543d79f9cc2f5cbf8dac6b31e5fb24ae55b9cbc141": "before it took its stock class's "
+    "checkpoint renames (which vLLM needs for Gemma 3's wrapper and Mixtral)",
+}
 
 
 def auto_map(base_architecture: str, base_model: str) -> dict[str, str]:
@@ -48,7 +54,8 @@ def is_steered(path: Path) -> bool:
 
 
 def check_code(path: Path) -> None:
-    """Refuse to run the folder's remote code unless it is exactly the file this bake writes.
+    """Refuse to run the folder's remote code unless it is exactly the file this bake writes (or an earlier
+    release of it, ``EARLIER_CODE``).
 
     bake then loads it with ``trust_remote_code=True`` knowing it executes only its own code.
     """
@@ -58,7 +65,8 @@ def check_code(path: Path) -> None:
     spec = config.get(CONFIG_KEY) or {}
     expected = auto_map(str(spec.get("base_architecture")), str(spec.get("base_model")))
     code = path / MODELING_FILE
-    if written != expected or not code.is_file() or code.read_bytes() != TEMPLATE.read_bytes():
+    known = {code_sha256(), *EARLIER_CODE}
+    if written != expected or not code.is_file() or hashlib.sha256(code.read_bytes()).hexdigest() not in known:
         raise BakeError(
             f"{str(path)!r} carries a bake constant-bias module, but its {MODELING_FILE} or auto_map is not the one "
             "this version of bake writes: review the code, then load it yourself with trust_remote_code=True (or "
