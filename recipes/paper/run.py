@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,8 @@ PAGE = ROOT / "docs" / "paper.md"
 TASKS = ["antonyms", "capitals", "english-french", "present-past", "singular-plural"]
 # Sized for a loaded 2-core machine: the split keeps 40 held-out pairs per task, HELD_EVAL of them are asked
 # zero-shot; ICL_BOUND of them with demonstrations (long prompts, the costliest figure per query).
-HELD_OUT, HELD_EVAL, DEV, ICL_PROMPTS, SHOTS = 40, 20, 10, 16, 5
+# DEV training words per task pick each method's setting: 5 x 30 settings x 3 methods x 5 tasks greedy queries.
+HELD_OUT, HELD_EVAL, DEV, ICL_PROMPTS, SHOTS = 40, 20, 5, 16, 5
 ICL_BOUND = 20
 # Coefficient 1 (the paper's) is a few percent of the residual norm at the early layers: too weak to show anything.
 COEFFICIENTS = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
@@ -241,7 +243,9 @@ def _geometry(entries: dict[str, dict], units: dict[str, torch.Tensor], layers: 
     return out
 
 
-def run_model(name: str, spec: str, data: dict, work: Path) -> dict[str, Any]:
+def run_model(name: str, spec: str, data: dict, work: Path, saved: Callable[[dict], None]) -> dict[str, Any]:
+    """The model's figures; ``saved(result)`` after the sweep and after each method's bakes, so an interrupted run
+    leaves every stage it finished on the page."""
     from transformers import AutoModelForCausalLM
 
     import bake
@@ -287,7 +291,7 @@ def run_model(name: str, spec: str, data: dict, work: Path) -> dict[str, Any]:
         best = _best(grid)
         chosen[method] = {"layer": int(best.split("/")[0]), "coefficient": float(best.split("/")[1])}
     result["chosen"] = chosen
-    (Path(tempfile.gettempdir()) / f"bake-paper-{name}-sweep.json").write_text(json.dumps(result))  # if a fold fails
+    saved(result)
     del model
     for method, at in chosen.items():
         per_task = {}
@@ -311,10 +315,12 @@ def run_model(name: str, spec: str, data: dict, work: Path) -> dict[str, Any]:
             del baked
             shutil.rmtree(out)
         result["held_out"][method] = per_task
+        saved(result)
         print(
             f"{name} {method} baked, held-out: {_mean(per_task):.1f}% ({time.time() - started:.0f}s)", file=sys.stderr
         )
     result["seconds"] = round(time.time() - started)
+    saved(result)
     return result
 
 
@@ -481,7 +487,8 @@ def render(results: dict, page: str) -> str:
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
-def measure(models: list[str]) -> dict[str, Any]:
+def measure(models: list[str], saved: Callable[[dict], None] = lambda results: None) -> dict[str, Any]:
+    """Every model's figures; ``saved(results)`` whenever a model's stage finishes."""
     data = datasets()
     results: dict[str, Any] = {
         "settings": {
@@ -501,7 +508,12 @@ def measure(models: list[str]) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="bake-paper-") as work:
         for name in models:
-            results["models"][name] = run_model(name, MODELS[name](), data, Path(work))
+
+            def stage(result: dict, name: str = name) -> None:
+                results["models"][name] = result
+                saved(results)
+
+            run_model(name, MODELS[name](), data, Path(work), stage)
     return results
 
 
@@ -524,17 +536,22 @@ def main() -> None:
         PAGE.write_text(render(json.loads(RESULTS.read_text()), PAGE.read_text()))
         return
     torch.manual_seed(0)
-    results = measure(args.models)
     if args.check:
+        results = measure(args.models)
         moved = _moved(json.loads(RESULTS.read_text()), results)
         stale = render(json.loads(RESULTS.read_text()), PAGE.read_text()) != PAGE.read_text()
         if moved or stale:
             raise SystemExit("\n".join(moved + (["docs/paper.md is stale: run --render"] if stale else [])))
         return
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"models": {}}
-    results["models"] = {**old.get("models", {}), **results["models"]}
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    PAGE.write_text(render(results, PAGE.read_text()))
+
+    def save(results: dict) -> None:
+        """The models measured now, beside the others already in results.json; the page re-rendered."""
+        merged = {**results, "models": {**old.get("models", {}), **results["models"]}}
+        RESULTS.write_text(json.dumps(merged, indent=1) + "\n")
+        PAGE.write_text(render(merged, PAGE.read_text()))
+
+    measure(args.models, save)
 
 
 if __name__ == "__main__":
