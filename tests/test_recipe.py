@@ -421,6 +421,20 @@ def test_chat_counts_only_the_assistant_reply(reply):
     assert ex.input_ids == tok(rendered, add_special_tokens=False).input_ids
 
 
+def test_chat_with_a_template_that_opens_on_a_word_gets_no_start_token_unasked():
+    """The reply's position in the rendered chat is not the ``start`` flag: a template that does not begin with a
+    special token keeps its first word first (a stray start token would shift every position)."""
+    tok = make_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    rendered = "user the dog assistant happy day "
+    [plain] = tokenize(tok, ["happy day"], max_tokens=256, chat=True, chat_prompt="the dog")
+    assert plain.input_ids == tok(rendered, add_special_tokens=False).input_ids
+    reply = tok("happy day", add_special_tokens=False).input_ids
+    assert [t for t, c in zip(plain.input_ids, plain.counted) if c] == reply
+    [started] = tokenize(tok, ["happy day"], max_tokens=256, chat=True, chat_prompt="the dog", start=True)
+    assert started.input_ids == [tok.bos_token_id, *plain.input_ids]
+
+
 def test_chat_without_template_is_a_bake_error():
     tok = make_tokenizer()
     tok.chat_template = None

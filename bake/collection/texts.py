@@ -140,8 +140,8 @@ def tokenize(
             rendered = tokenizer.apply_chat_template(
                 [{"role": "user", "content": chat_prompt}, {"role": "assistant", "content": text}], tokenize=False
             )
-            start = rendered.rindex(text)
-            span = (start, start + len(text)) if positions != "all" else None
+            reply = rendered.rindex(text)  # not ``start``: that flag says whether to prepend the start token
+            span = (reply, reply + len(text)) if positions != "all" else None
             enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         else:
             span = None

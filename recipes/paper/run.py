@@ -10,8 +10,9 @@ that picks each method's layer and coefficient) and held-out pairs (zero-shot qu
 A vector is measured by bake (``positions: last``: each ICL prompt's last token) with three methods: mean-centred
 against the mean over all tasks' ICL prompts at their last token (the paper's choice), mean-centred against the
 model's own samples (bake's default background), and uncentred (``mean``). The dev sweep adds each vector at every
-position with bake's own hooks (``bake.verify.steered``, what ``bake fold`` verifies a bake against); the held-out
-figures come from checkpoints written by ``bake.fold`` and loaded with stock transformers.
+position with bake's own hooks (``bake.verify.steered``, what ``bake fold`` verifies a bake against), a method's
+whole layer x coefficient grid in a few batched passes (a list of vector sets steers one block of rows each); the
+held-out figures come from checkpoints written by ``bake.fold`` and loaded with stock transformers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +38,19 @@ ROOT = HERE.parents[1]
 RESULTS = HERE / "results.json"
 PAGE = ROOT / "docs" / "paper.md"
 TASKS = ["antonyms", "capitals", "english-french", "present-past", "singular-plural"]
-# Sized for a loaded 2-core machine (about 1.5 s per greedy query there): the split keeps 40 held-out pairs per task,
-# HELD_EVAL of them are asked; ICL_BOUND of them with demonstrations (long prompts, the costliest figure).
-HELD_OUT, HELD_EVAL, DEV, ICL_PROMPTS, SHOTS = 40, 20, 10, 16, 5
-ICL_BOUND = 5
-COEFFICIENTS = [1.0]  # the paper's setting; a grid (0.5, 1, 2) triples the sweep
-DEPTHS = [0.2, 0.33]  # fractions of the depth: the early-middle layers where function vectors are found
+# Sized for a loaded 2-core machine: the split keeps 40 held-out pairs per task, HELD_EVAL of them are asked
+# zero-shot; ICL_BOUND of them with demonstrations (long prompts, the costliest figure per query).
+# DEV training words per task pick each method's setting: 5 x 30 settings x 3 methods x 5 tasks greedy queries.
+HELD_OUT, HELD_EVAL, DEV, ICL_PROMPTS, SHOTS = 40, 20, 5, 16, 5
+ICL_BOUND = 20
+# Coefficient 1 (the paper's) is a few percent of the residual norm at the early layers: too weak to show anything.
+COEFFICIENTS = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+DEPTHS = [0.2, 0.33, 0.5, 0.67, 0.83]  # fractions of the depth: layers 6, 10, 15, 20 and 25 of SmolLM2's 30
+GRID_ROWS = 300  # rows per batched pass of the dev sweep: steering settings x dev queries
 NEW_TOKENS = 4
 METHODS = {
     "mean-centred": "mean-centred, background: all tasks' ICL prompts (last token)",
+    "mean-centred-samples": "mean-centred, background: the model's own samples (bake's default)",
     "mean": "uncentred mean",
 }
 PAPER = {"model": "GPT-J-6B", "mean-centred": 45.7, "mean": 29.2, "note": "zero-shot accuracy, averaged over tasks"}
@@ -140,16 +146,41 @@ def first_word(text: str) -> str:
 
 
 @torch.inference_mode()
-def accuracy(model, tokenizer, prompts: list[str], answers: list[list[str]], batch: int = 40) -> float:
-    """Percent of prompts whose first generated word (greedy) is one of the answers."""
+def replies(model, tokenizer, prompts: list[str], batch: int = 40) -> list[str]:
+    """The greedy continuation (NEW_TOKENS tokens) of each prompt, in left-padded batches of ``batch``."""
     tokenizer.padding_side = "left"
-    hits = 0
+    texts = []
     for start in range(0, len(prompts), batch):
         enc = tokenizer(prompts[start : start + batch], return_tensors="pt", padding=True)
         out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        hits += sum(first_word(t) in {normal(a) for a in ans} for t, ans in zip(texts, answers[start : start + batch]))
-    return 100.0 * hits / len(prompts)
+        texts += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return texts
+
+
+def grid_replies(model, family, tokenizer, settings: list, prompts: list[str]) -> list[list[str]]:
+    """``replies`` to every prompt under each steering setting (a VectorSet), as each setting would answer alone:
+    as many settings per pass as GRID_ROWS rows hold, steered by ``bake.verify.steered`` with the list (row block i
+    of every batch gets setting i; the blocks are the same prompts, so they pad alike)."""
+    from bake.verify import steered
+
+    per = max(1, GRID_ROWS // len(prompts))
+    out = []
+    for start in range(0, len(settings), per):
+        chunk = settings[start : start + per]
+        with steered(model, family, chunk):
+            texts = replies(model, tokenizer, prompts * len(chunk), batch=len(prompts) * len(chunk))
+        out += [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(chunk))]
+    return out
+
+
+def score(texts: list[str], answers: list[list[str]]) -> float:
+    """Percent of the replies whose first word is one of their answers."""
+    return 100.0 * sum(first_word(t) in {normal(a) for a in ans} for t, ans in zip(texts, answers)) / len(texts)
+
+
+def accuracy(model, tokenizer, prompts: list[str], answers: list[list[str]]) -> float:
+    """Percent of prompts whose first generated word (greedy) is one of the answers."""
+    return score(replies(model, tokenizer, prompts), answers)
 
 
 def zero_shot(model, tokenizer, pairs: list) -> float:
@@ -176,7 +207,7 @@ def _recipe(spec: str, data: dict, layers: list[int]):
                     "method": "mean-centred" if method.startswith("mean-centred") else "mean",
                     "target": {"texts": d["icl"]},
                 }
-                if method == "mean-centred":
+                if method == "mean-centred":  # mean-centred-samples keeps the recipe default: the model's samples
                     entry["background"] = {"corpus": {"texts": every}, "positions": "last"}
                 steering.append(entry)
     return parse_recipe(yaml.safe_dump({"model": spec, "steering": steering}, sort_keys=False), HERE)
@@ -184,23 +215,37 @@ def _recipe(spec: str, data: dict, layers: list[int]):
 
 def _geometry(entries: dict[str, dict], units: dict[str, torch.Tensor], layers: list[int]) -> dict[int, dict]:
     """Per layer, averaged over tasks: the anisotropy of the ICL prompts' last-token residuals,
-    (‖mean‖ / mean ‖residual‖)², which is the mean cosine between two residuals when their norms are equal; and
-    the background offset (what mean-centring subtracts) against the uncentred vector: norm ratio and cosine."""
+    (‖mean‖ / mean ‖residual‖)², which is the mean cosine between two residuals when their norms are equal; the
+    background offset (what mean-centring subtracts) against the uncentred vector: norm ratio and cosine; and each
+    method's vector (coefficient 1) against the mean residual norm of the model's own text at that layer (the
+    residual the bias joins at every position: the relative size of the push)."""
     out = {}
     for layer in layers:
-        aniso, ratios, cosines = [], [], []
+        aniso, ratios, cosines, residual = [], [], [], []
+        relative: dict[str, list[float]] = {m: [] for m in METHODS}
         for task in TASKS:
             target = units[f"{task}.mean.{layer}"]
             offset = target - units[f"{task}.mean-centred.{layer}"]  # the background mean
             aniso.append((float(target.norm()) / entries[f"{task}.mean.{layer}"]["mean_residual_norm"]) ** 2)
             ratios.append(float(offset.norm() / target.norm()))
             cosines.append(float(torch.nn.functional.cosine_similarity(offset, target, dim=0)))
+            residual.append(entries[f"{task}.mean-centred-samples.{layer}"]["mean_residual_norm"])
+            for m in METHODS:
+                relative[m].append(float(units[f"{task}.{m}.{layer}"].norm()) / residual[-1])
         n = len(TASKS)
-        out[layer] = {"anisotropy": sum(aniso) / n, "offset_ratio": sum(ratios) / n, "offset_cosine": sum(cosines) / n}
+        out[layer] = {
+            "anisotropy": sum(aniso) / n,
+            "offset_ratio": sum(ratios) / n,
+            "offset_cosine": sum(cosines) / n,
+            "residual_norm": sum(residual) / n,
+            "relative_norm": {m: sum(v) / n for m, v in relative.items()},
+        }
     return out
 
 
-def run_model(name: str, spec: str, data: dict, work: Path) -> dict[str, Any]:
+def run_model(name: str, spec: str, data: dict, work: Path, saved: Callable[[dict], None]) -> dict[str, Any]:
+    """The model's figures; ``saved(result)`` after the sweep and after each method's bakes, so an interrupted run
+    leaves every stage it finished on the page."""
     from transformers import AutoModelForCausalLM
 
     import bake
@@ -210,7 +255,6 @@ def run_model(name: str, spec: str, data: dict, work: Path) -> dict[str, Any]:
     from bake.sources.load import load_model, load_tokenizer
     from bake.sources.resolve import resolve_model
     from bake.vectorfile import VectorSet
-    from bake.verify import steered
 
     started = time.time()
     path = resolve_model(spec).path
@@ -231,22 +275,23 @@ def run_model(name: str, spec: str, data: dict, work: Path) -> dict[str, Any]:
     result["held_out"]["none"] = {t: zero_shot(model, tokenizer, d["eval"]) for t, d in data.items()}
     result["sweep"]["none"] = {t: zero_shot(model, tokenizer, d["dev"]) for t, d in data.items()}
     chosen = {}
+    points = [(layer, c) for layer in layers for c in COEFFICIENTS]
     for method in METHODS:
-        grid = {}
-        for layer in layers:
-            for c in COEFFICIENTS:
-                per_task = {}
-                for task, d in data.items():
-                    vectors = VectorSet({(layer, "resid_post"): c * units[f"{task}.{method}.{layer}"]})
-                    with steered(model, family, vectors):
-                        per_task[task] = zero_shot(model, tokenizer, d["dev"])
-                grid[f"{layer}/{c:g}"] = per_task
-                print(f"{name} {method} layer {layer} x{c:g}: {_mean(per_task):.1f}% dev", file=sys.stderr)
+        grid: dict[str, dict[str, float]] = {f"{layer}/{c:g}": {} for layer, c in points}
+        for task, d in data.items():
+            settings = [
+                VectorSet({(layer, "resid_post"): c * units[f"{task}.{method}.{layer}"]}) for layer, c in points
+            ]
+            texts = grid_replies(model, family, tokenizer, settings, [query(s) for s, _ in d["dev"]])
+            for (layer, c), t in zip(points, texts):
+                grid[f"{layer}/{c:g}"][task] = score(t, [a for _, a in d["dev"]])
+        best_row = max(grid.values(), key=_mean)
+        print(f"{name} {method} swept: best {_mean(best_row):.1f}% dev ({time.time() - started:.0f}s)", file=sys.stderr)
         result["sweep"][method] = grid
         best = _best(grid)
         chosen[method] = {"layer": int(best.split("/")[0]), "coefficient": float(best.split("/")[1])}
     result["chosen"] = chosen
-    (Path(tempfile.gettempdir()) / f"bake-paper-{name}-sweep.json").write_text(json.dumps(result))  # if a fold fails
+    saved(result)
     del model
     for method, at in chosen.items():
         per_task = {}
@@ -270,10 +315,12 @@ def run_model(name: str, spec: str, data: dict, work: Path) -> dict[str, Any]:
             del baked
             shutil.rmtree(out)
         result["held_out"][method] = per_task
+        saved(result)
         print(
             f"{name} {method} baked, held-out: {_mean(per_task):.1f}% ({time.time() - started:.0f}s)", file=sys.stderr
         )
     result["seconds"] = round(time.time() - started)
+    saved(result)
     return result
 
 
@@ -294,7 +341,7 @@ def _pct(x: float) -> str:
 
 
 def _fv_table(results: dict) -> str:
-    head = ["model", "task", "ICL, 5-shot (bound)", "no steering", *METHODS]
+    head = ["model", "task", f"ICL, {SHOTS}-shot (bound)", "no steering", *METHODS]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, r in results["models"].items():
         for task in [*TASKS, "mean"]:
@@ -310,7 +357,8 @@ def _fv_table(results: dict) -> str:
                 + " | ".join(cell(r["held_out"].get(m)) for m in METHODS)
                 + " |"
             )
-    rows.append(f"| {PAPER['model']} (paper) | **average** | | | " + " | ".join(str(PAPER[m]) for m in METHODS) + " |")
+    paper = " | ".join(str(PAPER.get(m, "")) for m in METHODS)  # blank where the paper gives no figure
+    rows.append(f"| {PAPER['model']} (paper) | **average** | | | {paper} |")
     settings = "; ".join(
         f"{model}: " + ", ".join(f"{m} layer {a['layer']} x{a['coefficient']:g}" for m, a in r["chosen"].items())
         for model, r in results["models"].items()
@@ -319,56 +367,85 @@ def _fv_table(results: dict) -> str:
 
 
 def _sweep_table(results: dict) -> str:
-    head = ["model", "layer", *(f"{m} (best x)" for m in METHODS)]
+    coefficients = results["settings"]["coefficients"]
+    head = ["model", "method", "layer", *(f"x{c:g}" for c in coefficients)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, r in results["models"].items():
-        for layer in r["layers"]:
-            cells = []
-            for m in METHODS:
-                grid = {k: v for k, v in r["sweep"][m].items() if k.startswith(f"{layer}/")}
-                best = max(grid, key=lambda k: _mean(grid[k]))
-                cells.append(f"{_pct(_mean(grid[best]))} (x{best.split('/')[1]})")
-            rows.append(f"| {model} | {layer} of {r['depth']} | " + " | ".join(cells) + " |")
-        rows.append(f"| {model} | no steering | {_pct(_mean(r['sweep']['none']))} |" + " |" * (len(METHODS) - 1))
+        for m in METHODS:
+            for layer in r["layers"]:
+                cells = [_pct(_mean(r["sweep"][m][f"{layer}/{c:g}"])) for c in coefficients]
+                rows.append(f"| {model} | {m} | {layer} of {r['depth']} | " + " | ".join(cells) + " |")
+        rows.append(f"| {model} | no steering | | {_pct(_mean(r['sweep']['none']))} |" + " |" * (len(coefficients) - 1))
     return "\n".join(rows)
 
 
 def _geometry_table(results: dict) -> str:
-    rows = [
-        "| model | layer | anisotropy (‖μ‖ / mean ‖x‖)² | ‖background mean‖ / ‖target mean‖ | "
-        "cos(background mean, target mean) |",
-        "|---|---|---|---|---|",
+    head = [
+        "model",
+        "layer",
+        "mean ‖x‖ (own text)",
+        *(f"‖{m}‖ / mean ‖x‖" for m in METHODS),
+        "anisotropy (‖μ‖ / mean ‖x‖)²",
+        "‖background mean‖ / ‖target mean‖",
+        "cos(background mean, target mean)",
     ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for model, r in results["models"].items():
         for layer, g in r["geometry"].items():
+            relative = " | ".join(f"{g['relative_norm'][m]:.3f}" for m in METHODS)
             rows.append(
-                f"| {model} | {layer} | {g['anisotropy']:.3f} | {g['offset_ratio']:.3f} | {g['offset_cosine']:.3f} |"
+                f"| {model} | {layer} | {g['residual_norm']:.1f} | {relative} | {g['anisotropy']:.3f} | "
+                f"{g['offset_ratio']:.3f} | {g['offset_cosine']:.3f} |"
             )
     return "\n".join(rows)
 
 
+def _spread(r: dict) -> tuple[float, float]:
+    """(how far the layer moves a method's dev accuracy, how far the method moves a layer's): the largest gap,
+    in points, between the best and worst layer of one method, and between the best and worst method at one layer,
+    each cell at its best coefficient."""
+    cell = {
+        (m, layer): max(_mean(v) for k, v in r["sweep"][m].items() if k.startswith(f"{layer}/"))
+        for m in METHODS
+        for layer in r["layers"]
+    }
+    by_layer = max(max(cell[m, x] for x in r["layers"]) - min(cell[m, x] for x in r["layers"]) for m in METHODS)
+    by_method = max(max(cell[m, x] for m in METHODS) - min(cell[m, x] for m in METHODS) for x in r["layers"])
+    return by_layer, by_method
+
+
 def verdicts(results: dict) -> list[str]:
-    """Per model: does mean-centring (the paper's background) win, tie or lose against uncentred, held out?"""
+    """Per model: does each mean-centred method win, tie or lose against uncentred, held out; which tasks answer
+    at all; whether the layer or the method matters more; how large each chosen vector is against the residual."""
     lines = []
+    tie = 100.0 / HELD_EVAL  # within one query per task: a tie
     for model, r in results["models"].items():
         baked = all(m in r["held_out"] for m in METHODS)
         figures = r["held_out"] if baked else {m: r["sweep"][m][_best(r["sweep"][m])] for m in METHODS}
-        mc, mean = (_mean(figures[k]) for k in ("mean-centred", "mean"))
         none = _mean(r["held_out"]["none"] if baked else r["sweep"]["none"])
-        where = (
-            "held-out zero-shot, baked"
-            if baked
-            else "dev zero-shot, hook-steered: the baked held-out run did not finish"
-        )
-        tie = 100.0 / HELD_EVAL  # within one query per task: a tie
-        verdict = "ties with" if abs(mc - mean) <= tie else "beats" if mc > mean else "loses to"
-        g = r["geometry"][str(r["chosen"]["mean-centred"]["layer"])]
+        where = "held-out zero-shot, baked" if baked else "dev zero-shot, hook-steered: the baked run did not finish"
+        mean = _mean(figures["mean"])
+        parts = []
+        for m in (m for m in METHODS if m != "mean"):
+            mc = _mean(figures[m])
+            verdict = "ties with" if abs(mc - mean) <= tie else "beats" if mc > mean else "loses to"
+            parts.append(f"{m} {verdict} uncentred ({_pct(mc)}% against {_pct(mean)}%)")
         lines.append(
-            f"- **{model}**: mean-centred {verdict} uncentred ({_pct(mc)}% against {_pct(mean)}% {where}; "
-            f"{_pct(none)}% unsteered, {_pct(_mean(r['icl']))}% with five demonstrations). At its layer "
-            f"{r['chosen']['mean-centred']['layer']} the anisotropy (‖μ‖ / mean ‖x‖)² is {g['anisotropy']:.2f} and the "
-            f"background mean is {g['offset_ratio']:.2f}x the target mean's norm (cosine {g['offset_cosine']:.2f})."
+            f"- **{model}** ({where}; {_pct(none)}% unsteered, {_pct(_mean(r['icl']))}% with {SHOTS} "
+            f"demonstrations): " + ", ".join(parts) + "."
         )
+        answered = [t for t in TASKS if any(figures[m][t] > 0 for m in METHODS)]
+        lines.append(f"- {model}: the tasks any method answers at all: {', '.join(answered) or 'none'}.")
+        by_layer, by_method = _spread(r)
+        lines.append(
+            f"- {model}, dev sweep: the layer moves a method's accuracy by up to {_pct(by_layer)} points, the method "
+            f"a layer's by up to {_pct(by_method)} points (each at its best coefficient)."
+        )
+        sizes = ", ".join(
+            f"{m} {a['coefficient'] * r['geometry'][str(a['layer'])]['relative_norm'][m]:.2f}x at layer {a['layer']}"
+            for m, a in r["chosen"].items()
+        )
+        lines.append(f"- {model}: each chosen vector against the mean residual norm of the model's own text: {sizes}.")
     return lines
 
 
@@ -382,8 +459,8 @@ def _settings(results: dict) -> str:
     return (
         f"Pairs per task: {pairs}. Held out per task: {st['held_out']}, of which {st['held_eval']} are asked zero-shot "
         f"and {st['icl_bound']} with {st['shots']} demonstrations; {st['icl_prompts']} ICL prompts per task measure "
-        f"each vector; {st['dev']} training words per task pick the layer; coefficients {st['coefficients']}; "
-        f"{st['new_tokens']} greedy tokens per answer. Runs: {runs}."
+        f"each vector; {st['dev']} training words per task pick the layer and coefficient; coefficients "
+        f"{st['coefficients']}; {st['new_tokens']} greedy tokens per answer. Runs: {runs}."
     )
 
 
@@ -410,7 +487,8 @@ def render(results: dict, page: str) -> str:
 # --- main ---------------------------------------------------------------------------------------------------------
 
 
-def measure(models: list[str]) -> dict[str, Any]:
+def measure(models: list[str], saved: Callable[[dict], None] = lambda results: None) -> dict[str, Any]:
+    """Every model's figures; ``saved(results)`` whenever a model's stage finishes."""
     data = datasets()
     results: dict[str, Any] = {
         "settings": {
@@ -430,7 +508,12 @@ def measure(models: list[str]) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="bake-paper-") as work:
         for name in models:
-            results["models"][name] = run_model(name, MODELS[name](), data, Path(work))
+
+            def stage(result: dict, name: str = name) -> None:
+                results["models"][name] = result
+                saved(results)
+
+            run_model(name, MODELS[name](), data, Path(work), stage)
     return results
 
 
@@ -453,17 +536,22 @@ def main() -> None:
         PAGE.write_text(render(json.loads(RESULTS.read_text()), PAGE.read_text()))
         return
     torch.manual_seed(0)
-    results = measure(args.models)
     if args.check:
+        results = measure(args.models)
         moved = _moved(json.loads(RESULTS.read_text()), results)
         stale = render(json.loads(RESULTS.read_text()), PAGE.read_text()) != PAGE.read_text()
         if moved or stale:
             raise SystemExit("\n".join(moved + (["docs/paper.md is stale: run --render"] if stale else [])))
         return
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"models": {}}
-    results["models"] = {**old.get("models", {}), **results["models"]}
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
-    PAGE.write_text(render(results, PAGE.read_text()))
+
+    def save(results: dict) -> None:
+        """The models measured now, beside the others already in results.json; the page re-rendered."""
+        merged = {**results, "models": {**old.get("models", {}), **results["models"]}}
+        RESULTS.write_text(json.dumps(merged, indent=1) + "\n")
+        PAGE.write_text(render(merged, PAGE.read_text()))
+
+    measure(args.models, save)
 
 
 if __name__ == "__main__":
