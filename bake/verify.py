@@ -31,7 +31,7 @@ from bake.collection.streaming import (
 from bake.errors import BakeError
 from bake.families.hf import Family, family_for
 from bake.recipe import Collection
-from bake.sources.load import family_at, greedy_ids, load_model, load_tokenizer, prompt_ids, source_dtype
+from bake.sources.load import family_at, load_model, load_tokenizer, prompt_ids, source_dtype
 from bake.vectorfile import Point, VectorSet, tensor_name
 
 if TYPE_CHECKING:
@@ -87,35 +87,22 @@ def steered(
 
 
 @torch.inference_mode()
-def _logits(model: PreTrainedModel, ids: list[list[int]], pad_id: int) -> list[torch.Tensor]:
-    """Every prompt's logits, from one right-padded batch (its padding cut off)."""
-    width = max(map(len, ids))
-    x = torch.tensor([i + [pad_id] * (width - len(i)) for i in ids])
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-    logits = model(input_ids=x, attention_mask=mask).logits.float()
-    return [logits[row, : len(i)] for row, i in enumerate(ids)]
+def _logits(model: PreTrainedModel, ids: list[list[int]]) -> list[torch.Tensor]:
+    return [model(input_ids=torch.tensor([x])).logits[0].float() for x in ids]
 
 
 @contextlib.contextmanager
 def _norms_recorded(
-    model: PreTrainedModel,
-    family: Family,
-    points: list[Point],
-    totals: dict[Point, list],
-    lengths: list[int] | None = None,
+    model: PreTrainedModel, family: Family, points: list[Point], totals: dict[Point, list]
 ) -> Iterator[None]:
-    """While open, each forward adds the L2 norms of the residual at each point (each prompt's first token left out
-    as the collection leaves it out) to ``totals[point]`` = [sum, count]; a right-padded batch gives the prompts'
-    ``lengths`` (else each forward is one whole prompt). Activations flattened to [rows * width, hidden] (OPT) are
-    unflattened."""
+    """While open, each forward adds the L2 norms of the residual at each point (one prompt, its first token
+    left out as the collection leaves it out) to ``totals[point]`` = [sum, count]."""
 
     def recorder(point: Point):
         def record(residual: torch.Tensor) -> None:
-            rows = residual.reshape(len(lengths) if lengths else 1, -1, residual.shape[-1])
-            for row, n in enumerate(lengths or [rows.shape[1]]):
-                norms = rows[row, 1 if n > 1 else 0 : n].float().norm(dim=-1)
-                totals[point][0] += float(norms.sum())
-                totals[point][1] += norms.numel()
+            norms = residual[0, 1:].float().norm(dim=-1) if residual.shape[1] > 1 else residual[0].float().norm(dim=-1)
+            totals[point][0] += float(norms.sum())
+            totals[point][1] += norms.numel()
 
         return record
 
@@ -180,6 +167,18 @@ def degenerate(logits: list[torch.Tensor], vectors: VectorSet, residual: dict[Po
 
 
 @torch.inference_mode()
+def _greedy(model: PreTrainedModel, ids: list[list[int]], tokens: int, pad_id: int) -> list[list[int]]:
+    out = []
+    for x in ids:
+        t = torch.tensor([x])
+        g = model.generate(
+            t, attention_mask=torch.ones_like(t), max_new_tokens=tokens, do_sample=False, pad_token_id=pad_id
+        )
+        out.append(g[0, len(x) :].tolist())
+    return out
+
+
+@torch.inference_mode()
 def _divergences(
     hooked: PreTrainedModel, ids: list[list[int]], ref: list[list[int]], other: list[list[int]], margin: float
 ) -> tuple[int, int]:
@@ -215,17 +214,13 @@ def compare(
     dtype = next(baked.parameters()).dtype
     atol = atol if atol is not None else DEFAULT_ATOL.get(dtype, 1e-3)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
-    pad = tokenizer.pad_token_id
-    baked_logits = _logits(baked, ids, pad)
-    totals = {p: [0.0, 0] for p in sorted(vectors.vectors)}
-    with _norms_recorded(base, family, sorted(totals), totals, [len(x) for x in ids]):  # the plain pass measures them
-        plain_logits = _logits(base, ids, pad)
-    residual = _means(totals)
-    # Baked and hooked decode the same left-padded batch (bake.sources.load.greedy_ids), so padding moves both alike.
-    baked_greedy = greedy_ids(baked, ids, tokens, pad)
+    baked_logits = _logits(baked, ids)
+    plain_logits = _logits(base, ids)
+    residual = residual_norms(base, family, ids, sorted(vectors.vectors))
+    baked_greedy = _greedy(baked, ids, tokens, tokenizer.pad_token_id)
     with steered(base, family, vectors):
-        hooked_logits = _logits(base, ids, pad)
-        hooked_greedy = greedy_ids(base, ids, tokens, pad)
+        hooked_logits = _logits(base, ids)
+        hooked_greedy = _greedy(base, ids, tokens, tokenizer.pad_token_id)
         divergent, ties = _divergences(base, ids, hooked_greedy, baked_greedy, 2 * atol)
     dead = degenerate(hooked_logits + baked_logits, vectors, residual)
     diff = max(float((a - b).abs().max()) for a, b in zip(baked_logits, hooked_logits))
