@@ -286,8 +286,10 @@ def compare(
     atol = atol if atol is not None else DEFAULT_ATOL.get(dtype, 1e-3)
     ids = [prompt_ids(tokenizer, p, chat=False) for p in prompts]
     baked_logits = _logits(baked, ids)
-    plain_logits = _logits(base, ids)
-    residual = residual_norms(base, family, ids, sorted(vectors.vectors))
+    totals = {p: [0.0, 0] for p in sorted(vectors.vectors)}
+    with _norms_recorded(base, family, sorted(totals), totals):  # the unsteered pass measures the residual too
+        plain_logits = _logits(base, ids)
+    residual = _means(totals)
     baked_greedy = _greedy(baked, ids, tokens, tokenizer.pad_token_id)
     with steered(base, family, vectors):
         hooked_logits = _logits(base, ids)

@@ -7,6 +7,8 @@ generation is greedy and one prompt at a time, so nothing depends on batch layou
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import logging
 from collections.abc import Iterator
@@ -31,7 +33,17 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def _auto_config(path: Path) -> Any:
-    """transformers' config of a model folder, or one line saying why it cannot be read."""
+    """transformers' config of a model folder, or one line saying why it cannot be read: a fresh copy each call
+    (callers cut it), parsed once per folder and content of its config.json (one ``bake run`` asked 16 times)."""
+    try:
+        text = (Path(path) / "config.json").read_bytes()
+    except OSError:
+        text = None  # transformers says why
+    return copy.deepcopy(_read_config(Path(path), text))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_config(path: Path, _text: bytes | None) -> Any:
     import transformers  # startup
     from transformers import AutoConfig  # startup
 
