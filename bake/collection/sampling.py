@@ -28,7 +28,8 @@ BATCH = 32
 """Sequences decoded together (the KV cache holds BATCH x tokens positions)."""
 INSTALL = "pip install 'bake[llama-cpp]'"
 TRIAL_STEPS = 3
-"""Decoding steps timed per thread count at the start of every batch."""
+"""Decoding steps timed per thread count at the start of a ``sample`` call (the choice then holds for all its
+batches)."""
 
 
 class _Threads:
